@@ -1,0 +1,27 @@
+"""Data modules and datasets (docs/architecture.md §2, docs/protocol.md)."""
+
+from __future__ import annotations
+
+from cause_lightning.data.base import DatasetNotFoundError, SegDataModule, default_palette
+from cause_lightning.data.datasets import (
+    CorruptImageError,
+    ImageFolderDataset,
+    SegmentationDataset,
+    collate_predict,
+)
+from cause_lightning.data.folder import FolderDataModule
+from cause_lightning.data.mosaic import MosaicDataModule
+from cause_lightning.data.transforms import SegTransform
+
+__all__ = [
+    "CorruptImageError",
+    "DatasetNotFoundError",
+    "FolderDataModule",
+    "ImageFolderDataset",
+    "MosaicDataModule",
+    "SegDataModule",
+    "SegTransform",
+    "SegmentationDataset",
+    "collate_predict",
+    "default_palette",
+]

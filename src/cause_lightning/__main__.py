@@ -1,0 +1,68 @@
+"""Command line: ``python -m cause_lightning stage=<stage> [group=option ...] [key=value ...]``.
+
+``@hydra.main`` is declared here so the config path resolves from this file: the copy of ``conf/``
+shipped inside the wheel when installed, the repository's ``conf/`` in an editable checkout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from cause_lightning.config import register_configs
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra config root (packaged copy first, then the repository's)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return str(packaged)
+    repository = Path(__file__).resolve().parents[2] / "conf"
+    if repository.is_dir():
+        return str(repository)
+    raise FileNotFoundError(
+        f"no Hydra config found in {packaged} or {repository}: reinstall cause-lightning"
+    )
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Run the selected stage; returns the summary metric for Hydra sweepers."""
+    from cause_lightning.run import run  # heavy imports only once the config is valid
+
+    if not _in_multirun():
+        return run(cfg).get("objective")
+    # In a sweep one failing job must not stop the others: record it for `stage=summarize`.
+    try:
+        return run(cfg).get("objective")
+    except Exception as err:
+        _record_failure(cfg, err)
+        return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(cfg: DictConfig, err: BaseException) -> None:
+    import json
+    import logging
+    import traceback
+
+    logging.getLogger("cause_lightning").error("job failed: %s: %s", type(err).__name__, err)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    (output_dir / "failure.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Base LightningDataModule for every dataset (docs/architecture.md §2, docs/protocol.md §1-§2).
+
+A concrete data module fills the class attributes ``name``, ``num_classes``, ``class_names``,
+``layout`` (the expected directory layout, shown when the data is missing) and optionally
+``palette``, and implements :meth:`SegDataModule.build_dataset`. The base class gives:
+
+* ``prepare_data()`` -> :meth:`SegDataModule.verify` (default: the root exists), raising
+  :class:`DatasetNotFoundError` with the layout and the ``stage=prepare`` command;
+* ``setup(stage)``: the train split at ``train_res`` and the val split at ``test_res`` (test = val
+  split);
+* loaders yielding ``{"image": [B,3,H,W], "label": long [B,H,W], "index": long [B]}`` with seeded
+  shuffling, ``pin_memory`` only when CUDA exists and ``persistent_workers`` when ``num_workers >
+  0`` (rule P9).
+
+There is no ``predict_dataloader``: the predict stage builds its own loader from
+:class:`~cause_lightning.data.datasets.ImageFolderDataset`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["DatasetNotFoundError", "SegDataModule", "default_palette"]
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val")
+
+
+def default_palette(n: int) -> np.ndarray:
+    """Distinct colours for ``n`` classes (the PASCAL VOC bit-interleaving colour map).
+
+    Class ``i`` spreads its bits over the three channels, high bits first, so ids below 2**24 all
+    get different colours; id 0 is black.
+
+    Args:
+        n: Number of classes.
+
+    Returns:
+        ``uint8`` array ``[n,3]``.
+    """
+    if n < 0:
+        raise ValueError(f"Palette size must be non-negative, got {n}.")
+    ids = np.arange(n, dtype=np.int64)
+    palette = np.zeros((n, 3), dtype=np.int64)
+    c = ids.copy()
+    for shift in range(7, -1, -1):
+        for ch in range(3):
+            palette[:, ch] |= ((c >> ch) & 1) << shift
+        c >>= 3
+    return palette.astype(np.uint8)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are missing or incomplete.
+
+    The message names the dataset, the root, what is wrong, the expected layout and the command that
+    prepares the data. Raise it through :meth:`SegDataModule.not_found` to get all of that filled
+    in.
+
+    Args:
+        detail: What is missing or wrong.
+        name: Dataset (config) name, e.g. ``"cocostuff27"``.
+        root: Dataset root that was searched.
+        layout: Expected layout (the data module's ``layout`` attribute).
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        name: str | None = None,
+        root: str | Path | None = None,
+        layout: str | None = None,
+    ) -> None:
+        self.detail = detail
+        self.name = name
+        self.root = None if root is None else str(root)
+        self.layout = layout
+        head = f"Dataset '{name}'" if name else "Dataset"
+        where = f" at {root}" if root is not None else ""
+        parts = [f"{head} not found or incomplete{where}: {detail}"]
+        if layout:
+            parts.append("Expected layout:\n" + layout.rstrip())
+        if name:
+            parts.append(
+                f"Prepare it with: python -m cause_lightning stage=prepare data={name} "
+                f"(and set data.root / paths.data_dir if the files live elsewhere)."
+            )
+        super().__init__("\n".join(parts))
+
+
+class SegDataModule(L.LightningDataModule):
+    """Common data module: splits, resolutions, loaders, description.
+
+    Subclasses set ``name``, ``num_classes``, ``class_names``, ``layout`` (and optionally
+    ``palette``) and implement :meth:`build_dataset`.
+
+    Args:
+        root: Dataset root directory.
+        train_res: Side of the training images (protocol: 320 TR / 224 MLP / 322 DINOv2 TR).
+        test_res: Side of the validation/test images (320, or 322 for DINOv2).
+        batch_size: Training batch size per device.
+        num_workers: DataLoader workers.
+        eval_batch_size: Val/test batch size (defaults to ``batch_size``).
+        limit_train: Use only this many training samples (a seeded random subset), or all when
+            ``None``.
+        seed: Seeds the training shuffle and the ``limit_train`` subset.
+    """
+
+    name: str = "base"
+    num_classes: int = 0
+    class_names: list[str] = []
+    layout: str = ""
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_res: int = 320,
+        test_res: int = 320,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        limit_train: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if root is None:
+            raise ValueError(f"Data module '{self.name}' needs a root directory (data.root).")
+        checks = (("train_res", train_res), ("test_res", test_res), ("batch_size", batch_size))
+        for key, value in checks:
+            if int(value) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}.")
+        if limit_train is not None and int(limit_train) < 1:
+            raise ValueError(f"limit_train must be a positive integer or None, got {limit_train!r}")
+        self.root = Path(root).expanduser()
+        self.train_res = int(train_res)
+        self.test_res = int(test_res)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size else self.batch_size
+        self.limit_train = None if limit_train is None else int(limit_train)
+        self.seed = int(seed)
+        self._palette: np.ndarray | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def palette(self) -> np.ndarray:
+        """Colours per class, ``uint8 [num_classes, 3]`` (``default_palette`` unless set)."""
+        if self._palette is not None:
+            return self._palette
+        return default_palette(self.num_classes)
+
+    @palette.setter
+    def palette(self, value: np.ndarray) -> None:
+        arr = np.asarray(value, dtype=np.uint8)
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            raise ValueError(f"A palette must have shape [C,3], got {arr.shape}.")
+        self._palette = arr
+
+    # ------------------------------------------------------------------ hooks
+    def build_dataset(self, split: str, res: int) -> Dataset:
+        """Build one split at one resolution.
+
+        Args:
+            split: ``"train"`` or ``"val"``.
+            res: Output side of the transform.
+
+        Returns:
+            A dataset yielding ``{"image", "label", "index"}`` items.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement build_dataset(split, res)")
+
+    def verify(self) -> None:
+        """Check that the data is in place (subclasses check lists, counts, caches).
+
+        Raises:
+            DatasetNotFoundError: If the root directory does not exist.
+        """
+        if not self.root.is_dir():
+            raise self.not_found(f"the root directory {self.root} does not exist")
+
+    def not_found(self, detail: str) -> DatasetNotFoundError:
+        """Build a :class:`DatasetNotFoundError` with this module's name, root and layout.
+
+        Args:
+            detail: What is missing.
+
+        Returns:
+            The error, ready to ``raise``.
+        """
+        return DatasetNotFoundError(detail, name=self.name, root=self.root, layout=self.layout)
+
+    def describe_extra(self) -> dict[str, Any]:
+        """Dataset-specific facts for :meth:`describe` (lists, recipes, cache paths). Default:
+        none."""
+        return {}
+
+    # ------------------------------------------------------------------ Lightning
+    def prepare_data(self) -> None:
+        """Verify the data (runs once per node, before ``setup``)."""
+        self.verify()
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+
+    def _limit(self, dataset: Dataset) -> Dataset:
+        n = len(dataset)  # type: ignore[arg-type]
+        if self.limit_train is None or self.limit_train >= n:
+            return dataset
+        rng = np.random.default_rng(self.seed)
+        keep = np.sort(rng.choice(n, size=self.limit_train, replace=False))
+        return Subset(dataset, keep.tolist())
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a Lightning stage needs.
+
+        Args:
+            stage: ``"fit"`` (train + val), ``"validate"`` (val), ``"test"`` (val split at
+                ``test_res``), ``"predict"`` (nothing) or ``None`` (all).
+        """
+        if stage in ("fit", None) and self.train_dataset is None:
+            self.train_dataset = self._limit(self.build_dataset("train", self.train_res))
+        if stage in ("fit", "validate", None) and self.val_dataset is None:
+            self.val_dataset = self.build_dataset("val", self.test_res)
+        if stage in ("test", None) and self.test_dataset is None:
+            self.test_dataset = self.val_dataset or self.build_dataset("val", self.test_res)
+        log.info("data %s set up for %s: %s", self.name, stage, self.counts())
+
+    def counts(self) -> dict[str, int | None]:
+        """Number of items per built split (``None`` for splits not built yet)."""
+        return {
+            split: (None if ds is None else len(ds))  # type: ignore[arg-type]
+            for split, ds in (
+                ("train", self.train_dataset),
+                ("val", self.val_dataset),
+                ("test", self.test_dataset),
+            )
+        }
+
+    def _loader(
+        self, dataset: Dataset | None, split: str, batch_size: int, shuffle: bool
+    ) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"The {split} dataset of '{self.name}' is not built; call setup() first "
+                "(Lightning does this automatically)."
+            )
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training loader."""
+        return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader (val split at ``test_res``)."""
+        return self._loader(self.val_dataset, "val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader (the val split at ``test_res``, protocol.md §2.2)."""
+        return self._loader(self.test_dataset, "test", self.eval_batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------ reports
+    def describe(self) -> dict[str, Any]:
+        """Summary for reports and logs.
+
+        Returns:
+            ``{"name", "num_classes", "class_names", "root", "train_res", "test_res", "batch_size",
+            "limit_train", "seed", "counts", ...describe_extra()}`` (primitives only).
+        """
+        info: dict[str, Any] = {
+            "name": self.name,
+            "num_classes": int(self.num_classes),
+            "class_names": list(self.class_names),
+            "root": str(self.root),
+            "train_res": self.train_res,
+            "test_res": self.test_res,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "limit_train": self.limit_train,
+            "seed": self.seed,
+            "counts": self.counts(),
+        }
+        info.update(self.describe_extra())
+        return info

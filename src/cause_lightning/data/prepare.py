@@ -1,0 +1,590 @@
+"""Dataset preparation: fetch or unpack, verify, write the training crops (``docs/protocol.md`` §1.4, §3).
+
+:func:`prepare_dataset` is what ``python -m cause_lightning stage=prepare data=<name>`` runs. For each dataset it
+
+1. finds the raw files in the layout of §1.1; missing parts are unpacked from archives placed in
+   ``<data_dir>/<dataset>/downloads/`` (or ``<data_dir>/<dataset>/`` or ``<data_dir>/``), and archives with a
+   public URL (COCO 2017 images, COCO-Stuff ``stuffthingmaps``, VOC 2012 trainval) are downloaded first, with
+   resume, when the machine is online and ``download`` is not ``False``. Cityscapes needs a login: its archives
+   are never downloaded. Whatever cannot be obtained ends the call with the manual steps
+   (:class:`~cause_lightning.data.base.DatasetNotFoundError`), after a short connectivity probe, never a hang;
+2. copies the packaged curated COCO lists into ``cocostuff/curated/`` when absent;
+3. verifies the list / split counts (§1.2) and that every listed image and annotation exists;
+4. writes the training crop cache once (resumable; crops that exist and decode are kept; ``manifest.json`` last)
+   and verifies it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import threading
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from cause_lightning.data.base import DatasetNotFoundError
+from cause_lightning.data.cityscapes import Cityscapes27DataModule
+from cause_lightning.data.cocostuff import (
+    COCO_LIST_COUNTS,
+    Coco81DataModule,
+    Coco171DataModule,
+    CocoStuff27DataModule,
+    packaged_list,
+)
+from cause_lightning.data.crops import build_crop_cache, inspect_crop_cache, make_progress
+from cause_lightning.data.pascalvoc import PascalVOC21DataModule
+from cause_lightning.data.real import DatasetCountError, RealSegDataModule, detect_layout
+
+__all__ = [
+    "ARCHIVES",
+    "REAL_DATAMODULES",
+    "Archive",
+    "download_file",
+    "extract_archive",
+    "manual_steps",
+    "prepare_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+REAL_DATAMODULES: dict[str, type[RealSegDataModule]] = {
+    "cocostuff27": CocoStuff27DataModule,
+    "coco81": Coco81DataModule,
+    "coco171": Coco171DataModule,
+    "cityscapes27": Cityscapes27DataModule,
+    "pascalvoc21": PascalVOC21DataModule,
+}
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One upstream archive.
+
+    Attributes:
+        filename: archive file name.
+        url: public download URL, or ``None`` when a login is needed.
+        extract_to: folder, relative to the dataset directory, that the archive is unpacked into.
+        size: approximate download size (for messages).
+        gives: what unpacking yields (for messages).
+        skip: member-path fragments that are not unpacked (e.g. the unlabelled test split).
+    """
+
+    filename: str
+    url: str | None
+    extract_to: str
+    size: str
+    gives: str
+    skip: tuple[str, ...] = ()
+
+
+ARCHIVES: dict[str, dict[str, Archive]] = {
+    "cocostuff": {
+        "train_images": Archive(
+            "train2017.zip",
+            "http://images.cocodataset.org/zips/train2017.zip",
+            "images",
+            "18 GB",
+            "images/train2017/<id>.jpg",
+        ),
+        "val_images": Archive(
+            "val2017.zip",
+            "http://images.cocodataset.org/zips/val2017.zip",
+            "images",
+            "0.8 GB",
+            "images/val2017/<id>.jpg",
+        ),
+        "annotations": Archive(
+            "stuffthingmaps_trainval2017.zip",
+            "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
+            "annotations",
+            "0.7 GB",
+            "annotations/{train2017,val2017}/<id>.png",
+        ),
+    },
+    "cityscapes": {
+        "images": Archive(
+            "leftImg8bit_trainvaltest.zip",
+            None,
+            ".",
+            "11 GB",
+            "leftImg8bit/{train,val}/<city>/...",
+            skip=("leftImg8bit/test/",),
+        ),
+        "annotations": Archive(
+            "gtFine_trainvaltest.zip",
+            None,
+            ".",
+            "0.25 GB",
+            "gtFine/{train,val}/<city>/...",
+            skip=("gtFine/test/",),
+        ),
+    },
+    "pascalvoc": {
+        "devkit": Archive(
+            "VOCtrainval_11-May-2012.tar",
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+            ".",
+            "2 GB",
+            "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets}/...",
+        ),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------- network
+def _probe(url: str, timeout: float) -> bool:
+    """Whether ``url``'s host answers within ``timeout`` seconds (run in a thread: DNS cannot stall us)."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            req = urllib.request.Request(
+                url, method="HEAD", headers={"User-Agent": "cause-lightning"}
+            )
+            with urllib.request.urlopen(req, timeout=timeout):
+                result.append(True)
+        except urllib.error.HTTPError:
+            result.append(True)  # the server answered, even if HEAD is refused
+        except (OSError, ValueError):
+            result.append(False)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
+def download_file(url: str, dest: Path, *, timeout: float = 30.0, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest``, resuming a previous ``dest.part``.
+
+    Args:
+        url: source URL.
+        dest: target file; the data arrives in ``<dest>.part`` and is renamed when complete.
+        timeout: socket timeout per connect / read, seconds (a stalled transfer fails instead of hanging).
+        progress: show a progress bar.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        OSError: on network errors (the partial file is kept for the next attempt).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "cause-lightning"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # range beyond the end: the part file is already complete
+            os.replace(part, dest)
+            return dest
+        raise
+    with resp:
+        if have and resp.status != 206:
+            log.info("%s: the server ignored the resume request; starting over", url)
+            have = 0
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length else None
+        log.info(
+            "downloading %s -> %s%s", url, dest, f" (resuming at {have:,} bytes)" if have else ""
+        )
+        with (
+            open(part, "ab" if have else "wb") as out,
+            make_progress("MB", enabled=progress) as bar,
+        ):
+            task = bar.add_task(
+                dest.name, total=None if total is None else total / 2**20, completed=have / 2**20
+            )
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+                bar.advance(task, len(chunk) / 2**20)
+    if total is not None and part.stat().st_size != total:
+        raise OSError(
+            f"download of {url} ended at {part.stat().st_size:,} of {total:,} bytes; run again to resume"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- archives
+def _safe_target(dest: Path, member: str) -> Path | None:
+    """Target path of an archive member inside ``dest``, or ``None`` for unsafe names."""
+    pure = PurePosixPath(member)
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    return dest.joinpath(*pure.parts)
+
+
+def _copy_atomic(src: IO[bytes], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _members(archive: Path) -> Iterator[tuple[str, int, Any]]:
+    """``(name, size, opener)`` of every regular file in a zip or tar archive."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    yield info.filename, info.file_size, lambda info=info, zf=zf: zf.open(info)
+        return
+    with tarfile.open(archive) as tf:
+        for member in tf:
+            if member.isfile():
+                yield member.name, member.size, lambda member=member, tf=tf: tf.extractfile(member)
+
+
+def extract_archive(
+    archive: Path, dest: Path, *, skip: tuple[str, ...] = (), progress: bool = True
+) -> dict[str, int]:
+    """Unpack a zip or tar archive, resumably: files already present with the right size are kept.
+
+    Args:
+        archive: ``.zip`` or ``.tar`` (optionally compressed) file.
+        dest: target folder.
+        skip: member-path fragments to leave out.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"extracted": n, "kept": n, "skipped": n}``.
+
+    Raises:
+        tarfile.TarError / zipfile.BadZipFile: on a damaged archive (delete it and download again).
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    counts = {"extracted": 0, "kept": 0, "skipped": 0}
+    log.info("unpacking %s into %s", archive, dest)
+    with make_progress("files", enabled=progress) as bar:
+        task = bar.add_task(f"unpack {Path(archive).name}", total=None)
+        for name, size, opener in _members(Path(archive)):
+            target = _safe_target(dest, name)
+            if target is None or any(fragment in name for fragment in skip):
+                counts["skipped"] += 1
+                continue
+            if target.is_file() and target.stat().st_size == size:
+                counts["kept"] += 1
+            else:
+                with opener() as src:
+                    _copy_atomic(src, target)
+                counts["extracted"] += 1
+            bar.advance(task)
+    log.info("unpacked %s: %s", Path(archive).name, counts)
+    return counts
+
+
+def _find_archive(filename: str, dataset_dir: Path, data_dir: Path) -> Path | None:
+    for folder in (dataset_dir / "downloads", dataset_dir, data_dir / "downloads", data_dir):
+        candidate = folder / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = None) -> str:
+    """Human instructions for placing a dataset by hand.
+
+    Args:
+        name: dataset key.
+        data_dir: the data root.
+        missing: component keys of :data:`ARCHIVES` to list (default: all of the dataset's).
+
+    Returns:
+        Multi-line instructions ending with the command to re-run.
+    """
+    module = REAL_DATAMODULES[name]
+    dataset_dir = Path(data_dir) / module.dataset_dir
+    archives = ARCHIVES[module.layout_key]
+    keys = missing or list(archives)
+    lines = []
+    if module.layout_key == "cityscapes":
+        lines.append(
+            "Cityscapes needs a (free) account: log in at https://www.cityscapes-dataset.com/downloads/ and "
+            "download these archives on any machine:"
+        )
+    else:
+        lines.append("Download these archives on a machine with internet access:")
+    for key in keys:
+        arc = archives[key]
+        source = arc.url or "https://www.cityscapes-dataset.com/downloads/ (login)"
+        target = dataset_dir if arc.extract_to == "." else dataset_dir / arc.extract_to
+        lines.append(f"  - {arc.filename} ({arc.size}) from {source}")
+        lines.append(f"      unpacked into {target}/ it gives {arc.gives}")
+    lines.append(
+        f"Copy them into {dataset_dir / 'downloads'}/ (prepare unpacks them, resumably) or unpack them yourself "
+        "as shown above."
+    )
+    if module.layout_key == "cocostuff":
+        lines.append(
+            "STEGO's cocostuff.zip unpacked into the data root gives the same tree (images, annotations, curated)."
+        )
+    if module.layout_key == "cityscapes":
+        lines.append(
+            "Only the train and val parts are needed (prepare skips leftImg8bit/test and gtFine/test)."
+        )
+    lines.append(
+        f"Then run: python -m cause_lightning stage=prepare data={name} paths.data_dir={data_dir}"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _missing_components(module: RealSegDataModule, need_train: bool) -> dict[str, str]:
+    """Which archives are needed, with the reason (component key -> what is missing)."""
+    missing: dict[str, str] = {}
+    splits = ("val", "train") if need_train else ("val",)
+    key = module.layout_key
+    for split in splits:
+        try:
+            source = module.source_list(split)
+        except DatasetNotFoundError as err:
+            if key == "cocostuff":
+                missing.setdefault(f"{split}_images", err.detail)
+                missing.setdefault("annotations", err.detail)
+            else:
+                for component in ARCHIVES[key]:
+                    missing.setdefault(component, err.detail)
+            continue
+        images = sum(1 for img, _ in source.samples if not img.is_file())
+        labels = sum(1 for _, lab in source.samples if not lab.is_file())
+        expected = module.expected_count(split, source)
+        short = expected is not None and len(source.entries) < expected
+        if key == "cocostuff":
+            if images:
+                missing[f"{split}_images"] = (
+                    f"{images:,} of {len(source.samples):,} {split} images missing"
+                )
+            if labels:
+                missing["annotations"] = (
+                    f"{labels:,} of {len(source.samples):,} {split} annotations missing"
+                )
+        elif key == "cityscapes":
+            if short:
+                missing["images"] = (
+                    f"{len(source.entries):,} of {expected:,} {split} frames present"
+                )
+            if labels:
+                missing["annotations"] = (
+                    f"{labels:,} of {len(source.samples):,} {split} annotations missing"
+                )
+        elif images or labels or short:
+            missing["devkit"] = f"{images + labels:,} listed {split} files missing"
+    return missing
+
+
+def _copy_curated_lists(dataset_dir: Path) -> list[str]:
+    copied = []
+    for split_dir, list_name in COCO_LIST_COUNTS:
+        target = dataset_dir / "curated" / split_dir / list_name
+        source = packaged_list(split_dir, list_name)
+        if target.is_file() or source is None:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        copied.append(str(target.relative_to(dataset_dir)))
+    if copied:
+        log.info("copied the curated COCO-Stuff lists into %s", dataset_dir / "curated")
+    return copied
+
+
+def _build_module(name: str, data_dir: Path, **kwargs: Any) -> RealSegDataModule:
+    return REAL_DATAMODULES[name](root=data_dir, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def prepare_dataset(
+    name: str,
+    data_dir: str | Path,
+    *,
+    download: bool | None = None,
+    train_list: str | None = None,
+    crops: str | None = None,
+    make_crops: bool = True,
+    num_workers: int = 0,
+    strict_counts: bool = True,
+    check_decode: bool = True,
+    progress: bool = True,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Prepare one dataset under ``data_dir`` so that training and evaluation find everything.
+
+    Nothing that exists and verifies is fetched, unpacked or written again, so the call is cheap to repeat and
+    resumes an interrupted one.
+
+    Args:
+        name: ``cocostuff27``, ``coco81``, ``coco171``, ``cityscapes27`` or ``pascalvoc21``.
+        data_dir: the data root (``paths.data_dir``); the dataset lives in ``<data_dir>/<cocostuff|cityscapes|
+            pascalvoc>/``.
+        download: ``None`` (default) downloads missing public archives when their host answers a quick probe;
+            ``False`` never uses the network; ``True`` requires the download (fails when offline). Cityscapes is
+            never downloaded (login).
+        train_list: COCO variants only: the training list (default ``Coco164kFull_Stuff_Coarse.txt``).
+        crops: crop recipe override (default: the dataset's protocol recipe).
+        make_crops: write the training crop cache (``False``: only fetch and verify the val split).
+        num_workers: processes that cut crops (0 = this process).
+        strict_counts: compare counts with the published ones (§1.2).
+        check_decode: decode existing crops of an unfinished cache before keeping them.
+        progress: show progress bars (downloads, unpacking, crops in images/s).
+        timeout: seconds for the connectivity probe and for each network read.
+
+    Returns:
+        A report: ``{"name", "data_dir", "dataset_dir", "downloaded", "extracted", "lists_copied", "train_list",
+        "val_list", "train_images", "val_images", "crop_recipe", "crop_cache", "crops", "status"}``
+        (``crops`` is the :func:`~cause_lightning.data.crops.build_crop_cache` report or ``None``).
+
+    Raises:
+        ValueError: on an unknown dataset name or an option the dataset does not take.
+        DatasetNotFoundError: data that cannot be obtained automatically (the message holds the manual steps), or
+            a data root in another dataset's layout.
+        DatasetCountError: counts that differ from the published ones (expected and found named).
+        CropCacheMismatchError: an existing crop cache made for another list or recipe.
+    """
+    if name not in REAL_DATAMODULES:
+        raise ValueError(
+            f"unknown dataset {name!r}; stage=prepare supports {', '.join(REAL_DATAMODULES)}"
+        )
+    data_dir = Path(data_dir).expanduser()
+    kwargs: dict[str, Any] = {"crops": crops, "strict_counts": strict_counts}
+    if train_list is not None:
+        if REAL_DATAMODULES[name].layout_key != "cocostuff":
+            raise ValueError(f"train_list applies to the COCO-Stuff variants only, not {name!r}")
+        kwargs["train_list"] = train_list
+    module = _build_module(name, data_dir, **kwargs)
+
+    # Find or create the dataset directory; a foreign layout at the root is an error, not a place to write.
+    dataset_dir = data_dir / module.dataset_dir
+    if not dataset_dir.is_dir() and not module.is_own_layout(data_dir):
+        found = detect_layout(data_dir)
+        if found is not None and found[0] != module.layout_key:
+            _ = module.dataset_root  # raises the wrong-layout error
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+    dataset_dir = module.dataset_root
+
+    report: dict[str, Any] = {
+        "name": name,
+        "data_dir": str(data_dir),
+        "dataset_dir": str(dataset_dir),
+        "downloaded": [],
+        "extracted": [],
+        "lists_copied": [],
+        "status": "incomplete",
+    }
+    if module.layout_key == "cocostuff":
+        report["lists_copied"] = _copy_curated_lists(dataset_dir)
+
+    need_train = make_crops
+    if make_crops:
+        try:
+            need_train = inspect_crop_cache(module.crop_cache_spec()).state != "complete"
+        except DatasetNotFoundError:
+            need_train = True
+
+    missing = _missing_components(module, need_train)
+    archives = ARCHIVES[module.layout_key]
+    online: bool | None = None
+    manual: dict[str, str] = {}
+    for component, reason in missing.items():
+        arc = archives[component]
+        log.info("%s: %s is needed (%s)", name, arc.filename, reason)
+        path = _find_archive(arc.filename, dataset_dir, data_dir)
+        if path is None and arc.url is not None and download is not False:
+            if online is None:
+                online = _probe(arc.url, timeout)
+                if not online:
+                    log.warning(
+                        "%s does not answer within %.0f s: treating the machine as offline",
+                        arc.url,
+                        timeout,
+                    )
+            if online:
+                path = download_file(
+                    arc.url, dataset_dir / "downloads" / arc.filename, timeout=max(timeout, 30.0)
+                )
+                report["downloaded"].append(str(path))
+        if path is None:
+            manual[component] = reason
+            continue
+        target = dataset_dir if arc.extract_to == "." else dataset_dir / arc.extract_to
+        extract_archive(path, target, skip=arc.skip, progress=progress)
+        report["extracted"].append(str(path))
+    if manual:
+        steps = manual_steps(name, data_dir, list(manual))
+        reasons = "; ".join(f"{archives[k].filename}: {v}" for k, v in manual.items())
+        if download is True and module.layout_key != "cityscapes":
+            reasons += " (download=True, but the archive host did not answer)"
+        log.warning("%s cannot be prepared automatically (%s).\n%s", name, reasons, steps)
+        raise module.not_found(f"{reasons}.\n{steps}")
+
+    # Re-read the lists after unpacking, then verify counts and files.
+    module = _build_module(name, data_dir, **kwargs)
+    module.verify(["val"])
+    val = module.source_list("val")
+    report.update(
+        val_list=val.name, val_images=len(val.entries), crop_recipe=module.recipe.name, crops=None
+    )
+
+    train = module.source_list("train")
+    module.check_count("train", train)
+    report.update(
+        train_list=train.name, train_images=len(train.entries), train_list_sha256=train.sha256
+    )
+    spec = module.crop_cache_spec()
+    report["crop_cache"] = str(spec.path)
+    if make_crops:
+        if inspect_crop_cache(spec).state != "complete":
+            absent = [p for pair in train.samples for p in pair if not p.is_file()]
+            if absent:
+                raise DatasetCountError(
+                    f"train images and annotations for the {len(train.samples):,} entries of {train.name}",
+                    2 * len(train.samples) - len(absent),
+                    2 * len(train.samples),
+                    name=name,
+                    root=data_dir,
+                    layout=module.layout,
+                    hint=f"first missing file: {absent[0]}",
+                )
+        report["crops"] = build_crop_cache(
+            spec,
+            train.samples,
+            module.label_spec.lut,
+            num_workers=num_workers,
+            check_decode=check_decode,
+            progress=progress,
+        )
+        module.verify(["train"])
+        report["status"] = "ready"
+    else:
+        report["status"] = "val ready (crops not written)"
+    log.info(
+        "%s prepared: train list %s (%d images, %s crops), val list %s (%d images)",
+        name,
+        report["train_list"],
+        report["train_images"],
+        module.recipe.name,
+        report["val_list"],
+        report["val_images"],
+    )
+    return report

@@ -1,0 +1,753 @@
+"""Frozen feature backbones: the registry behind ``build_backbone`` (docs/method.md §2, api.md).
+
+Every backbone maps ImageNet-normalised images ``[B, 3, H, W]`` to the last block's patch tokens
+after the final LayerNorm, as a grid ``[B, D, H/p, W/p]`` (class and register tokens dropped,
+row-major). The ViTs are timm ``VisionTransformer`` modules under DINO key names; the forward pass
+is written here so that the position table is interpolated exactly as the reference does (method.md
+§2.4). DINO ViT-S has 6 heads; ``num_heads=12`` gives the reference's bug-compatible variant
+(method.md §2.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cause_lightning.models.checkpoints import (
+    LoadReport,
+    load_backbone_weights,
+    read_checkpoint,
+)
+
+__all__ = [
+    "BackboneSpec",
+    "FrozenBackbone",
+    "ViTBackbone",
+    "build_backbone",
+    "get_backbone_spec",
+    "interpolate_pos_embed",
+    "list_backbones",
+]
+
+logger = logging.getLogger(__name__)
+
+POS_EMBED_SCHEMES = ("dino", "dinov2", "msn", "timm")
+_TINY_VIT_SEED = 0
+_POS_CACHE_SIZE = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen interface
+# --------------------------------------------------------------------------------------------------
+
+
+class FrozenBackbone(nn.Module):
+    """Base class of every backbone: frozen, always in eval mode, forward without gradients.
+
+    Subclasses implement ``extract(images, grid) -> [B, D, h, w]`` and call ``freeze()`` at the end
+    of their constructor.
+
+    Args:
+        name: Registry name.
+        embed_dim: Feature width D.
+        patch_size: Patch size p; inputs must be multiples of it.
+        num_prefix_tokens: Tokens dropped before the grid (class + registers; 0 for non-ViTs).
+
+    Attributes:
+        name: Registry name.
+        embed_dim: Feature width D.
+        patch_size: Patch size p.
+        num_prefix_tokens: Class and register tokens of the token sequence.
+    """
+
+    def __init__(self, name: str, embed_dim: int, patch_size: int, num_prefix_tokens: int = 0):
+        super().__init__()
+        self.name = name
+        self.embed_dim = int(embed_dim)
+        self.patch_size = int(patch_size)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def freeze(self) -> FrozenBackbone:
+        """Disable gradients on every parameter and switch to eval mode.
+
+        Returns:
+            self.
+        """
+        for param in self.parameters():
+            param.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Stay in eval mode whatever ``mode`` is (the backbone is frozen in every stage).
+
+        Args:
+            mode: Ignored.
+
+        Returns:
+            self.
+        """
+        return super().train(False)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid of an input size.
+
+        Args:
+            height: Input height in pixels.
+            width: Input width in pixels.
+
+        Returns:
+            ``(h, w)`` = ``(height // p, width // p)``.
+
+        Raises:
+            ValueError: When a side is not a positive multiple of the patch size.
+        """
+        p = self.patch_size
+        if height <= 0 or width <= 0 or height % p or width % p:
+            fit_h, fit_w = max(p, height // p * p), max(p, width // p * p)
+            raise ValueError(
+                f"{self.name}: input size {height}x{width} (HxW) is not a multiple of the "
+                f"patch size {p}; resize or crop it, e.g. to {fit_h}x{fit_w}"
+            )
+        return height // p, width // p
+
+    def extract(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Compute features; called by ``forward`` after validation, under ``torch.no_grad()``.
+
+        Args:
+            images: ``[B, 3, H, W]``, ImageNet-normalised.
+            grid: ``(h, w)`` patch grid.
+
+        Returns:
+            ``[B, D, h, w]``.
+        """
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features of a batch.
+
+        Args:
+            images: ``[B, 3, H, W]`` float, ImageNet-normalised; H and W multiples of
+                ``patch_size``.
+
+        Returns:
+            ``[B, D, H/p, W/p]`` features.
+
+        Raises:
+            ValueError: When ``images`` is not ``[B, 3, H, W]`` or H/W is not a multiple of the
+                patch.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"{self.name}: expected images of shape [B, 3, H, W], got {list(images.shape)}"
+            )
+        grid = self.grid_size(images.shape[2], images.shape[3])
+        with torch.no_grad():
+            return self.extract(images, grid)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, embed_dim={self.embed_dim}, patch_size={self.patch_size}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Position-embedding interpolation (method.md §2.4)
+# --------------------------------------------------------------------------------------------------
+
+
+def _bicubic(
+    table: torch.Tensor, out_hw: tuple[int, int], scale: tuple[float, float]
+) -> torch.Tensor:
+    """Bicubic resize with the reference's scale factors (align_corners False, no antialias).
+
+    ``F.interpolate(scale_factor=s)`` sizes the output as ``floor(in * s)``, which rounding can
+    leave one short of the grid (e.g. MSN's ``sqrt(29**2 / 196)``); the aten op takes the target
+    size and the same scales, and equals ``F.interpolate`` whenever the latter's size is right.
+    """
+    out = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
+    if tuple(out.shape[-2:]) != out_hw:
+        out = torch.ops.aten.upsample_bicubic2d(table, list(out_hw), False, scale[0], scale[1])
+    return out
+
+
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], scheme: str = "dino"
+) -> torch.Tensor:
+    """Resample a ``[1, 1 + M, D]`` position table (class entry first, square patch part) to a grid.
+
+    Schemes (method.md §2.4):
+
+    * ``dino`` (DINO, iBOT, MAE): table kept when ``h * w == M`` and ``h == w``; else bicubic with
+      ``scale_factor = ((h + 0.1) / sqrt(M), (w + 0.1) / sqrt(M))``;
+    * ``dinov2``: the same, computed in float32;
+    * ``msn``: table kept when ``h * w == M`` (count only, as the reference); else bicubic with the
+      scalar ``sqrt(h * w / M)`` for square grids, ``(h / sqrt(M), w / sqrt(M))`` otherwise, no
+      offset;
+    * ``timm``: ``timm.layers.resample_abs_pos_embed`` (bicubic, antialiased, sized to the grid).
+
+    Non-square grids get one factor per axis (rows from h, columns from w).
+
+    Args:
+        pos_embed: ``[1, 1 + M, D]`` table, M a perfect square.
+        grid: ``(h, w)`` target patch grid.
+        scheme: One of ``dino``, ``dinov2``, ``msn``, ``timm``.
+
+    Returns:
+        ``[1, 1 + h * w, D]`` table in the input's dtype.
+
+    Raises:
+        ValueError: On an unknown scheme or a non-square table.
+    """
+    if scheme not in POS_EMBED_SCHEMES:
+        raise ValueError(
+            f"unknown position-embedding scheme {scheme!r}; use one of {POS_EMBED_SCHEMES}"
+        )
+    h, w = grid
+    num_patches = pos_embed.shape[1] - 1
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"position table of {num_patches} patch entries is not a square grid")
+    dim = pos_embed.shape[2]
+    class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]  # 1 1 D, 1 M D
+
+    if scheme == "msn":
+        if h * w == num_patches:
+            return pos_embed
+    elif h == side and w == side:
+        return pos_embed
+
+    if scheme == "timm":
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(
+            pos_embed, new_size=[h, w], old_size=[side, side], num_prefix_tokens=1
+        )
+
+    dtype = pos_embed.dtype
+    table = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # 1 D side side
+    if scheme == "dinov2":
+        table = table.float()
+    if scheme == "msn":
+        if h == w:
+            factor = math.sqrt(h * w / num_patches)
+            scale = (factor, factor)
+        else:
+            scale = (h / math.sqrt(num_patches), w / math.sqrt(num_patches))
+    else:
+        scale = ((h + 0.1) / math.sqrt(num_patches), (w + 0.1) / math.sqrt(num_patches))
+    table = _bicubic(table, (h, w), scale)  # 1 D h w
+    patch_pos = table.to(dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)  # 1 hw D
+    return torch.cat([class_pos, patch_pos], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry.
+
+    Attributes:
+        name: Registry name.
+        family: ``dino``, ``dinov2``, ``ibot``, ``msn``, ``mae`` or ``builtin``.
+        arch: timm ``VisionTransformer`` architecture: ``embed_dim``, ``depth``, ``num_heads``,
+            ``patch_size``, ``mlp_ratio``, ``reg_tokens``, ``init_values`` (LayerScale; ``None`` =
+            off). LayerNorm eps 1e-6 and qkv bias are common to all.
+        img_size: Pretraining resolution; the position table covers ``(img_size / p)**2`` patches.
+        reader: Checkpoint format (key of ``CHECKPOINT_FORMATS``).
+        pos_embed: Reference interpolation scheme (see ``interpolate_pos_embed``).
+        upstream_file: Name of the upstream release file, for messages.
+        hub_tag: A timm hub tag with the same weights (``None`` when timm has none).
+        builder: For non-ViT entries, a factory ``(name, **kw) -> FrozenBackbone``.
+        needs_weights: Whether ``weights=None`` deserves a loud warning.
+        description: One line for listings.
+    """
+
+    name: str
+    family: str
+    arch: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    reader: str = "dino"
+    pos_embed: str = "dino"
+    upstream_file: str = ""
+    hub_tag: str | None = None
+    builder: Callable[..., FrozenBackbone] | None = None
+    needs_weights: bool = True
+    description: str = ""
+
+
+_REGISTRY: OrderedDict[str, BackboneSpec] = OrderedDict()
+
+
+def _register(spec: BackboneSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+
+
+def _vit(width: str, patch: int, **extra: Any) -> dict[str, Any]:
+    dims = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}[width]
+    arch = dict(
+        embed_dim=dims[0],
+        depth=dims[1],
+        num_heads=dims[2],
+        patch_size=patch,
+        mlp_ratio=4.0,
+        reg_tokens=0,
+        init_values=None,
+    )
+    arch.update(extra)
+    return arch
+
+
+for _w, _p, _file, _tag in (
+    ("s", 8, "dino_deitsmall8_pretrain.pth", "timm/vit_small_patch8_224.dino"),
+    ("s", 16, "dino_deitsmall16_pretrain.pth", "timm/vit_small_patch16_224.dino"),
+    ("b", 8, "dino_vitbase8_pretrain.pth", "timm/vit_base_patch8_224.dino"),
+    ("b", 16, "dino_vitbase16_pretrain.pth", "timm/vit_base_patch16_224.dino"),
+):
+    _register(
+        BackboneSpec(
+            name=f"dino_vit{_w}{_p}",
+            family="dino",
+            arch=_vit(_w, _p),
+            img_size=224,
+            reader="dino",
+            pos_embed="dino",
+            upstream_file=_file,
+            hub_tag=_tag,
+            description=f"DINO ViT-{_w.upper()}/{_p}",
+        )
+    )
+for _reg in (False, True):
+    for _w, _size in (("s", "small"), ("b", "base"), ("l", "large")):
+        _suffix = "_reg" if _reg else ""
+        _register(
+            BackboneSpec(
+                name=f"dinov2_vit{_w}14{_suffix}",
+                family="dinov2",
+                arch=_vit(_w, 14, init_values=1e-5, reg_tokens=4 if _reg else 0),
+                img_size=518,
+                reader="dinov2",
+                pos_embed="dinov2",
+                upstream_file=f"dinov2_vit{_w}14{'_reg4' if _reg else ''}_pretrain.pth",
+                hub_tag=f"timm/vit_{_size}_patch14_{'reg4_' if _reg else ''}dinov2.lvd142m",
+                description=f"DINOv2 ViT-{_w.upper()}/14" + (" with 4 registers" if _reg else ""),
+            )
+        )
+_register(
+    BackboneSpec(
+        name="ibot_vitb16",
+        family="ibot",
+        arch=_vit("b", 16),
+        reader="ibot",
+        pos_embed="dino",
+        upstream_file="checkpoint_teacher.pth (iBOT ViT-B/16)",
+        description="iBOT ViT-B/16",
+    )
+)
+_register(
+    BackboneSpec(
+        name="msn_vits16",
+        family="msn",
+        arch=_vit("s", 16),
+        reader="msn",
+        pos_embed="msn",
+        upstream_file="vits16_800ep.pth.tar (MSN ViT-S/16)",
+        description="MSN ViT-S/16",
+    )
+)
+_register(
+    BackboneSpec(
+        name="mae_vitb16",
+        family="mae",
+        arch=_vit("b", 16),
+        reader="mae",
+        pos_embed="dino",
+        upstream_file="mae_pretrain_vit_base.pth",
+        hub_tag="timm/vit_base_patch16_224.mae",
+        description="MAE ViT-B/16",
+    )
+)
+
+
+def _build_filterbank(name: str, **kw: Any) -> FrozenBackbone:
+    from cause_lightning.models.filterbank import FilterBankBackbone
+
+    return FilterBankBackbone(name=name, **kw)
+
+
+_register(
+    BackboneSpec(
+        name="filterbank",
+        family="builtin",
+        builder=_build_filterbank,
+        needs_weights=False,
+        description="parameter-free colour + oriented filter-bank patch descriptor, patch 8",
+    )
+)
+_register(
+    BackboneSpec(
+        name="tiny_vit",
+        family="dino",
+        arch=dict(
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            patch_size=8,
+            mlp_ratio=4.0,
+            reg_tokens=0,
+            init_values=None,
+        ),
+        img_size=64,
+        reader="dino",
+        pos_embed="dino",
+        needs_weights=False,
+        description="tiny random ViT (patch 8, dim 64, depth 2) for tests; seeded init",
+    )
+)
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by ``build_backbone``.
+
+    Returns:
+        Registry names in registration order.
+    """
+    return list(_REGISTRY)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """Registry entry of a backbone name.
+
+    Args:
+        name: Registry name.
+
+    Returns:
+        Its spec.
+
+    Raises:
+        ValueError: On an unknown name (the message lists the known ones).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# ViT backbone
+# --------------------------------------------------------------------------------------------------
+
+
+class ViTBackbone(FrozenBackbone):
+    """A frozen timm ``VisionTransformer`` (DINO layout) with the reference position interpolation.
+
+    Args:
+        name: Registry name.
+        family: Checkpoint family (``dino``, ``dinov2``, ...).
+        arch: Architecture (see ``BackboneSpec.arch``).
+        img_size: Pretraining resolution (sets the position table size).
+        pos_embed_scheme: ``dino``, ``dinov2``, ``msn`` or ``timm`` (see ``interpolate_pos_embed``).
+        device: Device to build on (``"meta"`` builds without memory).
+
+    Attributes:
+        vit: The timm module; its ``state_dict`` uses DINO key names (``cls_token``, ``pos_embed``,
+            ``patch_embed.proj``, ``blocks.N.*``, ``norm``; DINOv2 adds ``blocks.N.ls{1,2}.gamma``
+            and, with registers, ``reg_token``). ``pos_embed`` is ``[1, 1 + M, D]``; registers carry
+            no position entry (DINOv2 layout).
+        family: Checkpoint family.
+        pos_embed_scheme: Interpolation scheme in use.
+        arch: The architecture built.
+        weights: The weights reference loaded (``None`` = random).
+        reference_bug_compatible: True for the reference's 12-head DINO ViT-S.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        family: str,
+        arch: dict[str, Any],
+        img_size: int,
+        pos_embed_scheme: str,
+        device: torch.device | str | None = None,
+    ):
+        from timm.models.vision_transformer import VisionTransformer
+
+        if pos_embed_scheme not in POS_EMBED_SCHEMES:
+            raise ValueError(
+                f"unknown pos_embed_interpolation scheme {pos_embed_scheme!r}; use one of "
+                f"{POS_EMBED_SCHEMES} (or 'reference')"
+            )
+        patch = int(arch["patch_size"])
+        reg_tokens = int(arch.get("reg_tokens", 0))
+        super().__init__(name, arch["embed_dim"], patch, num_prefix_tokens=1 + reg_tokens)
+        if img_size % patch:
+            raise ValueError(
+                f"{name}: img_size {img_size} is not a multiple of the patch size {patch}"
+            )
+        self.family = family
+        self.arch = dict(arch)
+        self.pos_embed_scheme = pos_embed_scheme
+        self.weights: str | None = None
+        self.reference_bug_compatible = (
+            family == "dino" and arch["embed_dim"] == 384 and int(arch["num_heads"]) == 12
+        )
+        self.vit = VisionTransformer(
+            img_size=img_size,
+            patch_size=patch,
+            embed_dim=int(arch["embed_dim"]),
+            depth=int(arch["depth"]),
+            num_heads=int(arch["num_heads"]),
+            mlp_ratio=float(arch.get("mlp_ratio", 4.0)),
+            qkv_bias=True,
+            init_values=arch.get("init_values"),
+            class_token=True,
+            reg_tokens=reg_tokens,
+            no_embed_class=False,
+            pre_norm=False,
+            final_norm=True,
+            global_pool="token",
+            num_classes=0,
+            dynamic_img_size=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            device=device,
+        )
+        if reg_tokens:
+            # DINOv2 gives registers no position entry: the table is [1, 1 + M, D] (timm: 1+R+M).
+            grid = img_size // patch
+            table = torch.empty(1, 1 + grid * grid, self.embed_dim, device=device)
+            nn.init.trunc_normal_(table, std=0.02)
+            self.vit.pos_embed = nn.Parameter(table)
+        self._pos_cache: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self.freeze()
+
+    def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position table for a patch grid, cached per grid (and per weights version).
+
+        Args:
+            grid: ``(h, w)``.
+
+        Returns:
+            ``[1, 1 + h * w, D]``.
+        """
+        pos = self.vit.pos_embed
+        key = (grid, pos.device, pos.dtype, pos.data_ptr(), pos._version)
+        table = self._pos_cache.get(key)
+        if table is None:
+            with torch.no_grad():
+                table = interpolate_pos_embed(pos, grid, self.pos_embed_scheme)
+            self._pos_cache[key] = table
+            while len(self._pos_cache) > _POS_CACHE_SIZE:
+                self._pos_cache.popitem(last=False)
+        return table
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All output tokens (prefix first) after the final LayerNorm.
+
+        Args:
+            images: ``[B, 3, H, W]`` (sides multiples of the patch).
+
+        Returns:
+            ``[B, num_prefix_tokens + h * w, D]``.
+        """
+        x = self.vit.patch_embed(images)  # B h w D
+        batch, h, w, dim = x.shape
+        pos = self.position_table((h, w)).to(x.dtype)  # 1 1+hw D
+        x = x.reshape(batch, h * w, dim) + pos[:, 1:]  # B hw D
+        prefix = [(self.vit.cls_token + pos[:, :1]).expand(batch, -1, -1)]  # B 1 D
+        if self.vit.reg_token is not None:
+            prefix.append(self.vit.reg_token.expand(batch, -1, -1))  # B R D
+        x = torch.cat(prefix + [x], dim=1)  # B 1+R+hw D
+        x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def extract(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
+        x = self.tokens(images)[:, self.num_prefix_tokens :]  # B hw D
+        return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)  # B D h w
+
+    def load_weights(self, path: str | os.PathLike[str], reader: str) -> LoadReport:
+        """Load an upstream weights file strictly (see ``models.checkpoints``).
+
+        Args:
+            path: Local file.
+            reader: Checkpoint family of the file.
+
+        Returns:
+            The load report.
+        """
+        state_dict, report = read_checkpoint(path, reader)
+        report = load_backbone_weights(self.vit, state_dict, reader, self.name, report)
+        self._pos_cache.clear()
+        self.freeze()
+        self.weights = str(path)
+        return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub tags (online only)
+# --------------------------------------------------------------------------------------------------
+
+_HUB_TAG = re.compile(r"^(hf-hub:|hf_hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+def _is_hub_tag(weights: str) -> bool:
+    return bool(_HUB_TAG.match(weights))
+
+
+def _offline_reason() -> str | None:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _OFFLINE_VALUES:
+            return f"{var}={os.environ[var]}"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=3.0):
+            return None
+    except OSError as exc:
+        return f"{host} unreachable ({exc})"
+
+
+def _fetch_hub_weights(tag: str, spec: BackboneSpec) -> str:
+    """Download ``model.safetensors`` of a hub repo through the Hugging Face client timm uses."""
+    repo = tag.split(":", 1)[1] if tag.startswith(("hf-hub:", "hf_hub:")) else tag
+    hint = f" (for {spec.name}: {spec.upstream_file})" if spec.upstream_file else ""
+    reason = _offline_reason()
+    if reason is not None:
+        raise RuntimeError(
+            f"cannot fetch hub weights {tag!r}: offline ({reason}). Download "
+            f"{repo}/model.safetensors or the upstream release file{hint} on a machine with "
+            "internet, and pass the local file as weights=<path> (backbone.weights=<path>)."
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id=repo, filename="model.safetensors")
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not fetch hub weights {tag!r} ({type(exc).__name__}: {exc}); pass a local file "
+            f"as weights=<path>{hint}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------------
+
+_ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "reg_tokens")
+
+
+def build_backbone(
+    name: str, weights: str | os.PathLike[str] | None = None, **kw: Any
+) -> FrozenBackbone:
+    """Build a frozen backbone by registry name.
+
+    Args:
+        name: A name from ``list_backbones()``.
+        weights: A local file in the family's upstream format (``.pth``/``.pt``/``.tar``) or a timm
+            ``model.safetensors``; a hub tag (``"timm/vit_small_patch8_224.dino"``,
+            ``"hf-hub:..."``) only when it is not an existing path and the hub is reachable; or
+            ``None`` for random weights (a loud warning, except ``filterbank`` and ``tiny_vit``).
+        **kw: ViT overrides: ``num_heads`` (``12`` on ``dino_vits*`` = the reference's
+            bug-compatible variant), ``embed_dim``, ``depth``, ``mlp_ratio``, ``patch_size``,
+            ``reg_tokens``, ``img_size`` (pretraining resolution), ``pos_embed_interpolation``
+            (``"reference"``, the default: the family's scheme; ``"timm"``; or a scheme name),
+            ``device``. ``filterbank`` takes its own keywords.
+
+    Returns:
+        A ``FrozenBackbone`` in eval mode with ``requires_grad=False`` everywhere.
+
+    Raises:
+        ValueError: On an unknown name or keyword.
+        FileNotFoundError: When ``weights`` is neither an existing file nor a hub tag.
+        CheckpointError: When the file cannot be read or does not fit the backbone.
+        RuntimeError: When a hub tag is given offline.
+    """
+    spec = get_backbone_spec(name)
+    if spec.builder is not None:
+        if weights is not None:
+            raise ValueError(f"backbone {name!r} has no weights; pass weights=None")
+        return spec.builder(name, **kw)
+
+    scheme = kw.pop("pos_embed_interpolation", "reference")
+    scheme = spec.pos_embed if scheme in (None, "reference") else scheme
+    img_size = int(kw.pop("img_size", spec.img_size))
+    device = kw.pop("device", None)
+    arch = dict(spec.arch)
+    unknown = sorted(k for k in kw if k not in _ARCH_OVERRIDES)
+    if unknown:
+        raise ValueError(
+            f"unknown keyword(s) for backbone {name!r}: {unknown}; accepted: "
+            f"{sorted(_ARCH_OVERRIDES + ('img_size', 'pos_embed_interpolation', 'device'))}"
+        )
+    overrides = {k: v for k, v in kw.items() if v is not None and v != arch.get(k)}
+    arch.update(overrides)
+    if overrides:
+        logger.info("backbone %s: architecture overrides %s", name, overrides)
+
+    if name == "tiny_vit":
+        # A fixed seed makes the random tiny model identical across runs and test processes.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_TINY_VIT_SEED)
+            model = ViTBackbone(name, spec.family, arch, img_size, scheme, device=device)
+    else:
+        model = ViTBackbone(name, spec.family, arch, img_size, scheme, device=device)
+    if model.reference_bug_compatible:
+        logger.warning(
+            "backbone %s built with 12 attention heads: the reference's bug-compatible DINO ViT-S "
+            "(official DINO ViT-S has 6); use it only to reproduce the released ViT-S heads "
+            "(docs/method.md §2.5)",
+            name,
+        )
+
+    if weights is None:
+        if spec.needs_weights:
+            source = spec.upstream_file or "the upstream release file"
+            logger.warning(
+                "!!! backbone %s has RANDOM weights: its features are meaningless and every metric "
+                "will be near chance. Pass backbone.weights=<local file> (e.g. %s%s). !!!",
+                name,
+                source,
+                f", or the timm file of {spec.hub_tag}" if spec.hub_tag else "",
+            )
+        return model
+
+    weights_str = os.fspath(weights)
+    if Path(weights_str).expanduser().exists():
+        path = str(Path(weights_str).expanduser())
+    elif _is_hub_tag(weights_str):
+        path = _fetch_hub_weights(weights_str, spec)
+    else:
+        raise FileNotFoundError(
+            f"weights file not found: {weights_str!r} (backbone {name}); pass an existing local "
+            f"file (e.g. {spec.upstream_file or 'the upstream release file'}) or a hub tag such as "
+            f"{spec.hub_tag or 'timm/<model>'} when online"
+        )
+    if str(device) == "meta":
+        raise ValueError(f"cannot load weights into backbone {name!r} built on the meta device")
+    report = model.load_weights(path, spec.reader)
+    logger.info(
+        "backbone %s: loaded %s (%s container%s)",
+        name,
+        path,
+        report.container,
+        f"; {len(report.dropped)} extra keys dropped" if report.dropped else "",
+    )
+    if weights_str != path:
+        model.weights = weights_str
+    return model

@@ -1,0 +1,498 @@
+"""Readers for upstream self-supervised ViT checkpoints (docs/method.md §2.3).
+
+Every supported family stores the backbone under DINO/timm key names, in a different container:
+
+* DINO: the state dict itself;
+* DINOv2: the state dict itself, with LayerScale ``blocks.N.ls{1,2}.gamma``, a ``mask_token`` and,
+  for the ``_reg`` files, ``register_tokens`` (renamed here to timm's ``reg_token``);
+* iBOT: ``ckpt["state_dict"]``;
+* MSN: ``ckpt["target_encoder"]``, every key prefixed ``module.``;
+* MAE: ``ckpt["model"]`` (with ``decoder_*`` keys when the decoder was saved);
+* timm: a ``model.safetensors`` file, any family.
+
+A file is read on the CPU with ``torch.load(weights_only=True)`` (or ``safetensors``), its container
+is detected and checked against the family the backbone name implies, a declared allow-list of extra
+keys (heads, mask tokens, projection layers, decoders) is dropped, and the rest is loaded
+**strictly**: an unexpected key, an undeclared missing key or a shape mismatch is an error naming
+the key, the shapes and the likely cause (method.md §11, rule 6).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "CheckpointError",
+    "CheckpointFormat",
+    "LoadReport",
+    "detect_container",
+    "load_backbone_weights",
+    "read_checkpoint",
+    "read_file",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A weights file cannot be read, belongs to another model, or does not fit the backbone."""
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How one upstream family stores its backbone.
+
+    Attributes:
+        family: Family name (``dino``, ``dinov2``, ``ibot``, ``msn``, ``mae``, ``timm``).
+        container: Top-level key holding the state dict, or ``None`` when the file is the state
+            dict.
+        strip_prefix: Prefix removed from every key (MSN: ``module.``).
+        rename: Exact key renames applied after stripping (upstream name -> timm name).
+        extra_keys: fnmatch patterns of keys that are not part of the backbone and are dropped
+            (logged).
+        missing_ok: fnmatch patterns of backbone keys allowed to be absent (logged; the random init
+            stays).
+        layer_scale: Whether the family's blocks carry LayerScale gammas (``True``/``False``), or
+            ``None`` when either is allowed (timm files).
+        accepts_raw: Whether a bare state dict is accepted when a container key is declared.
+        example: An upstream file name, for error messages.
+    """
+
+    family: str
+    container: str | None
+    strip_prefix: str = ""
+    rename: tuple[tuple[str, str], ...] = ()
+    extra_keys: tuple[str, ...] = ()
+    missing_ok: tuple[str, ...] = ()
+    layer_scale: bool | None = False
+    accepts_raw: bool = False
+    example: str = ""
+
+
+CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
+    "dino": CheckpointFormat(
+        family="dino",
+        container=None,
+        extra_keys=("head.*",),
+        example="dino_deitsmall8_pretrain.pth",
+    ),
+    "dinov2": CheckpointFormat(
+        family="dinov2",
+        container=None,
+        rename=(("register_tokens", "reg_token"),),
+        extra_keys=("mask_token", "head.*"),
+        layer_scale=True,
+        example="dinov2_vitb14_pretrain.pth",
+    ),
+    "ibot": CheckpointFormat(
+        family="ibot",
+        container="state_dict",
+        extra_keys=("masked_embed", "mask_token", "head.*"),
+        accepts_raw=True,
+        example="checkpoint_teacher.pth",
+    ),
+    "msn": CheckpointFormat(
+        family="msn",
+        container="target_encoder",
+        strip_prefix="module.",
+        extra_keys=("fc.*", "head.*", "mask_token"),
+        accepts_raw=True,
+        example="vits16_800ep.pth.tar",
+    ),
+    "mae": CheckpointFormat(
+        family="mae",
+        container="model",
+        extra_keys=("mask_token", "decoder_*", "head.*"),
+        accepts_raw=True,
+        example="mae_pretrain_vit_base.pth",
+    ),
+    "timm": CheckpointFormat(
+        family="timm",
+        container=None,
+        extra_keys=("head.*",),
+        layer_scale=None,
+        example="model.safetensors",
+    ),
+}
+
+# Top-level keys that identify a container, and the family that uses it.
+_CONTAINER_FAMILY = {"target_encoder": "msn", "model": "mae", "state_dict": "ibot"}
+
+
+@dataclass
+class LoadReport:
+    """What happened while loading a weights file.
+
+    Attributes:
+        path: The file read.
+        container: The detected container (``raw``, ``safetensors``, or the top-level key).
+        dropped: Keys dropped through the family's allow-list.
+        missing: Declared-optional backbone keys that were absent (left at their initial values).
+        notes: Conversions applied (renames, position-table layout changes).
+    """
+
+    path: str
+    container: str
+    dropped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def _short_list(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def read_file(path: str | os.PathLike[str]) -> Mapping[str, object]:
+    """Read a ``.pth``/``.pt``/``.tar`` or ``.safetensors`` file on the CPU without unpickling code.
+
+    Args:
+        path: A local file.
+
+    Returns:
+        The top-level mapping stored in the file.
+
+    Raises:
+        FileNotFoundError: When the file does not exist.
+        CheckpointError: When the file is truncated, not a checkpoint, or holds no mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"weights file {path} is empty (an interrupted download?)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"could not read weights file {path}: it is truncated or not a PyTorch/safetensors "
+            f"checkpoint ({type(exc).__name__}: {exc}). Download it again and check its size."
+        ) from exc
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"could not read weights file {path} ({type(exc).__name__}: {exc}); it is truncated or "
+            "not a checkpoint."
+        ) from exc
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"weights file {path} holds a {type(obj).__name__}, not a state dict or checkpoint dict"
+        )
+    return obj
+
+
+def _is_state_dict(obj: Mapping[str, object]) -> bool:
+    return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _has_layer_scale(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.endswith(("ls1.gamma", "ls2.gamma")) for k in state_dict)
+
+
+def _reject_foreign(obj: Mapping[str, object], path: str) -> None:
+    """Raise a clear error for files that are clearly not backbone weights."""
+    keys = [str(k) for k in obj]
+    if "format_version" in obj and "kind" in obj:
+        raise CheckpointError(
+            f"{path} is a cause_lightning artifact (kind={obj['kind']!r}), not backbone weights; "
+            "pass the upstream backbone file (e.g. dino_deitsmall8_pretrain.pth) as weights"
+        )
+    if "pytorch-lightning_version" in obj or "lightning_version" in obj:
+        raise CheckpointError(
+            f"{path} is a Lightning training checkpoint, not backbone weights; resume it with "
+            "ckpt_path= and pass the upstream backbone file as backbone weights"
+        )
+    if any(k.startswith(("head_ema.", "projection_head")) for k in keys) or (
+        "cluster_probe" in obj or "codebook" in obj
+    ):
+        raise CheckpointError(
+            f"{path} looks like a CAUSE head or cluster-probe release file (keys such as "
+            f"{_short_list(keys, 3)}), not backbone weights; import it with "
+            "cause_lightning.interop and pass the upstream backbone file as backbone weights"
+        )
+    if "teacher" in obj and "student" in obj:
+        raise CheckpointError(
+            f"{path} is a full self-distillation training checkpoint (keys 'teacher'/'student'); "
+            "use the released backbone-only file (e.g. dino_deitsmall8_pretrain.pth), or save the "
+            "'backbone.'-prefixed entries of ckpt['teacher'] with that prefix removed"
+        )
+
+
+def detect_container(obj: Mapping[str, object], path: str = "<checkpoint>") -> str:
+    """Name the container of a checkpoint mapping.
+
+    Args:
+        obj: The top-level mapping read from a file.
+        path: The file name, for error messages.
+
+    Returns:
+        ``"raw"`` for a bare state dict, or the top-level key (``state_dict``, ``target_encoder``,
+        ``model``) holding it.
+
+    Raises:
+        CheckpointError: When the mapping is a CAUSE head/probe file, a project artifact, a training
+            checkpoint, or holds no recognisable state dict.
+    """
+    _reject_foreign(obj, path)
+    if _is_state_dict(obj):
+        return "raw"
+    for key in _CONTAINER_FAMILY:
+        value = obj.get(key)
+        if isinstance(value, Mapping) and _is_state_dict(value):
+            return key
+    raise CheckpointError(
+        f"{path} holds no recognisable backbone state dict (top-level keys: "
+        f"{_short_list([str(k) for k in obj])}); expected a raw state dict (DINO, DINOv2), "
+        "ckpt['state_dict'] (iBOT), ckpt['target_encoder'] (MSN), ckpt['model'] (MAE) or a timm "
+        "model.safetensors"
+    )
+
+
+def _pos_table_with_class_entry(state_dict: dict[str, torch.Tensor], notes: list[str]) -> None:
+    """Give a timm ``no_embed_class`` position table (DINOv2 with registers) a class-token entry.
+
+    timm folds the class token's position entry into ``cls_token`` and stores the patch part only,
+    so a zero class entry restores the DINOv2 layout ``[1, 1 + M, D]`` exactly.
+    """
+    pos = state_dict.get("pos_embed")
+    if pos is None or pos.ndim != 3:
+        return
+    count = pos.shape[1]
+    if math.isqrt(count) ** 2 == count:  # no class entry: the count is a perfect square
+        state_dict["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
+        notes.append("timm no_embed_class position table given a zero class entry")
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], family: str
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Read an upstream weights file into DINO/timm key names.
+
+    Args:
+        path: Local ``.pth``/``.pt``/``.tar`` (upstream release) or ``.safetensors`` (timm) file.
+        family: The family the backbone name implies (a key of ``CHECKPOINT_FORMATS`` other than
+            ``timm``); safetensors files are read with the timm format whatever the family.
+
+    Returns:
+        ``(state_dict, report)``: backbone tensors under timm ``VisionTransformer`` names with the
+        allow-listed extra keys already dropped.
+
+    Raises:
+        FileNotFoundError: When the file does not exist.
+        CheckpointError: When the file cannot be read, is not backbone weights, or looks like
+            another family's checkpoint.
+    """
+    if family not in CHECKPOINT_FORMATS:
+        raise ValueError(
+            f"unknown checkpoint family {family!r}; known: {sorted(CHECKPOINT_FORMATS)}"
+        )
+    path_str = str(path)
+    obj = read_file(path)
+    container = detect_container(obj, path_str)
+    is_safetensors = Path(path_str).suffix == ".safetensors"
+    fmt = CHECKPOINT_FORMATS["timm" if is_safetensors else family]
+    report = LoadReport(path=path_str, container="safetensors" if is_safetensors else container)
+
+    if not is_safetensors:
+        if container == "raw" and fmt.container is not None and not fmt.accepts_raw:
+            raise CheckpointError(
+                f"{path_str} is a bare state dict, but {family} checkpoints keep the backbone "
+                f"under ckpt[{fmt.container!r}]"
+            )
+        if container != "raw" and container != fmt.container:
+            other = _CONTAINER_FAMILY[container]
+            raise CheckpointError(
+                f"{path_str} looks like a {other} checkpoint (backbone under ckpt[{container!r}]), "
+                f"but the backbone name is a {family} model; use a {other}_* backbone name for "
+                f"this file, or the {family} release file (e.g. {fmt.example})"
+            )
+        if container == "raw" and fmt.container is not None:
+            report.notes.append(
+                f"bare state dict accepted for {family} (no ckpt[{fmt.container!r}])"
+            )
+    raw = obj if container == "raw" else obj[container]
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():  # type: ignore[union-attr]
+        key = str(key)
+        if fmt.strip_prefix:
+            if not key.startswith(fmt.strip_prefix):
+                raise CheckpointError(
+                    f"{path_str}: key {key!r} lacks the {fmt.strip_prefix!r} prefix that {family} "
+                    f"checkpoints carry in ckpt[{fmt.container!r}]; is this a {family} file?"
+                )
+            key = key[len(fmt.strip_prefix) :]
+        state_dict[key] = value  # type: ignore[assignment]
+    for old, new in fmt.rename:
+        if old in state_dict:
+            state_dict[new] = state_dict.pop(old)
+            report.notes.append(f"renamed {old!r} -> {new!r}")
+    if not is_safetensors:
+        # A DDP-wrapped save ('module.' everywhere) is common enough to undo (noted in the log).
+        if state_dict and all(k.startswith("module.") for k in state_dict):
+            state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+            report.notes.append("stripped a 'module.' prefix from every key")
+    if is_safetensors:
+        _pos_table_with_class_entry(state_dict, report.notes)
+
+    layer_scale = _has_layer_scale(state_dict)
+    expected_ls = CHECKPOINT_FORMATS[family].layer_scale
+    if expected_ls is True and not layer_scale:
+        raise CheckpointError(
+            f"{path_str} has no LayerScale gammas (blocks.N.ls1.gamma), so it is not a DINOv2 "
+            "file; it looks like DINO/iBOT/MSN/MAE weights: use the matching backbone name"
+        )
+    if expected_ls is False and layer_scale:
+        raise CheckpointError(
+            f"{path_str} has LayerScale gammas (blocks.N.ls1.gamma), as DINOv2 files do, but the "
+            f"backbone name is a {family} model; use a dinov2_* backbone name for this file"
+        )
+
+    for key in list(state_dict):
+        if _matches(key, fmt.extra_keys) or _matches(key, CHECKPOINT_FORMATS[family].extra_keys):
+            del state_dict[key]
+            report.dropped.append(key)
+    if report.dropped:
+        logger.info(
+            "%s: dropped %d non-backbone keys allowed for %s (%s)",
+            path_str,
+            len(report.dropped),
+            fmt.family,
+            _short_list(report.dropped, 4),
+        )
+    for note in report.notes:
+        logger.info("%s: %s", path_str, note)
+    return state_dict, report
+
+
+def _width_name(width: int) -> str:
+    return {192: "ViT-Ti", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1536: "ViT-g"}.get(
+        width, f"{width}-wide"
+    )
+
+
+def _mismatch_cause(key: str, expected: torch.Size, found: torch.Size, model_name: str) -> str:
+    if key == "patch_embed.proj.weight" and len(found) == 4 and found[-2:] != expected[-2:]:
+        return (
+            f"the file has patch size {found[-1]}, {model_name} has patch size {expected[-1]}: "
+            "wrong backbone name for this file"
+        )
+    if len(found) and len(expected) and found[-1] != expected[-1]:
+        return (
+            f"the file is a {_width_name(found[-1])} ({found[-1]} wide) model, {model_name} is a "
+            f"{_width_name(expected[-1])} ({expected[-1]} wide): wrong backbone name for this file"
+        )
+    if key == "reg_token":
+        return "the file has a different number of register tokens: use the matching _reg name"
+    return "the file belongs to a different architecture: wrong backbone name for this file"
+
+
+def load_backbone_weights(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    family: str,
+    model_name: str,
+    report: LoadReport | None = None,
+) -> LoadReport:
+    """Load a read state dict into a ViT strictly (after the allow-list has been applied).
+
+    A square position table of another size than the model's is adopted as is (it is interpolated at
+    run time anyway); every other shape difference is an error.
+
+    Args:
+        model: The timm ``VisionTransformer`` (or any module with the same key names).
+        state_dict: Output of ``read_checkpoint``.
+        family: The family the backbone name implies (its ``missing_ok`` patterns apply).
+        model_name: The backbone name, for error messages.
+        report: The report from ``read_checkpoint``, extended in place.
+
+    Returns:
+        The load report.
+
+    Raises:
+        CheckpointError: On unexpected keys, undeclared missing keys, or shape mismatches.
+    """
+    report = report or LoadReport(path="<state dict>", container="raw")
+    fmt = CHECKPOINT_FORMATS[family]
+    expected = model.state_dict()
+    where = report.path
+
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    if unexpected:
+        depth_hint = ""
+        file_blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
+        model_blocks = {k.split(".")[1] for k in expected if k.startswith("blocks.")}
+        if len(file_blocks) != len(model_blocks):
+            depth_hint = (
+                f" The file has {len(file_blocks)} blocks, {model_name} has {len(model_blocks)}."
+            )
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} keys are not part of the {model_name} backbone and not in "
+            f"the {family} allow-list: {_short_list(unexpected)}.{depth_hint} The file probably "
+            "belongs to a different model: check the backbone name."
+        )
+    missing = sorted(k for k in expected if k not in state_dict)
+    declared = [k for k in missing if _matches(k, fmt.missing_ok)]
+    undeclared = [k for k in missing if k not in declared]
+    if undeclared:
+        raise CheckpointError(
+            f"{where}: {len(undeclared)} {model_name} backbone keys are missing from the file: "
+            f"{_short_list(undeclared)}. Loading would leave them random; the file is incomplete "
+            "or belongs to a different model (check the backbone name)."
+        )
+    if declared:
+        logger.warning(
+            "%s: %d keys absent, allowed for %s and left at their initial values: %s",
+            where,
+            len(declared),
+            family,
+            _short_list(declared),
+        )
+        report.missing.extend(declared)
+
+    for key, value in state_dict.items():
+        target = expected[key]
+        if value.shape == target.shape:
+            continue
+        if (
+            key == "pos_embed"
+            and value.ndim == 3
+            and value.shape[2] == target.shape[2]
+            and math.isqrt(value.shape[1] - 1) ** 2 == value.shape[1] - 1
+        ):
+            # Any square table works: it is interpolated to the input grid at run time.
+            param = model.get_parameter("pos_embed")
+            param.data = torch.empty_like(value, device=param.device, dtype=param.dtype)
+            report.notes.append(
+                f"position table of {value.shape[1] - 1} patches adopted "
+                f"(model default {target.shape[1] - 1})"
+            )
+            logger.info("%s: %s", where, report.notes[-1])
+            continue
+        raise CheckpointError(
+            f"{where}: shape mismatch for {key!r}: {model_name} expects {list(target.shape)}, the "
+            f"file has {list(value.shape)}; "
+            f"{_mismatch_cause(key, target.shape, value.shape, model_name)}."
+        )
+    model.load_state_dict(state_dict, strict=not declared)
+    return report

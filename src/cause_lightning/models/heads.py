@@ -1,0 +1,464 @@
+"""Segmentation heads, projection head, linear probe and EMA update (docs/method.md §5.1-5.3).
+
+Two heads map frozen backbone features ``[B, D, h, w]`` to ``[B, R, h, w]`` (R = 90):
+
+* :class:`MLPHead`: ``f1(drop(F)) + f2(drop(F))`` with 1x1 convolutions (STEGO style);
+* :class:`TRHead`: one post-norm DETR-style decoder layer whose queries are the raw clusterbook rows
+  of each token's nearest concept, followed by the same two-branch projection block.
+
+Parameter names follow the reference release (``f1``, ``f2.0``, ``f2.2``; ``query_pos``,
+``tr.self_attn``, ``tr.multihead_attn``, ``tr.linear1``, ``tr.linear2``, ``tr.norm1..3``, ``tr.f1``,
+``tr.f2.*``), so importing a release checkpoint is a prefix strip (docs/method.md §10.4).
+
+Dropout follows the module's training mode by default. Every head ``forward`` also takes
+``dropout=True/False`` to force it on or off regardless of the mode: stage 3 keeps a frozen head
+whose dropout is a stage option (docs/method.md §6.3), not a side effect of ``train()``/``eval()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cause_lightning.ops import nearest_concept
+
+__all__ = [
+    "HEAD_TYPES",
+    "LinearProbe",
+    "MLPHead",
+    "ProjectionHead",
+    "TRDecoderLayer",
+    "TRHead",
+    "build_head",
+    "ema_update",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Number of concepts in the reference clusterbook (docs/method.md §4.1).
+DEFAULT_NUM_CONCEPTS = 2048
+#: Hidden width of the TR decoder's feed-forward block (docs/method.md §5.2).
+TR_FFN_DIM = 2048
+
+
+def _check_features(features: Tensor, dim: int, head: str) -> None:
+    """Validate a ``[B, D, h, w]`` feature grid for a head of width ``dim``."""
+    if features.ndim != 4:
+        raise ValueError(
+            f"{head} expects a feature grid [B, D, h, w], got a tensor of shape "
+            f"{tuple(features.shape)}; reshape token sets [B, N, D] with "
+            "tokens.transpose(1, 2).reshape(B, D, h, w)"
+        )
+    if features.shape[1] != dim:
+        raise ValueError(
+            f"{head} was built for backbone width D={dim}, got features with "
+            f"{features.shape[1]} channels (shape {tuple(features.shape)}); build the head with "
+            "the backbone's embed_dim"
+        )
+
+
+def _two_branch(x: Tensor, f1: nn.Module, f2: nn.Module, p: float, active: bool) -> Tensor:
+    """``f1(drop(x)) + f2(drop(x))``, one independent dropout draw per branch (method.md §5.1)."""
+    return f1(F.dropout(x, p, training=active)) + f2(F.dropout(x, p, training=active))
+
+
+def _projection_block(dim: int, reduced_dim: int) -> tuple[nn.Conv2d, nn.Sequential]:
+    """The shared ``f1`` / ``f2`` pair: Conv1x1(D->R) and Conv1x1(D->D), ReLU, Conv1x1(D->R)."""
+    f1 = nn.Conv2d(dim, reduced_dim, kernel_size=1)
+    f2 = nn.Sequential(
+        nn.Conv2d(dim, dim, kernel_size=1),
+        nn.ReLU(),
+        nn.Conv2d(dim, reduced_dim, kernel_size=1),
+    )
+    return f1, f2
+
+
+class MLPHead(nn.Module):
+    """STEGO-style head: ``f1(drop(F)) + f2(drop(F))`` (docs/method.md §5.2).
+
+    Args:
+        dim: Backbone width D.
+        reduced_dim: Output width R (90 in the reference).
+        dropout: Probability of the head dropout applied to the input grid, separately per branch.
+
+    Attributes:
+        f1: Conv1x1 D -> R.
+        f2: ``Sequential(Conv1x1 D -> D, ReLU, Conv1x1 D -> R)``.
+    """
+
+    head_type: ClassVar[str] = "mlp"
+
+    def __init__(self, dim: int, reduced_dim: int = 90, dropout: float = 0.1) -> None:
+        super().__init__()
+        if dim <= 0 or reduced_dim <= 0:
+            raise ValueError(
+                f"dim and reduced_dim must be positive, got dim={dim}, reduced_dim={reduced_dim}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dim = dim
+        self.reduced_dim = reduced_dim
+        self.f1, self.f2 = _projection_block(dim, reduced_dim)
+        # Holds only p; kept as a module so that the printed structure shows the dropout.
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: Tensor, dropout: bool | None = None) -> Tensor:
+        """Project a feature grid to the reduced space.
+
+        Args:
+            features: Backbone features ``[B, D, h, w]``.
+            dropout: Force the head dropout on (``True``) or off (``False``); ``None`` follows
+                ``self.training``.
+
+        Returns:
+            Head features ``[B, R, h, w]``.
+        """
+        _check_features(features, self.dim, "MLPHead")
+        active = self.training if dropout is None else bool(dropout)
+        return _two_branch(features, self.f1, self.f2, self.dropout.p, active)  # B R h w
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, reduced_dim={self.reduced_dim}"
+
+
+class TRDecoderLayer(nn.Module):
+    """Post-norm decoder layer with query positions, plus the ``f1``/``f2`` projection block.
+
+    The reference keeps ``f1``/``f2`` inside this sub-module (state-dict names ``tr.f1``,
+    ``tr.f2.*``). Tensors are sequence-first ``[L, B, D]`` as in ``nn.MultiheadAttention``'s default
+    layout.
+
+    Args:
+        dim: Model width D.
+        reduced_dim: Output width R of the projection block.
+        ffn_dim: Hidden width of the feed-forward block.
+        dropout: Dropout of the attention weights, the residual branches and the FFN hidden layer.
+    """
+
+    def __init__(
+        self, dim: int, reduced_dim: int = 90, ffn_dim: int = TR_FFN_DIM, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        # Registration order = the reference's parameter order, which ema_update relies on.
+        self.self_attn = nn.MultiheadAttention(dim, num_heads=1, dropout=dropout, bias=True)
+        self.multihead_attn = nn.MultiheadAttention(dim, num_heads=1, dropout=dropout, bias=True)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.f1, self.f2 = _projection_block(dim, reduced_dim)
+
+    @staticmethod
+    def _attend(
+        attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, active: bool
+    ) -> Tensor:
+        # Functional call so that attention dropout follows `active` rather than attn.training.
+        out, _ = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            attn.embed_dim,
+            attn.num_heads,
+            attn.in_proj_weight,
+            attn.in_proj_bias,
+            attn.bias_k,
+            attn.bias_v,
+            attn.add_zero_attn,
+            attn.dropout,
+            attn.out_proj.weight,
+            attn.out_proj.bias,
+            training=active,
+            need_weights=False,
+        )
+        return out
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, active: bool) -> Tensor:
+        """Run the decoder layer (docs/method.md §5.2, T0 -> T4).
+
+        Args:
+            tgt: Concept queries T0 ``[L, B, D]``.
+            memory: Backbone tokens ``[L, B, D]``; also the final residual.
+            pos: Query positions ``[L, 1, D]`` (broadcast over the batch), added to queries and
+                self-attention keys.
+            active: Whether the decoder's dropouts are applied.
+
+        Returns:
+            Decoder output T4 ``[L, B, D]``.
+        """
+        p1, p2, p3, p = self.dropout1.p, self.dropout2.p, self.dropout3.p, self.dropout.p
+        q = tgt + pos  # L B D
+        a = self._attend(self.self_attn, q, q, tgt, active)
+        t1 = self.norm1(tgt + F.dropout(a, p1, training=active))
+        c = self._attend(self.multihead_attn, t1 + pos, memory, memory, active)
+        t2 = self.norm2(t1 + F.dropout(c, p2, training=active))
+        hidden = F.dropout(F.relu(self.linear1(t2)), p, training=active)  # L B 2048
+        t3 = t2 + F.dropout(self.linear2(hidden), p3, training=active)
+        return memory + self.norm3(t3)  # L B D
+
+
+class TRHead(nn.Module):
+    """Transformer head: concept queries attend to the backbone tokens (docs/method.md §5.2).
+
+    The clusterbook is a persistent buffer ``clusterbook [K, D]`` holding the raw (un-normalised)
+    stage-1 rows. It is zero until filled by the constructor, :meth:`set_clusterbook` or
+    ``load_state_dict``; a forward pass before that raises.
+
+    Args:
+        dim: Backbone width D.
+        reduced_dim: Output width R (90 in the reference).
+        num_queries: Q = tokens per image at the train resolution, ``(train_res / patch) ** 2``. The
+            test token count must equal it.
+        clusterbook: Optional ``[K, D]`` clusterbook to copy into the buffer.
+        num_concepts: K. ``None`` takes it from ``clusterbook`` when given, else 2048.
+        dropout: Probability of the head dropout (on the decoder output, per branch) and of the
+            decoder's own dropouts.
+
+    Raises:
+        ValueError: On a missing / non-positive ``num_queries`` or a clusterbook of the wrong shape.
+    """
+
+    head_type: ClassVar[str] = "tr"
+
+    def __init__(
+        self,
+        dim: int,
+        reduced_dim: int = 90,
+        num_queries: int | None = None,
+        clusterbook: Tensor | None = None,
+        num_concepts: int | None = None,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_queries is None or int(num_queries) <= 0:
+            raise ValueError(
+                "TRHead needs num_queries = tokens per image at the train resolution, "
+                f"(train_res / patch)**2 (e.g. 1600 for /8@320), got {num_queries!r}"
+            )
+        if dim <= 0 or reduced_dim <= 0:
+            raise ValueError(
+                f"dim and reduced_dim must be positive, got dim={dim}, reduced_dim={reduced_dim}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_concepts is None:
+            num_concepts = (
+                int(clusterbook.shape[0]) if clusterbook is not None else DEFAULT_NUM_CONCEPTS
+            )
+        self.dim = dim
+        self.reduced_dim = reduced_dim
+        self.num_queries = int(num_queries)
+        self.num_concepts = int(num_concepts)
+        self.query_pos = nn.Parameter(torch.randn(self.num_queries, dim))
+        self.tr = TRDecoderLayer(dim, reduced_dim, TR_FFN_DIM, dropout)
+        # Head dropout before f1/f2 (method.md §5.1); the decoder's dropouts live in self.tr.
+        self.head_dropout = nn.Dropout(dropout)
+        self.register_buffer("clusterbook", torch.zeros(self.num_concepts, dim), persistent=True)
+        self._clusterbook_set = False
+        if clusterbook is not None:
+            self.set_clusterbook(clusterbook)
+
+    @torch.no_grad()
+    def set_clusterbook(self, clusterbook: Tensor) -> None:
+        """Copy raw clusterbook rows ``[K, D]`` into the buffer.
+
+        Args:
+            clusterbook: Tensor of shape ``[num_concepts, dim]`` (any float dtype / device).
+
+        Raises:
+            ValueError: On a shape mismatch or non-finite values.
+        """
+        clusterbook = torch.as_tensor(clusterbook)
+        expected = (self.num_concepts, self.dim)
+        if tuple(clusterbook.shape) != expected:
+            raise ValueError(
+                f"clusterbook must have shape {list(expected)} [num_concepts, dim], got "
+                f"{list(clusterbook.shape)}; build TRHead with the clusterbook's K and the "
+                "backbone's D"
+            )
+        if not torch.isfinite(clusterbook).all():
+            raise ValueError("clusterbook contains NaN or Inf values")
+        self.clusterbook.copy_(clusterbook.detach().to(self.clusterbook))
+        self._clusterbook_set = True
+
+    @property
+    def clusterbook_set(self) -> bool:
+        """Whether the clusterbook buffer has been filled."""
+        return self._clusterbook_set
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        if prefix + "clusterbook" in state_dict:
+            self._clusterbook_set = True
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, features: Tensor, dropout: bool | None = None) -> Tensor:
+        """Decode concept queries against the backbone tokens and project to R dims.
+
+        Args:
+            features: Backbone features ``[B, D, h, w]`` with ``h * w == num_queries``.
+            dropout: Force all dropouts (head and decoder) on (``True``) or off (``False``);
+                ``None`` follows ``self.training``.
+
+        Returns:
+            Head features ``[B, R, h, w]``.
+
+        Raises:
+            ValueError: If the token count differs from ``num_queries`` or the width from ``dim``.
+            RuntimeError: If the clusterbook was never filled.
+        """
+        _check_features(features, self.dim, "TRHead")
+        b, d, h, w = features.shape
+        if h * w != self.num_queries:
+            raise ValueError(
+                f"expected {self.num_queries} tokens, got {h * w} (a {h}x{w} grid; TR test "
+                "resolution must equal the train resolution, because query_pos has one row per "
+                "training token)"
+            )
+        if not self._clusterbook_set:
+            raise RuntimeError(
+                "TRHead.clusterbook is still all zeros: pass clusterbook= to the constructor, call "
+                "set_clusterbook(), or load a state dict that contains it (the stage-1 "
+                "clusterbook.pt)"
+            )
+        active = self.training if dropout is None else bool(dropout)
+        tokens = features.flatten(2).transpose(1, 2)  # B N D, row-major
+        with torch.no_grad():
+            concepts = nearest_concept(tokens, self.clusterbook)  # B N
+        t0 = self.clusterbook.to(features.dtype)[concepts]  # B N D, raw rows
+        memory = tokens.transpose(0, 1)  # N B D
+        pos = self.query_pos.to(features.dtype).unsqueeze(1)  # Q 1 D
+        t4 = self.tr(t0.transpose(0, 1), memory, pos, active)  # N B D
+        grid = t4.permute(1, 2, 0).reshape(b, d, h, w)  # B D h w
+        return _two_branch(grid, self.tr.f1, self.tr.f2, self.head_dropout.p, active)  # B R h w
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, reduced_dim={self.reduced_dim}, num_queries={self.num_queries}, "
+            f"num_concepts={self.num_concepts}"
+        )
+
+
+class ProjectionHead(nn.Module):
+    """1x1 convolution R -> P used by the contrastive loss (docs/method.md §5.1).
+
+    Args:
+        reduced_dim: Input width R.
+        projection_dim: Output width P (2048 in the reference).
+    """
+
+    def __init__(self, reduced_dim: int = 90, projection_dim: int = 2048) -> None:
+        super().__init__()
+        self.f = nn.Conv2d(reduced_dim, projection_dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Project head features ``[B, R, h, w]`` to ``[B, P, h, w]``."""
+        return self.f(x)
+
+
+class LinearProbe(nn.Module):
+    """1x1 convolution R -> C trained with labels (diagnostic only; docs/method.md §6.2).
+
+    Args:
+        reduced_dim: Input width R.
+        num_classes: Number of classes C.
+    """
+
+    def __init__(self, reduced_dim: int, num_classes: int) -> None:
+        super().__init__()
+        if reduced_dim <= 0 or num_classes <= 0:
+            raise ValueError(
+                f"reduced_dim and num_classes must be positive, got {reduced_dim} and {num_classes}"
+            )
+        self.f = nn.Conv2d(reduced_dim, num_classes, kernel_size=1)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return self.f.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map head features ``[B, R, h, w]`` to class logits ``[B, C, h, w]``."""
+        return self.f(x)
+
+
+HEAD_TYPES: dict[str, type[nn.Module]] = {"mlp": MLPHead, "tr": TRHead}
+
+
+def build_head(head_type: str, dim: int, **kw: Any) -> MLPHead | TRHead:
+    """Build a segmentation head by type name.
+
+    Args:
+        head_type: ``"mlp"`` or ``"tr"``.
+        dim: Backbone width D.
+        **kw: Constructor arguments of the head (``reduced_dim``, ``dropout``; TR: ``num_queries``,
+            ``clusterbook``, ``num_concepts``).
+
+    Returns:
+        The head module.
+
+    Raises:
+        ValueError: On an unknown ``head_type``.
+    """
+    key = str(head_type).lower()
+    if key not in HEAD_TYPES:
+        raise ValueError(f"unknown head type {head_type!r}; known: {sorted(HEAD_TYPES)}")
+    return HEAD_TYPES[key](dim, **kw)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float = 0.99) -> None:
+    """In-place EMA ``θ_t ← decay·θ_t + (1 − decay)·θ_s``; buffers are copied (docs/method.md §5.3).
+
+    Parameters are paired in registration order, as in the reference.
+
+    Args:
+        teacher: Module updated in place.
+        student: Module providing the new values (not modified).
+        decay: EMA factor in [0, 1] (0.99 in the reference).
+
+    Raises:
+        ValueError: On a decay outside [0, 1] or modules whose parameters / buffers do not pair up.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
+    if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
+        raise ValueError(
+            f"teacher and student differ in structure: {len(t_params)} vs {len(s_params)} "
+            f"parameters, {len(t_bufs)} vs {len(s_bufs)} buffers; the teacher must be a copy of "
+            "the student"
+        )
+    for i, (t, s) in enumerate(zip(t_params, s_params, strict=True)):
+        if t.shape != s.shape:
+            raise ValueError(
+                f"parameter #{i} has shape {tuple(t.shape)} in the teacher but "
+                f"{tuple(s.shape)} in the student"
+            )
+    for t, s in zip(t_params, s_params, strict=True):
+        t.mul_(decay).add_(s.detach().to(t), alpha=1.0 - decay)
+    for t, s in zip(t_bufs, s_bufs, strict=True):
+        t.copy_(s)
+    # Copying the buffers copies a filled clusterbook; keep the TR readiness flag in step with it.
+    for t_mod, s_mod in zip(teacher.modules(), student.modules(), strict=False):
+        if isinstance(t_mod, TRHead) and isinstance(s_mod, TRHead):
+            t_mod._clusterbook_set = t_mod._clusterbook_set or s_mod._clusterbook_set

@@ -1,0 +1,195 @@
+"""Stage 2 (front door): concept-wise contrastive training of the segmentation head (method.md §5).
+
+The student head and projection learn; the teacher (EMA, 0.99) runs in training mode, as in the
+reference, and its sampled projections fill a per-concept bank after each step. The linear probe
+learns on the teacher's detached features, so labels never reach the head.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from cause_lightning.models import ConceptBank, LinearProbe, ProjectionHead, ema_update
+from cause_lightning.modules.base import StageModule, linear_probe_loss, upsample_to
+from cause_lightning.ops import concept_contrastive_terms, grid_sample_tokens, nearest_concept
+
+__all__ = ["HeadModule", "supervised_metrics"]
+
+
+def supervised_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """mIoU / pAcc of a supervised (linear-probe) prediction, no matching, 255 ignored."""
+    return MetricCollection(
+        {
+            "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=255),
+            "pAcc": MulticlassAccuracy(num_classes, average="micro", ignore_index=255),
+        },
+        prefix=prefix,
+    )
+
+
+class HeadModule(StageModule):
+    """Student/teacher head with concept-wise contrastive loss and a detached linear probe.
+
+    Args:
+        backbone: Frozen backbone (``embed_dim``, ``patch_size``).
+        head_factory: Partial of ``MLPHead`` / ``TRHead`` taking ``dim`` (and, for TR,
+            ``num_queries`` and ``clusterbook``).
+        clusterbook: Stage-1 clusterbook ``[K, D]`` (frozen).
+        num_classes: C, classes of the linear probe.
+        head_type: ``"mlp"`` or ``"tr"``.
+        num_queries: TR query count ``(train_res / patch)**2``.
+        lr: Adam learning rate (absolute).
+        weight_decay: Adam weight decay.
+        window: Grid-sampling window.
+        ema_decay: Teacher EMA decay.
+        projection_dim: P, width of the projection head.
+        temperature: Contrastive temperature.
+        pos_thresh: Concept similarity above which a pair is positive.
+        neg_thresh: Concept similarity below which a pair is negative.
+        bank_capacity: Teacher projections kept per concept.
+        bank_keep: Fraction of each concept's entries of a step appended to the bank.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_factory: Callable[..., nn.Module],
+        clusterbook: torch.Tensor,
+        num_classes: int,
+        head_type: str,
+        num_queries: int | None = None,
+        lr: float = 4e-3,
+        weight_decay: float = 1e-4,
+        window: int = 4,
+        ema_decay: float = 0.99,
+        projection_dim: int = 2048,
+        temperature: float = 0.07,
+        pos_thresh: float = 0.3,
+        neg_thresh: float = 0.1,
+        bank_capacity: int = 100,
+        bank_keep: float = 0.5,
+    ) -> None:
+        super().__init__(backbone)
+        self.save_hyperparameters(ignore=["backbone", "head_factory", "clusterbook"])
+        dim = int(backbone.embed_dim)
+        if clusterbook.ndim != 2 or clusterbook.shape[1] != dim:
+            raise ValueError(
+                f"clusterbook has shape {tuple(clusterbook.shape)}, backbone width is {dim}: "
+                "it was trained for another backbone; re-run stage=mediator"
+            )
+        self.register_buffer("clusterbook", clusterbook.detach().float().clone())
+        self.head_type = head_type
+        kwargs: dict[str, Any] = {"dim": dim}
+        if head_type == "tr":
+            kwargs.update(num_queries=num_queries, clusterbook=self.clusterbook)
+        self.head = head_factory(**kwargs)
+        self.projection = ProjectionHead(self.head.reduced_dim, projection_dim)
+        # The teacher starts as a copy of the student and is only moved by the EMA.
+        self.head_ema = copy.deepcopy(self.head).requires_grad_(False)
+        self.projection_ema = copy.deepcopy(self.projection).requires_grad_(False)
+        self.linear = LinearProbe(self.head.reduced_dim, num_classes)
+        self.bank = ConceptBank(
+            clusterbook.shape[0],
+            capacity=bank_capacity,
+            dim=projection_dim,
+            keep_fraction=bank_keep,
+        )
+        self.val_linear = supervised_metrics(num_classes, "val/linear/")
+        self._pending_bank: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _student_teacher(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled tokens, student and teacher projections, and the teacher's full grid."""
+        window = self.hparams.window
+        if self.head_type == "tr":
+            # Attention mixes tokens, so the heads run on the full grid and are sampled after.
+            with torch.no_grad():
+                teacher = self.head_ema(features)  # B R h w
+                teacher_proj = self.projection_ema(teacher)  # B P h w
+            student_proj = self.projection(self.head(features))  # B P h w
+            tokens, index = grid_sample_tokens(features, window=window)  # B N D
+            student_tok, _ = grid_sample_tokens(student_proj, window=window, index=index)
+            teacher_tok, _ = grid_sample_tokens(teacher_proj, window=window, index=index)
+            return tokens, student_tok, teacher_tok, teacher
+        # MLP heads are per token: sampling first is equal and much cheaper (method.md §5.4).
+        tokens, _ = grid_sample_tokens(features, window=window)  # B N D
+        grid = tokens.transpose(1, 2).unsqueeze(-1)  # B D N 1
+        student_tok = self.projection(self.head(grid)).squeeze(-1).transpose(1, 2)  # B N P
+        with torch.no_grad():
+            teacher_tok = self.projection_ema(self.head_ema(grid)).squeeze(-1).transpose(1, 2)
+            teacher = self.head_ema(features)  # B R h w, separate full-grid pass for the probe
+        return tokens, student_tok, teacher_tok, teacher
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features = self.extract(batch["image"])  # B D h w
+        tokens, student_tok, teacher_tok, teacher = self._student_teacher(features)
+        bank, bank_concepts = self.bank.view()
+        terms, empty = concept_contrastive_terms(
+            tokens,
+            student_tok,
+            teacher_tok,
+            self.clusterbook,
+            bank=bank,
+            bank_concepts=bank_concepts,
+            temperature=self.hparams.temperature,
+            pos_thresh=self.hparams.pos_thresh,
+            neg_thresh=self.hparams.neg_thresh,
+        )
+        loss_front = terms.mean()
+        loss_linear = linear_probe_loss(
+            self.linear(teacher.detach()), batch["label"], self.hparams.num_classes
+        )
+        loss = loss_front + loss_linear
+        self.check_finite(loss, loss_front=loss_front, loss_linear=loss_linear)
+        with torch.no_grad():
+            concepts = nearest_concept(tokens, self.clusterbook)  # B N
+        self._pending_bank = (concepts.flatten(), teacher_tok.detach().flatten(0, 1))
+        batch_size = tokens.shape[0]
+        self.log("train/loss_front", loss_front, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss_linear", loss_linear, batch_size=batch_size)
+        self.log("train/empty_pos_terms", empty.sum().float(), batch_size=batch_size)
+        self.log("train/bank_size", float(len(self.bank)), batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimiser step: teacher EMA, then the bank from this step's teacher tokens.
+        ema_update(self.head_ema, self.head, self.hparams.ema_decay)
+        ema_update(self.projection_ema, self.projection, self.hparams.ema_decay)
+        if self._pending_bank is not None:
+            concepts, projections = self._pending_bank
+            self.bank.update(concepts, projections)
+            self._pending_bank = None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        features = self.extract(batch["image"])
+        logits = upsample_to(self.linear(self.head_ema(features)), tuple(batch["label"].shape[-2:]))
+        self.val_linear.update(logits.argmax(1), batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_linear.compute(), prog_bar=True)
+        self.val_linear.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        parameters = [
+            *self.head.parameters(),
+            *self.projection.parameters(),
+            *self.linear.parameters(),
+        ]
+        return torch.optim.Adam(
+            parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+    def export(self) -> dict[str, Any]:
+        """Artifact payload of ``head.pt`` (without meta): the teacher head and the probe."""
+        return {
+            "head_state": {k: v.detach().clone() for k, v in self.head_ema.state_dict().items()},
+            "linear_state": {k: v.detach().clone() for k, v in self.linear.state_dict().items()},
+        }

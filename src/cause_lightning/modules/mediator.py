@@ -1,0 +1,72 @@
+"""Stage 1 (mediator): learn the concept clusterbook by soft graph modularity (method.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cause_lightning.modules.base import StageModule
+from cause_lightning.ops import grid_sample_tokens, modularity_loss
+
+__all__ = ["MediatorModule"]
+
+
+class MediatorModule(StageModule):
+    """Trains the clusterbook ``[K, D]`` on grid-sampled frozen backbone tokens.
+
+    Args:
+        backbone: Frozen backbone with attribute ``embed_dim``.
+        num_concepts: K, number of concepts (2048 in the reference).
+        lr: Adam learning rate (absolute; see ``derived.mediator.lr``).
+        temperature: Modularity temperature tau.
+        window: Grid-sampling window.
+        step_size: StepLR step in epochs.
+        gamma: StepLR decay.
+        chunk_size: Concepts per chunk of the max-product (None = automatic).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_concepts: int = 2048,
+        lr: float = 4e-3,
+        temperature: float = 0.1,
+        window: int = 4,
+        step_size: int = 1,
+        gamma: float = 0.2,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(backbone)
+        self.save_hyperparameters(ignore=["backbone"])
+        dim = int(backbone.embed_dim)
+        bound = 1.0 / num_concepts
+        self.clusterbook = nn.Parameter(torch.empty(num_concepts, dim).uniform_(-bound, bound))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        features = self.extract(batch["image"])  # B D h w
+        tokens, _ = grid_sample_tokens(features, window=self.hparams.window)  # B N D
+        loss = modularity_loss(
+            tokens,
+            self.clusterbook,
+            temperature=self.hparams.temperature,
+            chunk_size=self.hparams.chunk_size,
+        )
+        self.check_finite(loss, modularity=loss)
+        self.log("train/modularity", loss, prog_bar=True, batch_size=tokens.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam([self.clusterbook], lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=self.hparams.step_size, gamma=self.hparams.gamma
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def export(self) -> dict[str, Any]:
+        """Artifact payload of ``clusterbook.pt`` (without meta)."""
+        return {"clusterbook": self.clusterbook.detach().float().cpu().clone()}

@@ -1,0 +1,580 @@
+"""Pure tensor operations of CAUSE (docs/method.md §3, §4.2, §5.6; docs/api.md, ``ops``).
+
+* :func:`grid_sample_tokens`: one token per non-overlapping ``window x window`` cell (method §3).
+* :func:`nearest_concept`: cosine nearest clusterbook row of every token.
+* :func:`modularity_loss`: minus the batch mean of the soft graph modularity (method §4.2), computed
+  with the monotonic-tanh identity and a chunked running maximum, so no ``[B, K, N, N]`` tensor is
+  ever built.
+* :func:`concept_contrastive_terms` / :func:`concept_contrastive_loss`: the concept-wise InfoNCE of
+  stage 2 (method §5.6), in-batch term plus concept-bank term.
+
+The losses run in at least float32 with autocast disabled: similarity logits and graph weights are
+accumulated in full precision whatever the caller's AMP setting, which keeps them equal to the
+literal formulas. Nothing here touches Lightning, I/O or a specific device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "concept_contrastive_loss",
+    "concept_contrastive_terms",
+    "grid_sample_tokens",
+    "modularity_loss",
+    "nearest_concept",
+]
+
+logger = logging.getLogger(__name__)
+
+# Element budget of one [B, chunk, N, N] block of pairwise products in `modularity_loss`
+# (8M float32 = 32 MiB); the default chunk over concepts is derived from it.
+_MODULARITY_CHUNK_ELEMENTS = 1 << 23
+
+# Element budget of one [rows, candidates] logit block in the contrastive loss. A block holds a
+# handful of such temporaries, so peak memory stays around 6 x 4 B x budget (~200 MiB).
+_CONTRASTIVE_CHUNK_ELEMENTS = 1 << 23
+
+# Element budget of one [rows, K] similarity block in `nearest_concept`.
+_NEAREST_CHUNK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """Floating dtype at least as wide as float32 that all ``tensors`` promote to."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
+        return torch.float32
+    return dtype
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_tokens(tokens: Tensor, name: str = "tokens") -> None:
+    if tokens.dim() != 3:
+        raise ValueError(
+            f"{name} must be a token set [B, N, D], got shape {tuple(tokens.shape)}; "
+            "flatten a feature map with `features.flatten(2).transpose(1, 2)` or grid-sample it "
+            "with `grid_sample_tokens`."
+        )
+
+
+def _check_codebook(codebook: Tensor, dim: int, name: str) -> None:
+    if codebook.dim() != 2:
+        raise ValueError(f"{name} must be [K, D], got shape {tuple(codebook.shape)}.")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"{name} is empty (K = 0); it needs at least one row.")
+    if codebook.shape[1] != dim:
+        raise ValueError(
+            f"{name} dim {codebook.shape[1]} != token dim {dim}: the {name} must live in the "
+            "same feature space as the tokens (was it built for another backbone?)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# grid sampling (method §3)
+# --------------------------------------------------------------------------------------------------
+
+
+def grid_sample_tokens(
+    features: Tensor,
+    window: int = 4,
+    index: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Keep one token per non-overlapping ``window x window`` cell of a feature map.
+
+    The ``h x w`` grid is cut into ``(h // window) x (w // window)`` cells; leftover rows at the
+    bottom and columns at the right are dropped. Cell ``c`` of image ``b`` keeps the token at offset
+    ``t = index[b, c]`` inside the cell, addressed row-major (row ``t // window``, column
+    ``t % window``). Cells are ordered row-major. Passing the returned ``index`` again samples
+    any other map of the same grid (any channel count) at the same positions.
+
+    Args:
+        features: Feature map ``[B, C, h, w]``; gradients flow back to the sampled positions.
+        window: Cell side length.
+        index: Long offsets ``[B, (h // window) * (w // window)]`` in ``[0, window**2)`` to reuse,
+            or ``None`` to draw them uniformly and independently for every cell of every image.
+        generator: Random generator for the draw when ``index`` is ``None`` (the global RNG of the
+            generator's device otherwise; the features' device when no generator is given).
+
+    Returns:
+        ``(tokens [B, N, C], index [B, N])`` with ``N = (h // window) * (w // window)``; ``tokens``
+        are image-major, cells row-major.
+
+    Raises:
+        ValueError: On a non-4-D input, a window larger than the grid, or a malformed ``index``.
+    """
+    if features.dim() != 4:
+        raise ValueError(
+            f"features must be a feature map [B, C, h, w], got shape {tuple(features.shape)}."
+        )
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}.")
+    batch, _, height, width = features.shape
+    cells_h, cells_w = height // window, width // window
+    if cells_h == 0 or cells_w == 0:
+        raise ValueError(
+            f"grid {height}x{width} is smaller than one {window}x{window} cell; use a smaller "
+            "window or a larger input resolution."
+        )
+    num_cells = cells_h * cells_w
+    cell_area = window * window
+
+    if index is None:
+        draw_device = generator.device if generator is not None else features.device
+        index = torch.randint(
+            0, cell_area, (batch, num_cells), generator=generator, device=draw_device
+        ).to(features.device)
+    else:
+        if index.shape != (batch, num_cells):
+            raise ValueError(
+                f"index has shape {tuple(index.shape)} but this map needs [{batch}, {num_cells}] "
+                f"(B x cells of a {height}x{width} grid with window {window}); reuse an index only "
+                "on maps of the same batch and grid."
+            )
+        if index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise ValueError(f"index must be an integer tensor, got {index.dtype}.")
+        index = index.to(device=features.device, dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= cell_area):
+            raise ValueError(
+                f"index values must lie in [0, {cell_area}) for window {window}; was the index "
+                "drawn with another window?"
+            )
+
+    # Flat spatial position of the kept token of every cell.
+    cell = torch.arange(num_cells, device=features.device)
+    rows = (cell // cells_w) * window + index // window  # B N
+    cols = (cell % cells_w) * window + index % window  # B N
+    flat = rows * width + cols  # B N
+    batch_ids = torch.arange(batch, device=features.device)[:, None]  # B 1
+    # Advanced indexing on the [B, h*w, C] view gathers [B, N, C] without copying the whole map.
+    tokens = features.flatten(2).transpose(1, 2)[batch_ids, flat]  # B N C
+    return tokens, index
+
+
+# --------------------------------------------------------------------------------------------------
+# nearest concept
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def nearest_concept(tokens: Tensor, clusterbook: Tensor) -> Tensor:
+    """Index of the most cosine-similar clusterbook row for every token.
+
+    Args:
+        tokens: Token set ``[B, N, D]``.
+        clusterbook: Concept rows ``[K, D]`` (raw; normalised here).
+
+    Returns:
+        Long tensor ``[B, N]`` with values in ``[0, K)``; ties go to the lowest index.
+
+    Raises:
+        ValueError: On malformed shapes or a dim mismatch.
+    """
+    _check_tokens(tokens)
+    _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
+    batch, num_tokens, dim = tokens.shape
+    dtype = _compute_dtype(tokens, clusterbook)
+    with _autocast_off(tokens.device):
+        flat = F.normalize(tokens.reshape(batch * num_tokens, dim).to(dtype), dim=-1)  # BN D
+        concepts = F.normalize(clusterbook.to(device=tokens.device, dtype=dtype), dim=-1)  # K D
+        rows = max(1, _NEAREST_CHUNK_ELEMENTS // concepts.shape[0])
+        out = [(part @ concepts.T).argmax(dim=-1) for part in flat.split(rows)]  # BN
+    if not out:
+        return torch.empty(batch, num_tokens, dtype=torch.long, device=tokens.device)
+    return torch.cat(out).view(batch, num_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1 / 3: soft modularity (method §4.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_modularity_chunk(batch: int, num_tokens: int, num_concepts: int) -> int:
+    per_concept = max(1, batch * num_tokens * num_tokens)
+    return max(1, min(num_concepts, _MODULARITY_CHUNK_ELEMENTS // per_concept))
+
+
+def modularity_loss(
+    tokens: Tensor,
+    prototypes: Tensor,
+    temperature: float = 0.1,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Minus the batch mean of the soft modularity ``Q`` of each image's token graph.
+
+    Per image (method §4.2): ``A = relu(x̂ x̂ᵀ)`` with a zero diagonal, ``d = A 1``,
+    ``e = 1ᵀ A 1``, ``W = A - d dᵀ / e``, ``S = relu(x̂ ĉᵀ)``,
+    ``δ_ij = max_k tanh(S_ik S_jk / τ)`` and ``Q = Σ_ij W_ij δ_ij / e`` including ``i = j``.
+
+    Because ``S >= 0`` and tanh is increasing, ``δ = tanh(max_k S_ik S_jk / τ)``. The max-product
+    ``G`` is found with a running maximum over chunks of concepts without gradient tracking; the
+    winning products are then rebuilt from ``S`` by gathering the arg-max concept, so autograd
+    routes the gradient to the arg-max element only (exactly the gradient of ``max``) and never
+    stores a ``[B, K, N, N]`` tensor. Peak memory is ``B * N * N * chunk_size`` elements.
+
+    Args:
+        tokens: Token set ``[B, N, D]``; treated as constants (detached).
+        prototypes: Prototype rows ``[K, D]`` (clusterbook or centroids); receive the gradient.
+        temperature: ``τ > 0``.
+        chunk_size: Concepts per block of the running maximum; ``None`` picks one that keeps a
+            block near 8M elements. Results do not depend on it.
+
+    Returns:
+        Scalar loss (``-mean_b Q_b``) in at least float32. An image whose graph has no edges
+        (``e = 0``, e.g. ``N = 1``) contributes ``Q = 0`` instead of the literal ``0 / 0``.
+
+    Raises:
+        ValueError: On malformed shapes, a dim mismatch, ``temperature <= 0`` or ``chunk_size < 1``.
+    """
+    _check_tokens(tokens)
+    _check_codebook(prototypes, tokens.shape[-1], "prototypes")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
+    batch, num_tokens, _ = tokens.shape
+    num_concepts = prototypes.shape[0]
+    if batch == 0:
+        raise ValueError("modularity_loss needs at least one image (B = 0).")
+    chunk = chunk_size or _default_modularity_chunk(batch, num_tokens, num_concepts)
+    dtype = _compute_dtype(tokens, prototypes)
+
+    with _autocast_off(tokens.device):
+        x = F.normalize(tokens.detach().to(dtype), dim=-1)  # B N D
+        c = F.normalize(prototypes.to(device=tokens.device, dtype=dtype), dim=-1)  # K D
+
+        # Graph of each image: constants, no gradient.
+        affinity = torch.relu(x @ x.transpose(1, 2))  # B N N
+        affinity.diagonal(dim1=1, dim2=2).zero_()
+        degree = affinity.sum(dim=2)  # B N
+        total = degree.sum(dim=1)  # B
+        # A graph without edges has d = 0, so clamping e only turns 0/0 into 0.
+        total = total.clamp_min(torch.finfo(dtype).tiny)
+        weights = affinity - degree[:, :, None] * degree[:, None, :] / total[:, None, None]  # B N N
+
+        assign = torch.relu(x @ c.T)  # B N K
+
+        with torch.no_grad():
+            assign_t = assign.detach().transpose(1, 2).contiguous()  # B K N
+            best = assign.new_zeros(batch, num_tokens, num_tokens)  # B N N
+            arg = torch.zeros(batch, num_tokens, num_tokens, dtype=torch.long, device=x.device)
+            for start in range(0, num_concepts, chunk):
+                block = assign_t[:, start : start + chunk]  # B c N
+                products = block[:, :, :, None] * block[:, :, None, :]  # B c N N
+                value, where = products.max(dim=1)  # B N N
+                better = value > best
+                best = torch.where(better, value, best)
+                arg = torch.where(better, where + start, arg)
+                del products, value, where, better
+
+        # G_ij = S_{i,k*} S_{j,k*} with k* the arg-max concept of pair (i, j).
+        left = torch.gather(assign, 2, arg)  # B N N: S[b, i, k*_ij]
+        right = torch.gather(assign, 2, arg.transpose(1, 2)).transpose(1, 2)  # B N N: S[b, j, k*_ij]
+        delta = torch.tanh(left * right / temperature)  # B N N
+        quality = (weights * delta).sum(dim=(1, 2)) / total  # B
+        return -quality.mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 2: concept-wise contrastive loss (method §5.6)
+# --------------------------------------------------------------------------------------------------
+
+
+def _contrastive_rows(
+    anchors: Tensor,
+    anchor_sim: Tensor,
+    candidates: Tensor,
+    candidate_scale: Tensor,
+    candidate_concepts: Tensor,
+    self_columns: Tensor | None,
+    pos_thresh: float,
+    neg_thresh: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-anchor sum of ``L_ij`` over positives and the positive count, for a block of anchors.
+
+    Args:
+        anchors: Normalised student projections ``[R, P]`` (with gradient).
+        anchor_sim: Concept similarity of each anchor to every concept ``[R, K]``.
+        candidates: Raw candidate projections ``[C, P]`` (constants).
+        candidate_scale: ``1 / (τ * max(||candidate||, eps))`` per candidate ``[C]``.
+        candidate_concepts: Concept index of each candidate ``[C]``.
+        self_columns: Column of each anchor's own teacher copy ``[R]``, or ``None`` (bank).
+        pos_thresh: Positive threshold (``s > pos_thresh``).
+        neg_thresh: Negative threshold (``s < neg_thresh``).
+
+    Returns:
+        ``(loss_sum [R], positive_count [R])``.
+    """
+    logits = (anchors @ candidates.T) * candidate_scale  # R C
+    logits = logits - logits.amax(dim=1, keepdim=True).detach()  # R C, row max over ALL candidates
+    sim = anchor_sim[:, candidate_concepts]  # R C
+    positive = sim > pos_thresh  # R C
+    negative = sim < neg_thresh  # R C
+    if self_columns is not None:
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
+        positive[rows, self_columns] = False
+        negative[rows, self_columns] = False
+    count = positive.sum(dim=1)  # R
+    has_positive = count > 0  # R
+    # Rows without positives contribute nothing; opening their denominator to every candidate only
+    # keeps their log-sum-exp finite so that no NaN reaches the backward pass.
+    denominator = positive | negative | ~has_positive[:, None]  # R C
+    log_den = logits.masked_fill(~denominator, float("-inf")).logsumexp(dim=1)  # R
+    # sum_{j in pos} (log_den_i - l_ij)
+    positive_logits = torch.where(positive, logits, logits.new_zeros(())).sum(dim=1)  # R
+    loss_sum = count.to(logits.dtype) * log_den - positive_logits  # R
+    return loss_sum, count
+
+
+def _contrastive_term(
+    anchors: Tensor,
+    anchor_sim: Tensor,
+    candidates: Tensor,
+    candidate_concepts: Tensor,
+    batch: int,
+    with_self: bool,
+    temperature: float,
+    pos_thresh: float,
+    neg_thresh: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-image mean over positive pairs of one term (in-batch or bank), chunked over anchors.
+
+    Anchor blocks are sized so that a ``[rows, candidates]`` block stays within
+    ``_CONTRASTIVE_CHUNK_ELEMENTS``. When more than one block is needed and gradients are
+    required, each block is recomputed in the backward pass instead of keeping its ``[rows, C]``
+    intermediates alive, so memory stays bounded for large banks.
+
+    Returns:
+        ``(terms [B], empty [B])``.
+    """
+    num_rows = anchors.shape[0]
+    num_candidates = candidates.shape[0]
+    scale = 1.0 / (temperature * candidates.norm(dim=1).clamp_min(1e-12))  # C (F.normalize eps)
+    rows_per_block = max(1, _CONTRASTIVE_CHUNK_ELEMENTS // max(1, num_candidates))
+    blocks = list(range(0, num_rows, rows_per_block))
+    recompute = len(blocks) > 1 and torch.is_grad_enabled() and anchors.requires_grad
+
+    sums, counts = [], []
+    for start in blocks:
+        stop = min(start + rows_per_block, num_rows)
+        self_columns = (
+            torch.arange(start, stop, device=anchors.device) if with_self else None
+        )  # R
+        args = (
+            anchors[start:stop],
+            anchor_sim[start:stop],
+            candidates,
+            scale,
+            candidate_concepts,
+            self_columns,
+            pos_thresh,
+            neg_thresh,
+        )
+        fn: Callable[..., tuple[Tensor, Tensor]] = _contrastive_rows
+        if recompute:
+            loss_sum, count = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            loss_sum, count = fn(*args)
+        sums.append(loss_sum)
+        counts.append(count)
+
+    loss_sum = torch.cat(sums).view(batch, -1).sum(dim=1)  # B
+    count = torch.cat(counts).view(batch, -1).sum(dim=1)  # B
+    empty = count == 0  # B
+    # An empty term is exactly 0 (its sum is 0) and keeps its place in the final mean.
+    terms = loss_sum / count.clamp_min(1).to(loss_sum.dtype)  # B
+    return terms, empty
+
+
+def concept_contrastive_terms(
+    tokens: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    clusterbook: Tensor,
+    bank: Tensor | None = None,
+    bank_concepts: Tensor | None = None,
+    temperature: float = 0.07,
+    pos_thresh: float = 0.3,
+    neg_thresh: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """Per-image terms of the concept-wise InfoNCE of stage 2 (method §5.6).
+
+    For anchor ``i`` of image ``b`` and candidate ``j`` (all ``B * N`` teacher tokens of the batch,
+    image-major), ``s_ij = q_i · q̄_j`` with ``q = norm(clusterbook[nearest_concept(tokens)])``,
+    positives ``s > pos_thresh``, negatives ``s < neg_thresh`` (pairs in between are ignored),
+    ``l_ij = norm(student_i) · norm(teacher_j) / τ`` shifted by its detached row maximum over all
+    candidates, and ``L_ij = -l_ij + log Σ_{k in pos ∪ neg} exp(l_ik)``. The anchor's own teacher
+    copy is removed from the positives and from the denominator. ``T_b`` is the mean of ``L_ij``
+    over all positive pairs of image ``b`` (flattened). The bank term is the same against the bank
+    entries (compared through their concept vectors), without self-removal.
+
+    Args:
+        tokens: Backbone tokens ``[B, N, D]`` (used only to pick each anchor's concept).
+        student: Student projections ``[B, N, P]`` (receive the gradient).
+        teacher: Teacher projections ``[B, N, P]`` (treated as constants).
+        clusterbook: Concept rows ``[K, D]`` (treated as constants).
+        bank: Teacher projections of earlier steps ``[M, P]`` (constants), or ``None``.
+        bank_concepts: Long ``[M]`` concept index of each bank entry; required with ``bank``.
+        temperature: ``τ > 0``.
+        pos_thresh: Concept similarity above which a pair is positive.
+        neg_thresh: Concept similarity below which a pair is negative.
+
+    Returns:
+        ``(terms, empty)``: ``terms`` float ``[B]`` (no bank, or ``M == 0``) or ``[2B]`` (in-batch
+        terms of images ``0..B-1``, then bank terms), each 0 when the image has no positive pair;
+        ``empty`` bool of the same shape marks those terms. The loss is ``terms.mean()``.
+
+    Raises:
+        ValueError: On inconsistent shapes, a clusterbook/bank mismatch or a bad temperature.
+    """
+    _check_tokens(tokens)
+    _check_tokens(student, "student")
+    _check_tokens(teacher, "teacher")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} projections must "
+            "have the same shape [B, N, P]; sample both with the same grid index."
+        )
+    if student.shape[:2] != tokens.shape[:2]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} and projections {tuple(student.shape)} disagree on "
+            "[B, N]; grid-sample the backbone tokens and the projections with the same index."
+        )
+    _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    batch, num_tokens, proj_dim = student.shape
+    num_concepts = clusterbook.shape[0]
+    if batch * num_tokens == 0:
+        raise ValueError("concept_contrastive_terms needs at least one token (B * N = 0).")
+
+    use_bank = False
+    if bank is not None or bank_concepts is not None:
+        if bank is None or bank_concepts is None:
+            raise ValueError(
+                "bank and bank_concepts go together: pass both (e.g. `ConceptBank.view()`) or "
+                "neither."
+            )
+        if bank.dim() != 2 or bank.shape[1] != proj_dim:
+            raise ValueError(
+                f"bank must be [M, {proj_dim}] (the projection width), got {tuple(bank.shape)}."
+            )
+        if bank_concepts.shape != (bank.shape[0],):
+            raise ValueError(
+                f"bank_concepts must be [M] = [{bank.shape[0]}], got {tuple(bank_concepts.shape)}."
+            )
+        if bank_concepts.dtype.is_floating_point or bank_concepts.dtype == torch.bool:
+            raise ValueError(f"bank_concepts must be an integer tensor, got {bank_concepts.dtype}.")
+        if bank.shape[0] > 0:
+            if int(bank_concepts.min()) < 0 or int(bank_concepts.max()) >= num_concepts:
+                raise ValueError(
+                    f"bank_concepts must lie in [0, {num_concepts}) (the clusterbook size); was "
+                    "the bank filled with another clusterbook?"
+                )
+            use_bank = True
+
+    device = student.device
+    dtype = _compute_dtype(student, teacher, clusterbook)
+    with _autocast_off(device):
+        concepts = nearest_concept(tokens, clusterbook).view(-1)  # BN
+        with torch.no_grad():
+            book = F.normalize(clusterbook.detach().to(device=device, dtype=dtype), dim=-1)  # K D
+            anchor_sim = book[concepts] @ book.T  # BN K: q_i · norm(clusterbook_k)
+        anchors = F.normalize(student.to(dtype), dim=-1).reshape(batch * num_tokens, proj_dim)
+        targets = teacher.detach().to(dtype).reshape(batch * num_tokens, proj_dim)  # BN P
+
+        terms, empty = _contrastive_term(
+            anchors,
+            anchor_sim,
+            targets,
+            concepts,
+            batch,
+            True,
+            temperature,
+            pos_thresh,
+            neg_thresh,
+        )
+        if use_bank:
+            assert bank is not None and bank_concepts is not None
+            bank_terms, bank_empty = _contrastive_term(
+                anchors,
+                anchor_sim,
+                bank.detach().to(device=device, dtype=dtype),
+                bank_concepts.to(device=device, dtype=torch.long),
+                batch,
+                False,
+                temperature,
+                pos_thresh,
+                neg_thresh,
+            )
+            terms = torch.cat([terms, bank_terms])  # 2B
+            empty = torch.cat([empty, bank_empty])  # 2B
+    return terms, empty
+
+
+def concept_contrastive_loss(
+    tokens: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    clusterbook: Tensor,
+    bank: Tensor | None = None,
+    bank_concepts: Tensor | None = None,
+    temperature: float = 0.07,
+    pos_thresh: float = 0.3,
+    neg_thresh: float = 0.1,
+) -> Tensor:
+    """Concept-wise InfoNCE of stage 2: the mean of :func:`concept_contrastive_terms`.
+
+    Empty terms (images without a positive pair) count as 0 and stay in the denominator (``B`` or
+    ``2B``), which reproduces the reference gradient with a finite value (method §5.6).
+
+    Args:
+        tokens: Backbone tokens ``[B, N, D]``.
+        student: Student projections ``[B, N, P]``.
+        teacher: Teacher projections ``[B, N, P]`` (constants).
+        clusterbook: Concept rows ``[K, D]``.
+        bank: Bank entries ``[M, P]`` or ``None``.
+        bank_concepts: Long ``[M]`` concept of each bank entry.
+        temperature: ``τ``.
+        pos_thresh: Positive threshold.
+        neg_thresh: Negative threshold.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: See :func:`concept_contrastive_terms`.
+    """
+    terms, _ = concept_contrastive_terms(
+        tokens,
+        student,
+        teacher,
+        clusterbook,
+        bank,
+        bank_concepts,
+        temperature=temperature,
+        pos_thresh=pos_thresh,
+        neg_thresh=neg_thresh,
+    )
+    return terms.mean()

@@ -1,0 +1,215 @@
+"""The evaluation report: metrics.json, the printed table, prediction images, segmenter.pt.
+
+Every row is labelled with what produced it (protocol.md §6, reporting rule): variant, probe,
+cluster count, checkpoint rule and seed; the linear probe is a supervised diagnostic and the
+reference-leak mode is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cause_lightning.artifacts import write_json_atomic
+from cause_lightning.metrics import remap_clusters
+from cause_lightning.utils import get_logger
+from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
+
+if TYPE_CHECKING:
+    from cause_lightning.modules.evaluate import EvalModule
+    from cause_lightning.steps import Pipeline
+
+__all__ = ["write_report", "RECORD_VARIANT"]
+
+log = get_logger(__name__)
+
+# The published protocol (flip + CRF); without pydensecrf the best available variant is used.
+RECORD_VARIANT = ("flip_crf", "flip", "crf", "raw")
+
+
+def _record_variant(module: EvalModule) -> str:
+    return next(v for v in RECORD_VARIANT if v in module.variants)
+
+
+def write_report(pipeline: Pipeline, module: EvalModule, data: Any, leak: bool) -> dict[str, Any]:
+    """Write and print the evaluation report (rank 0 only).
+
+    Args:
+        pipeline: The running pipeline (config, artifact paths, backbone).
+        module: The evaluated module, holding ``results`` and example predictions.
+        data: The evaluated datamodule (class names and palette).
+        leak: Whether the probe stage ran with ``reference_leak``.
+
+    Returns:
+        Paths of what was written, under ``artifacts/...`` keys.
+    """
+    cfg = pipeline.cfg
+    results = module.results
+    class_names = list(
+        getattr(data, "class_names", None) or [f"class_{i}" for i in range(module.num_classes)]
+    )
+    palette = np.asarray(
+        getattr(data, "palette", None)
+        if getattr(data, "palette", None) is not None
+        else default_palette(module.num_classes),
+        dtype=np.uint8,
+    )
+    variant = _record_variant(module)
+    assignment = results.get(f"details/cluster/{variant}/assignment")
+    report = {
+        "experiment": cfg.experiment_name,
+        "data": cfg.data.name,
+        "backbone": cfg.backbone.name,
+        "backbone_kwargs": pipeline.meta()["backbone_kwargs"],
+        "head": cfg.head.name,
+        "num_classes": int(cfg.data.num_classes),
+        "num_clusters": int(cfg.data.num_classes),
+        "test_resolution": int(pipeline.derived.resolution.test),
+        "record_variant": variant,
+        "checkpoint_rule": "last epoch of every stage (no selection on validation labels)",
+        "seed": int(cfg.seed),
+        "reference_leak": leak,
+        "unsupervised": not leak,
+        "class_names": class_names,
+        "data_description": _describe(data),
+        "published": _plain(cfg.get("published")),
+        "metrics": {k: v for k, v in results.items() if k.startswith("test/")},
+        "details": {k: v for k, v in results.items() if k.startswith("details/")},
+    }
+    written: dict[str, Any] = {}
+    for directory in (pipeline.head_root, pipeline.output_dir):
+        path = write_json_atomic(Path(directory) / "metrics.json", report)
+        written.setdefault("artifacts/metrics", str(path))
+    written.update(_write_examples(pipeline, module, variant, palette))
+    segmenter_path = _export_segmenter(pipeline, module, class_names, palette, assignment)
+    written["artifacts/segmenter"] = str(segmenter_path)
+    print_table(report, class_names)
+    return written
+
+
+def _describe(data: Any) -> dict[str, Any]:
+    describe = getattr(data, "describe", None)
+    if callable(describe):
+        try:
+            return _plain(describe())
+        except Exception as err:  # the report must not fail on a description
+            log.debug("datamodule.describe() failed: %s", err)
+    return {"name": getattr(data, "name", None)}
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _write_examples(
+    pipeline: Pipeline, module: EvalModule, variant: str, palette: np.ndarray
+) -> dict[str, Any]:
+    if not module.examples:
+        return {}
+    results = module.results
+    assignment = np.asarray(results[f"details/cluster/{variant}/assignment"])
+    directory = pipeline.output_dir / "predictions"
+    rows = []
+    for i, example in enumerate(module.examples):
+        prediction = remap_clusters(example[variant].astype(np.int64), assignment)
+        predicted = colorize(prediction, palette)
+        truth = colorize(example["label"], palette)
+        save_png(predicted, directory / f"{i:04d}_{variant}.png")
+        rows.append([example["image"], predicted, truth])
+    titles = [f"{i}: image | prediction ({variant}) | ground truth" for i in range(len(rows))]
+    sheet = contact_sheet(rows, titles=titles)
+    sheet_path = save_png(sheet, directory / "contact_sheet.png")
+    return {"artifacts/predictions": str(directory), "artifacts/contact_sheet": str(sheet_path)}
+
+
+def _export_segmenter(
+    pipeline: Pipeline,
+    module: EvalModule,
+    class_names: list[str],
+    palette: np.ndarray,
+    assignment: list[int] | None,
+) -> Path:
+    from cause_lightning.segmenter import Segmenter
+
+    meta = pipeline.meta()
+    clusterbook_path = pipeline.root / "clusterbook.pt"
+    clusterbook = pipeline.clusterbook() if clusterbook_path.is_file() else None
+    segmenter = Segmenter(
+        pipeline.backbone,
+        module.head,
+        module.centroids.detach().cpu(),
+        backbone_name=pipeline.cfg.backbone.name,
+        backbone_weights=pipeline.cfg.backbone.weights,
+        backbone_kwargs=meta["backbone_kwargs"],
+        clusterbook=clusterbook,
+        class_names=class_names,
+        palette=palette,
+        resolution=int(pipeline.derived.resolution.test),
+        assignment=assignment,
+        config=meta["config"],
+        meta={k: v for k, v in meta.items() if k != "config"},
+    )
+    path = pipeline.head_root / "segmenter.pt"
+    segmenter.save(path)
+    return path
+
+
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * float(value):.1f}"
+
+
+def print_table(report: dict[str, Any], class_names: list[str]) -> None:
+    """Print the metrics table (and the published figure, when known) to the terminal."""
+    metrics = report["metrics"]
+    published = report.get("published") or {}
+    title = (
+        f"{report['experiment']}: {report['data']} / {report['backbone']} / {report['head']} "
+        f"({report['num_clusters']} clusters, seed {report['seed']})"
+    )
+    if report["reference_leak"]:
+        title += "  [REFERENCE LEAK: not unsupervised]"
+    table = Table(title=title)
+    for column in ("probe", "variant", "mIoU", "pAcc", "published mIoU / pAcc"):
+        table.add_column(column, justify="left" if column in ("probe", "variant") else "right")
+    rows = sorted({k.rsplit("/", 1)[0] for k in metrics})
+    order = {"cluster": 0, "baseline": 1, "linear": 2}
+    rows.sort(key=lambda r: (order.get(r.split("/")[1], 9), r))
+    for row in rows:
+        _, probe, variant = row.split("/", 2)
+        label = {
+            "cluster": "cluster (unsupervised)",
+            "linear": "linear (supervised)",
+            "baseline": "baseline",
+        }[probe]
+        published_text = ""
+        if probe == "cluster" and variant == published.get("variant", "flip_crf") and published:
+            published_text = f"{published.get('mIoU', '-')} / {published.get('pAcc') or '-'}"
+        table.add_row(
+            label,
+            variant,
+            _pct(metrics.get(f"{row}/mIoU")),
+            _pct(metrics.get(f"{row}/pAcc")),
+            published_text,
+        )
+    console = Console()
+    console.print(table)
+    variant = report["record_variant"]
+    ious = report["details"].get(f"details/cluster/{variant}/per_class_iou")
+    if ious:
+        per_class = Table(title=f"per-class IoU (cluster, {variant})")
+        per_class.add_column("class")
+        per_class.add_column("IoU", justify="right")
+        for name, value in zip(class_names, ious):
+            per_class.add_row(name, _pct(value))
+        console.print(per_class)

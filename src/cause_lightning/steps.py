@@ -1,0 +1,449 @@
+"""The CAUSE steps as one pipeline object: build data, modules and trainers, hand artifacts on.
+
+Every step reads its inputs from the deterministic artifact directory
+(``<artifact_dir>/<data>/<backbone>[-<tag>]``) and writes its output there on rank 0, so steps run
+alone, chained by ``stage=all``, inside a multirun, or on another machine find each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from cause_lightning import __version__
+from cause_lightning.artifacts import (
+    ArtifactError,
+    artifact_root,
+    head_dir,
+    load_artifact,
+    save_artifact,
+)
+from cause_lightning.config import derive, to_plain
+from cause_lightning.models import LinearProbe, build_head
+from cause_lightning.utils import get_logger, instantiate_group, is_global_zero
+
+__all__ = ["Pipeline", "STEPS"]
+
+log = get_logger(__name__)
+
+STEPS = ("mediator", "head", "probe", "eval")
+PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
+
+
+class Pipeline:
+    """Runs CAUSE steps for one composed config.
+
+    Args:
+        cfg: The composed config.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.trainers: list[pl.Trainer] = []
+
+    # ------------------------------------------------------------------ shared pieces
+    @cached_property
+    def backbone(self) -> torch.nn.Module:
+        backbone = instantiate(self.cfg.backbone)
+        derive(self.cfg, int(backbone.patch_size), self.world_size)
+        self._save_run_config()
+        return backbone
+
+    @cached_property
+    def world_size(self) -> int:
+        trainer = self.cfg.trainer
+        devices = trainer.get("devices", 1)
+        if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+            count = len(devices)
+        elif devices in (-1, "auto", "-1"):
+            count = max(torch.cuda.device_count(), 1) if trainer.get("accelerator") != "cpu" else 1
+        else:
+            count = int(devices)
+        return count * int(trainer.get("num_nodes", 1) or 1)
+
+    @property
+    def derived(self) -> DictConfig:
+        _ = self.backbone  # derived values need the patch size
+        return self.cfg.derived
+
+    @cached_property
+    def root(self) -> Path:
+        cfg = self.cfg
+        return artifact_root(
+            cfg.paths.artifact_dir, cfg.data.name, cfg.backbone.name, cfg.artifact_tag
+        )
+
+    @property
+    def head_root(self) -> Path:
+        return head_dir(self.root, self.cfg.head.name)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+    def _save_run_config(self) -> None:
+        if not is_global_zero():
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config_resolved.yaml").write_text(
+            OmegaConf.to_yaml(self.cfg, resolve=True)
+        )
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        """Metadata stored in every artifact (plain values only)."""
+        cfg = self.cfg
+        backbone = self.backbone
+        return {
+            "backbone": cfg.backbone.name,
+            "backbone_weights": cfg.backbone.weights,
+            "backbone_kwargs": {
+                k: v
+                for k, v in to_plain(cfg.backbone).items()
+                if k not in ("_target_", "name", "weights")
+            },
+            "dim": int(backbone.embed_dim),
+            "patch_size": int(backbone.patch_size),
+            "data": cfg.data.name,
+            "num_classes": int(cfg.data.num_classes),
+            "num_concepts": int(cfg.method.num_concepts),
+            "resolution": {
+                "train": int(self.derived.resolution.head),
+                "test": int(self.derived.resolution.test),
+            },
+            "version": __version__,
+            "git": _git_hash(),
+            "config": to_plain(cfg),
+            **extra,
+        }
+
+    def datamodule(self, step: str, batch_size: int) -> pl.LightningDataModule:
+        resolution = self.derived.resolution
+        train_res = resolution["mediator" if step == "mediator" else "head"]
+        return instantiate(
+            self.cfg.data.module,
+            train_res=int(train_res),
+            test_res=int(resolution.test),
+            batch_size=int(batch_size),
+            seed=int(self.cfg.seed),
+        )
+
+    def trainer(
+        self, step: str, max_epochs: int | None = None, clip: float | None = None
+    ) -> pl.Trainer:
+        callbacks = instantiate_group(self.cfg.get("callbacks"))
+        for callback in callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(self.checkpoint_dir(step))
+        if step != "eval" and self.cfg.trainer.get("strategy") == "ddp_spawn":
+            from cause_lightning.callbacks import DestroyProcessGroup
+
+            callbacks.append(DestroyProcessGroup())
+        loggers = self.loggers(step)
+        kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+        if max_epochs is not None:
+            kwargs["max_epochs"] = int(max_epochs)
+        if clip is not None:
+            kwargs["gradient_clip_val"] = float(clip)
+            kwargs["gradient_clip_algorithm"] = "norm"
+        trainer = instantiate(self.cfg.trainer, **kwargs)
+        self.trainers.append(trainer)
+        return trainer
+
+    def loggers(self, step: str) -> list[Any]:
+        group = self.cfg.get("logger")
+        if not group:
+            return []
+        loggers = []
+        for node in group.values():
+            overrides: dict[str, Any] = {}
+            if "WandbLogger" in str(node.get("_target_", "")):
+                # One W&B run per step, grouped by experiment and named by the step.
+                overrides = {
+                    "name": f"{self.cfg.experiment_name}-{step}",
+                    "job_type": step,
+                    "config": to_plain(self.cfg),
+                }
+            loggers.append(instantiate(node, **overrides))
+        return loggers
+
+    def checkpoint_dir(self, step: str) -> Path:
+        base = self.root if step == "mediator" else self.head_root
+        return base / "checkpoints" / step
+
+    def resume_path(self, step: str) -> str | None:
+        requested = self.cfg.get("ckpt_path")
+        if requested in (None, "", "null"):
+            return None
+        if requested == "last":
+            last = self.checkpoint_dir(step) / "last.ckpt"
+            if last.is_file():
+                log.info("resuming %s from %s", step, last)
+                return str(last)
+            log.info("no %s to resume %s from: starting fresh", last, step)
+            return None
+        if len(self.cfg.stage.steps) > 1:
+            raise ValueError(
+                "ckpt_path=<file> needs a single training stage; use ckpt_path=last with stage=all"
+            )
+        if not Path(requested).is_file():
+            raise FileNotFoundError(f"ckpt_path={requested} does not exist")
+        return str(requested)
+
+    def barrier(self, trainer: pl.Trainer) -> None:
+        trainer.strategy.barrier()
+
+    # ------------------------------------------------------------------ artifacts
+    def load(self, kind: str, path: Path) -> dict[str, Any]:
+        record = load_artifact(path, kind, PRODUCER[kind])
+        meta = record.get("meta", {})
+        expected = {
+            "backbone": self.cfg.backbone.name,
+            "dim": int(self.backbone.embed_dim),
+        }
+        if kind != "clusterbook":
+            expected["num_classes"] = int(self.cfg.data.num_classes)
+            expected["head_type"] = self.cfg.head.name
+        for key, value in expected.items():
+            if key in meta and meta[key] != value:
+                raise ArtifactError(
+                    f"{path} was made with {key}={meta[key]!r} but this run has {key}={value!r}: "
+                    f"re-run stage={PRODUCER[kind]} for this configuration (or set artifact_tag)"
+                )
+        return record
+
+    def clusterbook(self) -> torch.Tensor:
+        record = self.load("clusterbook", self.root / "clusterbook.pt")
+        clusterbook = record["clusterbook"]
+        if clusterbook.shape[1] != self.backbone.embed_dim:
+            raise ArtifactError(
+                f"clusterbook width {clusterbook.shape[1]} != backbone width "
+                f"{self.backbone.embed_dim}: re-run stage=mediator"
+            )
+        return clusterbook
+
+    def trained_head(self, record: dict[str, Any]) -> tuple[torch.nn.Module, LinearProbe]:
+        """Rebuild the teacher head and linear probe stored in a head (or probe) artifact."""
+        meta = record["meta"]
+        kwargs: dict[str, Any] = {"reduced_dim": int(meta["reduced_dim"])}
+        if meta["head_type"] == "tr":
+            kwargs.update(
+                num_queries=int(meta["num_queries"]), num_concepts=int(meta["num_concepts"])
+            )
+        head = build_head(meta["head_type"], int(meta["dim"]), **kwargs)
+        head.load_state_dict(record["head_state"])
+        linear = LinearProbe(int(meta["reduced_dim"]), int(meta["num_classes"]))
+        linear.load_state_dict(record["linear_state"])
+        return head, linear
+
+    # ------------------------------------------------------------------ steps
+    def run(self, steps: list[str]) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for step in steps:
+            if step not in STEPS:
+                raise ValueError(f"unknown step {step!r}; steps are {STEPS}")
+            log.info(
+                "=== stage %s: %s / %s / %s ===",
+                step,
+                self.cfg.data.name,
+                self.cfg.backbone.name,
+                self.cfg.head.name,
+            )
+            results.update(getattr(self, f"step_{step}")())
+        return results
+
+    def step_mediator(self) -> dict[str, Any]:
+        from cause_lightning.modules.mediator import MediatorModule
+
+        method = self.cfg.method
+        module = MediatorModule(
+            self.backbone,
+            num_concepts=method.num_concepts,
+            lr=self.derived.mediator.lr,
+            temperature=method.mediator.temperature,
+            window=method.window,
+            step_size=method.mediator.step_size,
+            gamma=method.mediator.gamma,
+            chunk_size=method.mediator.chunk_size,
+        )
+        trainer = self.trainer("mediator", max_epochs=method.mediator.epochs)
+        data = self.datamodule("mediator", method.mediator.batch_size)
+        trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("mediator"))
+        path = self.root / "clusterbook.pt"
+        if trainer.is_global_zero:
+            save_artifact(path, "clusterbook", {**module.export(), "meta": self.meta()})
+            log.info("wrote %s", path)
+        self.barrier(trainer)
+        return {"artifacts/clusterbook": str(path)}
+
+    def step_head(self) -> dict[str, Any]:
+        from cause_lightning.modules.head import HeadModule
+
+        method, head_cfg = self.cfg.method, self.cfg.method.head
+        clusterbook = self.clusterbook()
+        module = HeadModule(
+            self.backbone,
+            head_factory=instantiate(self.cfg.head.module),
+            clusterbook=clusterbook,
+            num_classes=int(self.cfg.data.num_classes),
+            head_type=self.cfg.head.name,
+            num_queries=int(self.derived.num_queries),
+            lr=self.derived.head.lr,
+            weight_decay=head_cfg.weight_decay,
+            window=method.window,
+            ema_decay=head_cfg.ema_decay,
+            projection_dim=head_cfg.projection_dim,
+            temperature=head_cfg.temperature,
+            pos_thresh=head_cfg.pos_thresh,
+            neg_thresh=head_cfg.neg_thresh,
+            bank_capacity=head_cfg.bank_capacity,
+            bank_keep=head_cfg.bank_keep,
+        )
+        trainer = self.trainer("head", max_epochs=head_cfg.epochs, clip=head_cfg.clip)
+        data = self.datamodule("head", head_cfg.batch_size)
+        trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("head"))
+        path = self.head_root / "head.pt"
+        if trainer.is_global_zero:
+            meta = self.meta(
+                head_type=self.cfg.head.name,
+                reduced_dim=int(module.head.reduced_dim),
+                num_queries=int(self.derived.num_queries) if self.cfg.head.name == "tr" else None,
+                num_concepts=int(clusterbook.shape[0]),
+            )
+            save_artifact(path, "head", {**module.export(), "meta": meta})
+            log.info("wrote %s", path)
+        self.barrier(trainer)
+        return {"artifacts/head": str(path)}
+
+    def step_probe(self) -> dict[str, Any]:
+        from cause_lightning.modules.probe import ProbeModule
+
+        probe_cfg = self.cfg.method.probe
+        record = self.load("head", self.head_root / "head.pt")
+        head, linear = self.trained_head(record)
+        module = ProbeModule(
+            self.backbone,
+            head=head,
+            linear=linear,
+            num_classes=int(self.cfg.data.num_classes),
+            lr=self.derived.probe.lr,
+            cluster_lr=self.derived.probe.cluster_lr,
+            weight_decay=probe_cfg.weight_decay,
+            temperature=probe_cfg.temperature,
+            window=self.cfg.method.window,
+            step_size=probe_cfg.step_size,
+            gamma=probe_cfg.gamma,
+            clip=probe_cfg.clip,
+            head_dropout=probe_cfg.head_dropout,
+            reference_leak=probe_cfg.reference_leak,
+        )
+        trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
+        data = self.datamodule("probe", probe_cfg.batch_size)
+        trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("probe"))
+        path = self.head_root / "probe.pt"
+        if trainer.is_global_zero:
+            meta = {
+                **record["meta"],
+                "reference_leak": bool(probe_cfg.reference_leak),
+                "config": to_plain(self.cfg),
+            }
+            save_artifact(path, "probe", {**module.export(), "meta": meta})
+            log.info("wrote %s", path)
+        self.barrier(trainer)
+        return {"artifacts/probe": str(path)}
+
+    def step_eval(self) -> dict[str, Any]:
+        from cause_lightning.report import write_report
+
+        eval_cfg = self.cfg.method.eval
+        head_record = self.load("head", self.head_root / "head.pt")
+        probe_record = self.load("probe", self.head_root / "probe.pt")
+        if "head_state" in probe_record:  # reference_leak: the probe stage changed the head
+            head_record = {**head_record, "head_state": probe_record["head_state"]}
+        head, _ = self.trained_head(head_record)
+        linear = LinearProbe(head.reduced_dim, int(self.cfg.data.num_classes))
+        linear.load_state_dict(probe_record["linear_state"])
+        crf_runner = self._crf_runner(eval_cfg)
+        variants = [v for v in eval_cfg.variants if crf_runner is not None or "crf" not in v]
+        from cause_lightning.modules.evaluate import EvalModule
+
+        module = EvalModule(
+            self.backbone,
+            head=head,
+            centroids=probe_record["centroids"],
+            linear=linear,
+            num_classes=int(self.cfg.data.num_classes),
+            alpha=eval_cfg.alpha,
+            variants=variants,
+            crf_runner=crf_runner,
+            baselines=eval_cfg.baselines,
+            kmeans_iters=eval_cfg.kmeans_iters,
+            kmeans_max_tokens=eval_cfg.kmeans_max_tokens,
+            save_images=eval_cfg.save_images,
+            seed=int(self.cfg.seed),
+        )
+        trainer = self.trainer("eval")
+        data = self.datamodule("eval", eval_cfg.batch_size)
+        try:
+            trainer.test(module, datamodule=data, verbose=False)
+            if eval_cfg.baselines:
+                module.phase = "kmeans"
+                trainer.test(module, datamodule=data, verbose=False)
+        finally:
+            if crf_runner is not None:
+                crf_runner.close()
+        results = dict(module.results)
+        if trainer.is_global_zero:
+            results.update(
+                write_report(
+                    self, module, data, leak=bool(probe_record["meta"].get("reference_leak", False))
+                )
+            )
+        self.barrier(trainer)
+        return results
+
+    def _crf_runner(self, eval_cfg: DictConfig) -> Any:
+        if not any("crf" in v for v in eval_cfg.variants):
+            return None
+        from cause_lightning.crf import CRFRunner, crf_available
+
+        if not crf_available():
+            log.warning(
+                "pydensecrf is not installed: CRF variants skipped "
+                '(pip install "cause-lightning[crf]" to report the published protocol)'
+            )
+            return None
+        return CRFRunner(
+            num_workers=int(eval_cfg.crf_workers),
+            timeout=float(eval_cfg.crf_timeout),
+            iterations=int(eval_cfg.crf_iterations),
+        )
+
+    # ------------------------------------------------------------------ predict
+    def predict(self) -> dict[str, Any]:
+        from cause_lightning.predict import predict_images
+
+        return predict_images(self)
+
+
+@functools.lru_cache(maxsize=1)
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,175 @@
+"""Non-training stages: ``prepare`` (datasets), ``import`` (release), ``summarize`` (sweeps)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cause_lightning.artifacts import atomic_write
+from cause_lightning.utils import get_logger
+
+__all__ = ["prepare", "import_release", "summarize", "collect_sweep"]
+
+log = get_logger(__name__)
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """``stage=prepare``: download (where possible), verify and crop the configured dataset."""
+    from cause_lightning.data.prepare import prepare_dataset
+
+    module = cfg.data.module
+    report = prepare_dataset(
+        cfg.data.name,
+        cfg.paths.data_dir,
+        download=cfg.stage.get("download"),
+        train_list=module.get("train_list"),
+    )
+    return {"prepare": report}
+
+
+def _class_names(cfg: DictConfig) -> list[str] | None:
+    from hydra.utils import get_class
+
+    names = getattr(get_class(cfg.data.module._target_), "class_names", None)
+    if isinstance(names, (list, tuple)) and len(names) == int(cfg.data.num_classes):
+        return list(names)
+    return None
+
+
+def import_release(cfg: DictConfig) -> dict[str, Any]:
+    """``stage=import``: turn the reference release files into this project's stage artifacts."""
+    from cause_lightning.interop import import_official
+    from cause_lightning.steps import Pipeline
+
+    source = cfg["import"]
+    missing = [key for key in ("segment", "cluster", "clusterbook") if not source.get(key)]
+    if missing:
+        raise ValueError(
+            "stage=import needs "
+            + ", ".join(f"import.{k}=<file>" for k in missing)
+            + " (segment_{tr,mlp}.pth, cluster_{tr,mlp}.pth and modular.npy of the release)"
+        )
+    bundle = import_official(source.segment, source.cluster, source.clusterbook, head=cfg.head.name)
+    if bundle.num_classes != int(cfg.data.num_classes):
+        raise ValueError(
+            f"the release has {bundle.num_classes} classes but data={cfg.data.name} has "
+            f"{cfg.data.num_classes}: pick the matching data= option"
+        )
+    pipeline = Pipeline(cfg)
+    if bundle.dim != pipeline.backbone.embed_dim:
+        raise ValueError(
+            f"the release head expects {bundle.dim}-d features but backbone={cfg.backbone.name} "
+            f"gives {pipeline.backbone.embed_dim}: pick the backbone the release was trained on"
+        )
+    meta = pipeline.meta()
+    paths = bundle.save(
+        pipeline.root,
+        backbone=cfg.backbone.name,
+        backbone_weights=cfg.backbone.weights,
+        backbone_kwargs=meta["backbone_kwargs"],
+        resolution=int(pipeline.derived.resolution.test),
+        class_names=_class_names(cfg),
+        head_name=cfg.head.name,
+    )
+    log.info(
+        "imported the reference release into %s; run stage=eval or stage=predict next",
+        pipeline.root,
+    )
+    return {f"artifacts/{k}": str(v) for k, v in paths.items()}
+
+
+def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per job of a multirun directory: its overrides, status and metrics.
+
+    Args:
+        sweep_dir: A Hydra multirun directory (``<sweep>/<job number>/...``).
+
+    Returns:
+        Rows with ``job``, ``overrides``, ``status`` (``ok`` / ``failed`` / ``missing``),
+        ``error`` and every ``test/...`` metric of the job's ``results.json``.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep_dir={sweep_dir} is not a directory")
+    jobs = sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
+        key=lambda p: (len(p.name), p.name),
+    )
+    if not jobs:
+        raise FileNotFoundError(f"no Hydra job directories (with .hydra/) under {sweep_dir}")
+    rows = []
+    for job in jobs:
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = (
+            OmegaConf.to_container(OmegaConf.load(overrides_file))
+            if overrides_file.is_file()
+            else []
+        )
+        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(map(str, overrides))}
+        failure = job / "failure.json"
+        results_file = job / "results.json"
+        if failure.is_file():
+            row.update(status="failed", error=json.loads(failure.read_text()).get("error", ""))
+        elif results_file.is_file():
+            results = json.loads(results_file.read_text())
+            row.update(
+                status="ok", error="", **{k: v for k, v in results.items() if k.startswith("test/")}
+            )
+        else:
+            row.update(status="missing", error="no results.json (job still running or killed)")
+        rows.append(row)
+    return rows
+
+
+def summarize(cfg: DictConfig) -> dict[str, Any]:
+    """``stage=summarize``: tabulate a multirun (``sweep_dir=...``), best row highlighted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not cfg.get("sweep_dir"):
+        raise ValueError("stage=summarize needs sweep_dir=<multirun directory>")
+    rows = collect_sweep(cfg.sweep_dir)
+    metric = str(cfg.summary_metric)
+    metric_keys = sorted({k for row in rows for k in row if k.startswith("test/")})
+    scored = [
+        r for r in rows if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])
+    ]
+    best = max(scored, key=lambda r: r[metric]) if scored else None
+    columns = ["job", "status", "overrides", *metric_keys, "error"]
+    out = Path(cfg.sweep_dir) / "summary.csv"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out, write)
+    table = Table(title=f"sweep {cfg.sweep_dir} (best by {metric})")
+    shown = [m for m in metric_keys if m.endswith("mIoU")] or metric_keys
+    for column in ["job", "status", "overrides", *shown]:
+        table.add_column(column.replace("test/", ""))
+    for row in rows:
+        values = [
+            f"{100 * row[m]:.1f}" if isinstance(row.get(m), (int, float)) else "-" for m in shown
+        ]
+        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['error'][:60]}"
+        table.add_row(
+            row["job"],
+            status,
+            row["overrides"],
+            *values,
+            style="bold green" if row is best else None,
+        )
+    Console().print(table)
+    return {
+        "summary/csv": str(out),
+        "summary/best_job": best["job"] if best else None,
+        "objective": best[metric] if best else None,
+        "summary/failed": [r["job"] for r in rows if r["status"] != "ok"],
+    }

@@ -1,0 +1,64 @@
+"""Shared fixtures: hermetic environment, Hydra compose helpers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports wandb / huggingface_hub, and inherited by CLI subprocesses.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+
+
+@pytest.fixture
+def compose(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Compose the project config with overrides; every path points into ``tmp_path``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from cause_lightning.__main__ import config_dir
+    from cause_lightning.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=config_dir(), version_base="1.3")
+
+    def _compose(*overrides: str, paths: Path | None = None) -> object:
+        base = paths or tmp_path
+        cfg = hydra_compose(
+            "config",
+            overrides=[
+                f"paths.root_dir={base}",
+                f"paths.data_dir={base / 'data'}",
+                f"paths.output_dir={base / 'out'}",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data directory per session, so generated datasets are made once."""
+    return tmp_path_factory.mktemp("data")

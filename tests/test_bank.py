@@ -1,0 +1,233 @@
+"""Tests of ``ConceptBank`` (docs/method.md §5.5) against a plain per-concept list model.
+
+Every projection row carries a unique id in column 0, so the tests can tell exactly which inputs
+were kept, in which order, and which were evicted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from cause_lightning.models.bank import ConceptBank
+from cause_lightning.ops import concept_contrastive_terms
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _batch(
+    concepts: list[int], first_id: int, dim: int = 3, device: str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    ids = torch.arange(first_id, first_id + len(concepts), dtype=torch.float64)
+    proj = torch.cat([ids[:, None], torch.randn(len(concepts), dim - 1, dtype=torch.float64)], 1)
+    return torch.tensor(concepts, dtype=torch.long, device=device), proj.to(device)
+
+
+def _contents(bank: ConceptBank) -> dict[int, list[int]]:
+    entries, concepts = bank.view()
+    out: dict[int, list[int]] = {}
+    for value, concept in zip(entries[:, 0].tolist(), concepts.tolist(), strict=True):
+        out.setdefault(int(concept), []).append(int(value))
+    return out
+
+
+def _check_view_layout(bank: ConceptBank, model: dict[int, list[int]]) -> None:
+    entries, concepts = bank.view()
+    expected_ids = [i for k in sorted(model) for i in model[k]]
+    expected_concepts = [k for k in sorted(model) for _ in model[k]]
+    assert entries[:, 0].long().tolist() == expected_ids
+    assert concepts.tolist() == expected_concepts
+    assert len(bank) == len(expected_ids) == entries.shape[0]
+    assert concepts.dtype == torch.long
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fifo_order_capacity_and_wraparound(device: str) -> None:
+    """keep_fraction = 1 makes the update deterministic: an exact FIFO per concept."""
+    torch.manual_seed(0)
+    num_concepts, capacity = 5, 4
+    bank = ConceptBank(num_concepts, capacity=capacity, dim=3, keep_fraction=1.0)
+    model: dict[int, list[int]] = {}
+    next_id = 0
+    gen = torch.Generator().manual_seed(1)
+    for step in range(12):
+        size = 11 if step != 5 else 30  # step 5 overflows single concepts within one update
+        concepts = torch.randint(0, num_concepts - 1, (size,), generator=gen).tolist()  # K-1 unused
+        c, p = _batch(concepts, next_id, device=device)
+        bank.update(c, p)
+        for offset, k in enumerate(concepts):
+            model.setdefault(k, []).append(next_id + offset)
+            model[k] = model[k][-capacity:]  # newest kept
+        next_id += size
+        _check_view_layout(bank, model)
+    assert num_concepts - 1 not in _contents(bank)
+    assert bank.count.tolist()[: num_concepts - 1] == [capacity] * (num_concepts - 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_half_kept_random_subset_in_input_order(seed: int) -> None:
+    num_concepts, capacity = 6, 5
+    bank = ConceptBank(num_concepts, capacity=capacity, dim=4)
+    gen = torch.Generator().manual_seed(seed)
+    model: dict[int, list[int]] = {}
+    next_id = 0
+    for _ in range(8):
+        concepts = torch.randint(0, num_concepts, (14,), generator=gen).tolist()
+        c, p = _batch(concepts, next_id, dim=4)
+        bank.update(c, p, generator=gen)
+        after = _contents(bank)
+        for k in range(num_concepts):
+            inputs = [next_id + i for i, kk in enumerate(concepts) if kk == k]
+            new = [i for i in after.get(k, []) if i >= next_id]
+            kept = len(inputs) // 2  # floor(n_k / 2); a concept seen once keeps nothing
+            assert kept <= capacity
+            assert len(new) == kept
+            assert set(new) <= set(inputs)
+            assert new == sorted(new)  # appended in input order
+            model[k] = (model.get(k, []) + new)[-capacity:]  # newest kept, oldest evicted
+        _check_view_layout(bank, {k: v for k, v in model.items() if v})
+        next_id += len(concepts)
+
+
+def test_seen_once_keeps_nothing_and_floor() -> None:
+    bank = ConceptBank(4, capacity=10, dim=3)
+    c, p = _batch([0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3], 0)
+    bank.update(c, p)
+    assert bank.count.tolist() == [0, 1, 1, 2]
+    assert len(bank) == 4
+
+
+def test_subset_is_uniformly_random() -> None:
+    bank = ConceptBank(1, capacity=4, dim=3)
+    gen = torch.Generator().manual_seed(0)
+    c, p = _batch([0, 0, 0, 0], 0)
+    hits = torch.zeros(4)
+    pairs = set()
+    draws = 300
+    for _ in range(draws):
+        bank.reset()
+        bank.update(c, p, generator=gen)
+        chosen = tuple(_contents(bank)[0])
+        assert len(chosen) == 2
+        pairs.add(chosen)
+        hits[list(chosen)] += 1
+    assert len(pairs) == 6  # every 2-subset of 4 occurs
+    freq = hits / draws
+    assert torch.all((freq > 0.38) & (freq < 0.62)), freq
+
+
+def test_generator_reproducible() -> None:
+    c, p = _batch([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], 0)
+    views = []
+    for seed in (5, 5, 6):
+        bank = ConceptBank(2, capacity=10, dim=3)
+        bank.update(c, p, generator=torch.Generator().manual_seed(seed))
+        views.append(bank.view()[0])
+    assert torch.equal(views[0], views[1])
+    draws = set()
+    for seed in range(10):
+        bank = ConceptBank(2, capacity=10, dim=3)
+        bank.update(c, p, generator=torch.Generator().manual_seed(seed))
+        draws.add(tuple(bank.view()[0][:, 0].tolist()))
+    assert len(draws) > 1
+
+
+def test_ring_buffer_preallocated_once_and_not_persistent() -> None:
+    bank = ConceptBank(3, capacity=2, dim=5)
+    assert bank.storage is None and not bank.is_allocated
+    entries, concepts = bank.view()
+    assert entries.shape == (0, 5) and concepts.shape == (0,) and len(bank) == 0
+    c = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    p = torch.randn(8, 5, dtype=torch.float64)
+    bank.update(c, p)
+    assert bank.storage is not None
+    assert bank.storage.shape == (3, 2, 5) and bank.storage.dtype == torch.float64
+    assert bank.memory_bytes() == 3 * 2 * 5 * 8
+    pointer = bank.storage.data_ptr()
+    for _ in range(5):
+        bank.update(c, p)
+    assert bank.storage.data_ptr() == pointer
+    assert bank.state_dict() == {}
+    # Inputs of another dtype are stored in the buffer's dtype.
+    bank.update(c, p.float())
+    assert bank.storage.dtype == torch.float64 and bank.storage.data_ptr() == pointer
+
+
+def test_view_cache_rebuilt_only_after_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = ConceptBank(3, capacity=4, dim=3)
+    calls = []
+    original = bank._build_view
+    monkeypatch.setattr(bank, "_build_view", lambda: (calls.append(1), original())[1])
+    c, p = _batch([0, 0, 1, 1, 1, 1], 0)
+    bank.update(c, p)
+    first = bank.view()
+    second = bank.view()
+    assert len(calls) == 1
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    bank.update(*_batch([2, 2], 10))
+    third = bank.view()
+    assert len(calls) == 2
+    assert third[1].tolist() == [0, 1, 1, 2]
+    # The stored values are copies: changing the input afterwards changes nothing.
+    p.zero_()
+    assert torch.equal(bank.view()[0][:3], third[0][:3])
+
+
+def test_reset_empties_but_keeps_buffer() -> None:
+    bank = ConceptBank(2, capacity=3, dim=3)
+    bank.update(*_batch([0, 0, 1, 1], 0))
+    pointer = bank.storage.data_ptr()
+    bank.reset()
+    assert len(bank) == 0 and bank.view()[0].shape == (0, 3)
+    assert bank.storage.data_ptr() == pointer
+    bank.update(*_batch([1, 1, 1, 1], 10))
+    assert _contents(bank) == {1: sorted(_contents(bank)[1])} and len(bank) == 2
+
+
+def test_empty_update_and_errors() -> None:
+    bank = ConceptBank(3, capacity=2, dim=4)
+    bank.update(torch.empty(0, dtype=torch.long), torch.empty(0, 4))
+    assert len(bank) == 0
+    with pytest.raises(ValueError, match=r"\[n, 4\]"):
+        bank.update(torch.tensor([0]), torch.randn(1, 5))
+    with pytest.raises(ValueError, match="one concept per projection"):
+        bank.update(torch.tensor([0, 1]), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        bank.update(torch.tensor([0, 3]), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="integer"):
+        bank.update(torch.tensor([0.0, 1.0]), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="keep_fraction"):
+        ConceptBank(3, keep_fraction=1.5)
+    with pytest.raises(ValueError, match="capacity"):
+        ConceptBank(3, capacity=0)
+
+
+def test_other_keep_fraction_is_exact_floor() -> None:
+    bank = ConceptBank(3, capacity=50, dim=3, keep_fraction=0.3)
+    c = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    bank.update(c, torch.randn(20, 3))
+    assert bank.count.tolist() == [3, 2, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_feeds_contrastive_loss(device: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    clusterbook = torch.randn(8, 6, generator=gen).to(device)
+    tokens = torch.randn(2, 10, 6, generator=gen).to(device)
+    student = torch.randn(2, 10, 16, generator=gen).to(device).requires_grad_(True)
+    teacher = torch.randn(2, 10, 16, generator=gen).to(device)
+    bank = ConceptBank(8, capacity=4, dim=16).to(device)
+    entries, concepts = bank.view()
+    assert entries.device.type == device
+    terms, _ = concept_contrastive_terms(tokens, student, teacher, clusterbook, entries, concepts)
+    assert terms.shape == (2,)  # empty bank: in-batch terms only
+    from cause_lightning.ops import nearest_concept
+
+    bank.update(nearest_concept(tokens, clusterbook).flatten(), teacher.flatten(0, 1))
+    entries, concepts = bank.view()
+    assert entries.device.type == device and entries.shape[0] == len(bank) > 0
+    terms, _ = concept_contrastive_terms(tokens, student, teacher, clusterbook, entries, concepts)
+    assert terms.shape == (4,)
+    terms.mean().backward()
+    assert torch.isfinite(student.grad).all()
