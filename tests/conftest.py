@@ -7,11 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 # Set before anything imports wandb / huggingface_hub, and inherited by CLI subprocesses.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# Tiny tensors: thread start-up costs more than it saves, and tests share two cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from cause_lightning.models.bank import ConceptBank
-from cause_lightning.ops import concept_contrastive_terms
+from cause_lightning.ops import concept_contrastive_terms, nearest_concept
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -149,9 +149,26 @@ def test_ring_buffer_preallocated_once_and_not_persistent() -> None:
         bank.update(c, p)
     assert bank.storage.data_ptr() == pointer
     assert bank.state_dict() == {}
+    # Not a registered buffer: DDP would otherwise broadcast rank 0's bank before every forward.
+    assert list(bank.named_buffers()) == [] and list(bank.parameters()) == []
     # Inputs of another dtype are stored in the buffer's dtype.
     bank.update(c, p.float())
     assert bank.storage.dtype == torch.float64 and bank.storage.data_ptr() == pointer
+
+
+def test_module_casts_and_moves_reach_the_bank() -> None:
+    bank = ConceptBank(3, capacity=4, dim=3)
+    bank.update(*_batch([0, 0, 1, 1, 2, 2], 0))
+    before = bank.view()
+    holder = torch.nn.Sequential(bank).float()  # as a submodule of a stage module
+    assert bank.storage.dtype == torch.float32 and bank.count.dtype == torch.long
+    after = bank.view()
+    assert after[0].dtype == torch.float32
+    torch.testing.assert_close(after[0], before[0].float())
+    assert torch.equal(after[1], before[1])
+    holder.to("cpu")
+    bank.update(*_batch([1, 1], 10))
+    assert len(bank) == 4 and bank.view()[0].dtype == torch.float32
 
 
 def test_view_cache_rebuilt_only_after_update(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,7 +199,9 @@ def test_reset_empties_but_keeps_buffer() -> None:
     assert len(bank) == 0 and bank.view()[0].shape == (0, 3)
     assert bank.storage.data_ptr() == pointer
     bank.update(*_batch([1, 1, 1, 1], 10))
-    assert _contents(bank) == {1: sorted(_contents(bank)[1])} and len(bank) == 2
+    contents = _contents(bank)
+    assert list(contents) == [1] and len(contents[1]) == 2 and len(bank) == 2
+    assert set(contents[1]) <= {10, 11, 12, 13} and contents[1] == sorted(contents[1])
 
 
 def test_empty_update_and_errors() -> None:
@@ -222,8 +241,6 @@ def test_bank_feeds_contrastive_loss(device: str) -> None:
     assert entries.device.type == device
     terms, _ = concept_contrastive_terms(tokens, student, teacher, clusterbook, entries, concepts)
     assert terms.shape == (2,)  # empty bank: in-batch terms only
-    from cause_lightning.ops import nearest_concept
-
     bank.update(nearest_concept(tokens, clusterbook).flatten(), teacher.flatten(0, 1))
     entries, concepts = bank.view()
     assert entries.device.type == device and entries.shape[0] == len(bank) > 0

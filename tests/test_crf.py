@@ -16,8 +16,8 @@ from cause_lightning import crf  # noqa: E402
 from cause_lightning.crf import (  # noqa: E402
     CRFRunner,
     crf_available,
-    dense_crf,
     denormalize_to_uint8,
+    dense_crf,
 )
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -74,7 +74,9 @@ def test_crf_ignores_logit_offsets_and_accepts_torch_and_low_resolution() -> Non
     np.testing.assert_allclose(dense_crf(image, small[0]), dense_crf(image, up.numpy()), atol=1e-6)
 
 
-def _reference_recipe(image_rgb: np.ndarray, logits: np.ndarray, iterations: int = 10) -> np.ndarray:
+def _reference_recipe(
+    image_rgb: np.ndarray, logits: np.ndarray, iterations: int = 10
+) -> np.ndarray:
     """The reference's DenseCRF call, written out from docs/method.md §7.3."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
@@ -91,7 +93,9 @@ def _reference_recipe(image_rgb: np.ndarray, logits: np.ndarray, iterations: int
 
 def test_dense_crf_equals_reference_recipe() -> None:
     image, logits, _ = _two_region_scene(size=32, num_classes=5, seed=3)
-    np.testing.assert_allclose(dense_crf(image, logits), _reference_recipe(image, logits), atol=1e-6)
+    np.testing.assert_allclose(
+        dense_crf(image, logits), _reference_recipe(image, logits), atol=1e-6
+    )
 
 
 def test_channel_order_argument() -> None:
@@ -143,13 +147,14 @@ def test_crf_available_when_installed() -> None:
     assert crf_available() is True
 
 
-def test_runner_serial_and_pool_agree() -> None:
+@pytest.mark.parametrize("start_method", [None, "spawn"])
+def test_runner_serial_and_pool_agree(start_method: str | None) -> None:
     scenes = [_two_region_scene(size=24, seed=s) for s in range(3)]
     images = [s[0] for s in scenes]
     logits = [s[1] for s in scenes]
     serial = CRFRunner(num_workers=0)(images, logits)
     direct = [dense_crf(im, lg) for im, lg in zip(images, logits)]
-    with CRFRunner(num_workers=2, timeout=60.0) as runner:
+    with CRFRunner(num_workers=2, timeout=60.0, start_method=start_method) as runner:
         pooled = runner(images, logits)
         again = runner(images[:1], [torch.from_numpy(logits[0])])  # pool reused, torch accepted
         assert runner._executor is not None
@@ -176,19 +181,22 @@ def test_runner_validates_arguments() -> None:
 def test_pool_timeout_raises_kills_workers_and_recovers() -> None:
     small = _two_region_scene(size=16)
     big = _two_region_scene(size=96, num_classes=8)
-    runner = CRFRunner(num_workers=2, timeout=1.0, iterations=10)
+    runner = CRFRunner(num_workers=2, timeout=60.0, iterations=10)
     try:
-        runner([small[0]], [small[1]])  # starts the pool
-        runner.iterations = 1_000_000  # hours of work per image: only the timeout can end it
+        runner([small[0]] * 2, [small[1]] * 2)  # starts both workers
         workers = list(runner._executor._processes.values())
-        assert workers and all(p.is_alive() for p in workers)
+        assert len(workers) == 2 and all(p.is_alive() for p in workers)
+        # ~10-20 s per image on the 2-core machine: far past the timeout, yet bounded, so a broken
+        # kill fails the test below instead of leaving hour-long orphan workers behind
+        runner.iterations = 5_000
+        runner.timeout = 1.0
         start = time.monotonic()
         with pytest.raises(TimeoutError, match="did not finish within 1.0 s"):
             runner([big[0], big[0]], [big[1], big[1]])
-        assert time.monotonic() - start < 6.0  # 1 s timeout + bounded shutdown, never a hang
+        assert time.monotonic() - start < 10.0  # 1 s timeout + bounded shutdown, never a hang
         assert runner._executor is None
         assert not any(p.is_alive() for p in workers)  # busy workers were terminated
-        runner.iterations = 10
+        runner.iterations, runner.timeout = 10, 60.0
         out = runner([small[0]], [small[1]])  # a fresh pool serves the next batch
         np.testing.assert_array_equal(out[0], dense_crf(small[0], small[1]))
     finally:

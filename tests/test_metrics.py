@@ -15,7 +15,9 @@ from cause_lightning.metrics import UnsupervisedSegmentationMetrics, remap_clust
 IGNORE = 255
 
 
-def _pixels_from_confusion(confusion: np.ndarray, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixels_from_confusion(
+    confusion: np.ndarray, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Build (preds, target) maps [1, 1, N] whose confusion matrix is exactly ``confusion``."""
     target, preds = [], []
     for c, k in itertools.product(range(confusion.shape[0]), range(confusion.shape[1])):
@@ -47,7 +49,7 @@ def _scores_for_mapping(confusion: np.ndarray, cluster_of: dict[int, int]) -> di
 def _random_maps(
     num_classes: int, num_clusters: int, shape: tuple[int, ...], seed: int, p_correct: float = 0.6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy predictions of a hidden random class -> cluster permutation, plus some ignore pixels."""
+    """Noisy predictions of a hidden class -> cluster permutation, plus some ignore pixels."""
     g = torch.Generator().manual_seed(seed)
     target = torch.randint(0, num_classes, shape, generator=g)
     perm = torch.randperm(num_clusters, generator=g)[:num_classes]
@@ -141,7 +143,9 @@ def test_absent_class_rules() -> None:
 
 @pytest.mark.parametrize("num_classes", [2, 3, 4, 5, 6])
 def test_brute_force_square_matches_hungarian(num_classes: int) -> None:
-    preds, target = _random_maps(num_classes, num_classes, (2, 24, 24), seed=num_classes, p_correct=0.3)
+    preds, target = _random_maps(
+        num_classes, num_classes, (2, 24, 24), seed=num_classes, p_correct=0.3
+    )
     metric = UnsupervisedSegmentationMetrics(num_classes=num_classes)
     metric.update(preds, target)
     out = metric.compute()
@@ -181,7 +185,9 @@ def test_brute_force_rectangular_matches_hungarian(num_classes: int, num_cluster
         for clusters in itertools.permutations(range(num_clusters), n_match):
             if classes != tuple(sorted(classes)):
                 continue  # each class subset once, in sorted order
-            scored.append((sum(confusion[c, k] for c, k in zip(classes, clusters)), classes, clusters))
+            scored.append(
+                (sum(confusion[c, k] for c, k in zip(classes, clusters)), classes, clusters)
+            )
     scored.sort(reverse=True)
     best, classes, clusters = scored[0]
     assert scored[1][0] < best, "test data must have a unique optimum"
@@ -267,7 +273,9 @@ def test_state_is_sum_reduced_long_and_resets() -> None:
 
 def test_update_accepts_2d_and_int_dtypes() -> None:
     metric = UnsupervisedSegmentationMetrics(num_classes=2)
-    metric.update(torch.tensor([[1, 0]], dtype=torch.uint8), torch.tensor([[0, 1]], dtype=torch.int32))
+    metric.update(
+        torch.tensor([[1, 0]], dtype=torch.uint8), torch.tensor([[0, 1]], dtype=torch.int32)
+    )
     assert metric.compute()["confusion"].tolist() == [[0, 1], [1, 0]]
 
 
@@ -284,8 +292,16 @@ def test_compute_without_data_gives_nan() -> None:
         (torch.zeros(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), TypeError),  # float preds
         (torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4), TypeError),  # float target
         (np.zeros((1, 4, 4), dtype=np.int64), torch.zeros(1, 4, 4, dtype=torch.long), TypeError),
-        (torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 5, dtype=torch.long), ValueError),
-        (torch.zeros(1, 3, 4, 4, dtype=torch.long), torch.zeros(1, 3, 4, 4, dtype=torch.long), ValueError),
+        (
+            torch.zeros(1, 4, 4, dtype=torch.long),
+            torch.zeros(1, 4, 5, dtype=torch.long),
+            ValueError,
+        ),
+        (
+            torch.zeros(1, 3, 4, 4, dtype=torch.long),
+            torch.zeros(1, 3, 4, 4, dtype=torch.long),
+            ValueError,
+        ),
         (torch.full((1, 2, 2), 3), torch.zeros(1, 2, 2, dtype=torch.long), ValueError),  # id >= K
         (torch.full((1, 2, 2), -1), torch.zeros(1, 2, 2, dtype=torch.long), ValueError),  # id < 0
     ],

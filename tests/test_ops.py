@@ -1,4 +1,4 @@
-"""Tests of ``cause_lightning.ops`` against literal implementations of docs/method.md §3, §4.2, §5.6.
+"""Tests of ``cause_lightning.ops`` against literal versions of docs/method.md §3, §4.2 and §5.6.
 
 The references below are written straight from the method text (brute-force ``[B, K, N, N]``
 modularity with a literal max over k of tanh, per-pair loops for the contrastive loss) and share no
@@ -24,6 +24,8 @@ from cause_lightning.ops import (
     modularity_loss,
     nearest_concept,
 )
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # --------------------------------------------------------------------------------------------------
 # literal references
@@ -70,9 +72,7 @@ def literal_modularity(tokens: Tensor, prototypes: Tensor, tau: float) -> Tensor
     s_t = assign.transpose(1, 2)  # B K N
     full = torch.tanh(s_t[:, :, :, None] * s_t[:, :, None, :] / tau)  # B K N N (brute force)
     delta = full.amax(dim=1)  # B N N
-    quality = torch.stack(
-        [torch.trace((weights[b] / total[b]) @ delta[b]) for b in range(batch)]
-    )
+    quality = torch.stack([torch.trace((weights[b] / total[b]) @ delta[b]) for b in range(batch)])
     return -quality.mean()
 
 
@@ -147,7 +147,7 @@ def literal_contrastive(
 
 
 class MaxNumel(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces (forward and backward)."""
+    """Records the largest element count of any tensor an op produces (forward and backward)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -379,6 +379,21 @@ def test_modularity_default_chunk_respects_budget(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(loss, literal_modularity(tokens, protos, 0.1), rtol=1e-12, atol=0)
 
 
+def test_modularity_reference_size_blocks_stay_small() -> None:
+    # Stage-1 sizes (B = 16 images, N = 100 sampled tokens, K = 2048 concepts): the literal
+    # [B, K, N, N] tensor would hold 327M elements (1.3 GB in float32).
+    batch, num, concepts = 16, 100, 2048
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(batch, num, 8, generator=gen)
+    protos = ((torch.rand(concepts, 8, generator=gen) * 2 - 1) / concepts).requires_grad_(True)
+    with MaxNumel() as probe:
+        loss = modularity_loss(tokens, protos)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(protos.grad).all()
+    assert probe.max_numel <= ops._MODULARITY_CHUNK_ELEMENTS
+    assert probe.max_numel * 4 < 64 * 2**20  # largest single tensor well under 1 GB
+
+
 def test_modularity_edge_cases_and_errors() -> None:
     # One token per image: no edges, Q = 0 (the literal formula would give 0/0).
     loss = modularity_loss(torch.randn(3, 1, 4), torch.randn(5, 4, requires_grad=True))
@@ -431,7 +446,14 @@ def _run_both(case: dict[str, Tensor | None], **kw: float) -> None:
     mine_s = student.clone().requires_grad_(True)
     ref_s = student.clone().requires_grad_(True)
     teacher = case["teacher"].clone().requires_grad_(True)  # type: ignore[union-attr]
-    args = (case["tokens"], mine_s, teacher, case["clusterbook"], case["bank"], case["bank_concepts"])
+    args = (
+        case["tokens"],
+        mine_s,
+        teacher,
+        case["clusterbook"],
+        case["bank"],
+        case["bank_concepts"],
+    )
     terms, empty = concept_contrastive_terms(*args, **kw)
     ref_terms, ref_empty, stats = literal_contrastive(
         case["tokens"],  # type: ignore[arg-type]
@@ -533,7 +555,12 @@ def test_contrastive_empty_terms_count_as_zero() -> None:
     assert student.grad[1].abs().max() > 0
     ref_s = case["student"].clone().requires_grad_(True)
     ref_terms, ref_empty, _ = literal_contrastive(
-        case["tokens"], ref_s, case["teacher"], case["clusterbook"], case["bank"], case["bank_concepts"]
+        case["tokens"],
+        ref_s,
+        case["teacher"],
+        case["clusterbook"],
+        case["bank"],
+        case["bank_concepts"],
     )
     assert ref_empty == empty.tolist()
     torch.testing.assert_close(terms, ref_terms)
@@ -608,7 +635,9 @@ def test_contrastive_chunked_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -
 
 def test_contrastive_float32_and_autocast() -> None:
     case = _random_case(6, 2, 8, 6, dim=4, proj=16, bank_size=10)
-    f32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    f32 = {
+        k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in case.items()
+    }
     ref, _ = concept_contrastive_terms(**case)  # type: ignore[arg-type]
     got, _ = concept_contrastive_terms(**f32)  # type: ignore[arg-type]
     assert got.dtype == torch.float32
@@ -617,6 +646,11 @@ def test_contrastive_float32_and_autocast() -> None:
         mixed, _ = concept_contrastive_terms(**f32)  # type: ignore[arg-type]
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, got)
+    # A bank stored in half precision (teacher projections under AMP) is compared in float32.
+    half = dict(f32, bank=f32["bank"].half())  # type: ignore[union-attr]
+    from_half, _ = concept_contrastive_terms(**half)  # type: ignore[arg-type]
+    assert from_half.dtype == torch.float32
+    torch.testing.assert_close(from_half, got, rtol=1e-2, atol=1e-2)
 
 
 def test_contrastive_validation() -> None:
@@ -660,3 +694,24 @@ def test_contrastive_reference_scale_runs() -> None:
     terms.mean().backward()
     assert torch.isfinite(student.grad).all()
     assert math.isfinite(float(empty.sum()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_device_agnostic(device: str) -> None:
+    case = _random_case(9, 2, 6, 8, dim=4, proj=6, bank_size=7)
+    moved = {k: (v.to(device) if v is not None else v) for k, v in case.items()}
+    ref, ref_empty = concept_contrastive_terms(**case)  # type: ignore[arg-type]
+    got, got_empty = concept_contrastive_terms(**moved)  # type: ignore[arg-type]
+    assert got.device.type == device
+    torch.testing.assert_close(got.cpu(), ref)
+    assert torch.equal(got_empty.cpu(), ref_empty)
+    tokens, protos = case["tokens"], case["clusterbook"]
+    assert tokens is not None and protos is not None
+    torch.testing.assert_close(
+        modularity_loss(tokens.to(device), protos.to(device)).cpu(),
+        literal_modularity(tokens, protos, 0.1),
+    )
+    features = torch.randn(2, 5, 9, 10, dtype=torch.float64)
+    sampled, index = grid_sample_tokens(features.to(device))
+    assert sampled.device.type == device and index.device.type == device
+    torch.testing.assert_close(sampled.cpu(), literal_grid_sample(features, 4, index.cpu()))

@@ -37,7 +37,7 @@ heads = pytest.importorskip(
 )
 artifacts = pytest.importorskip("cause_lightning.artifacts", reason="artifacts.py not available")
 
-from cause_lightning.crf import crf_available, dense_crf, denormalize_to_uint8  # noqa: E402
+from cause_lightning.crf import crf_available, denormalize_to_uint8, dense_crf  # noqa: E402
 from cause_lightning.segmenter import Segmenter  # noqa: E402
 
 RES = 32  # tiny_vit has patch 8: a 4 x 4 grid, 16 TR queries
@@ -49,6 +49,15 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    # The models here are tiny: intra-op threading only adds contention on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def backbone() -> torch.nn.Module:
     return backbones.build_backbone("tiny_vit")
@@ -174,6 +183,22 @@ def test_rejects_bad_inputs(backbone):
         Segmenter(backbone, head, torch.randn(3, 7), clusterbook=cb, resolution=RES)
 
 
+def test_clusterbook_handling(backbone, tmp_path):
+    _, centroids, clusterbook = _parts(backbone, "tr")
+    empty = heads.build_head(
+        "tr", backbone.embed_dim, reduced_dim=REDUCED, num_queries=16, num_concepts=NUM_CONCEPTS
+    )
+    seg = Segmenter(backbone, empty, centroids, clusterbook=clusterbook, resolution=RES)
+    torch.testing.assert_close(seg.head.clusterbook, clusterbook)  # filled, so it runs
+    assert seg(_images()).shape == (2, RES, RES)
+    mlp = Segmenter(backbone, _parts(backbone, "mlp")[0], centroids, resolution=RES)
+    assert mlp.clusterbook is None
+    assert Segmenter.load(mlp.save(tmp_path / "m.pt")).clusterbook is None
+    wide = heads.build_head("mlp", backbone.embed_dim + 8, reduced_dim=REDUCED)
+    with pytest.raises(ValueError, match="D=72"):
+        Segmenter(backbone, wide, centroids, resolution=RES)
+
+
 # ---------------------------------------------------------------------------------- save / load
 @pytest.mark.parametrize("head_type", ["mlp", "tr"])
 def test_save_load_round_trip(backbone, head_type, tmp_path):
@@ -241,6 +266,15 @@ def test_backbone_architecture_overrides_survive(tmp_path):
     assert loaded.backbone.arch["num_heads"] == 4
     x = _images()
     assert torch.equal(loaded(x), seg(x))
+
+
+def test_filterbank_round_trip(tmp_path):
+    bb = backbones.build_backbone("filterbank")
+    seg = _segmenter(bb, "mlp")  # parameter-free: rebuilt from its name alone
+    loaded = Segmenter.load(seg.save(tmp_path / "fb.pt"))
+    assert loaded.backbone_name == "filterbank"
+    x = _images()
+    assert torch.equal(loaded.logits(x), seg.logits(x))
 
 
 def test_moved_weights_file(tmp_path):

@@ -1,12 +1,13 @@
 """DenseCRF post-processing of cluster / linear logits (docs/method.md §7.3).
 
-STEGO's parameters: unary = ``-log softmax(logits)`` (``pydensecrf.utils.unary_from_softmax`` with its
-default clipping), Gaussian pairwise ``sxy=1, compat=3``, bilateral pairwise ``sxy=67, srgb=3,
-compat=4``, 10 mean-field iterations, on the de-normalised uint8 image (H x W x 3, C-contiguous).
+STEGO's parameters: unary = ``-log softmax(logits)`` (``pydensecrf.utils.unary_from_softmax``
+with its default clipping), Gaussian pairwise ``sxy=1, compat=3``, bilateral pairwise ``sxy=67,
+srgb=3, compat=4``, 10 mean-field iterations, on the de-normalised uint8 image (H x W x 3,
+C-contiguous).
 
-``pydensecrf`` (PyPI package ``pydensecrf2``, extra ``cause-lightning[crf]``) is optional and imported
-lazily. :class:`CRFRunner` runs images serially or in a small process pool with a per-batch timeout
-(reference defect #8 of method.md §11: the reference blocks on a 40-process pool).
+``pydensecrf`` (PyPI package ``pydensecrf2``, extra ``cause-lightning[crf]``) is optional and
+imported lazily. :class:`CRFRunner` runs images serially or in a small process pool with a
+per-batch timeout (reference defect #8 of method.md §11: the reference blocks on a 40-process pool).
 
 This module imports only numpy at import time, so pool workers start without loading torch.
 """
@@ -52,9 +53,15 @@ CRF_PARAMS: dict[str, float] = {
 }
 
 _INSTALL_HINT = (
-    'DenseCRF needs the optional package pydensecrf2 (import name pydensecrf): '
+    "DenseCRF needs the optional package pydensecrf2 (import name pydensecrf): "
     'pip install "cause-lightning[crf]"  (or: pip install pydensecrf2). '
     "Or evaluate without CRF (variants raw / flip)."
+)
+
+
+_BROKEN_POOL = (
+    "a CRF worker process died (out of memory, a crash in pydensecrf, or killed); the pool was "
+    "shut down and will be restarted on the next call."
 )
 
 
@@ -189,8 +196,8 @@ def dense_crf(
 def denormalize_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """Undo ImageNet normalisation for the CRF's bilateral kernel (docs/method.md §7.3).
 
-    ``x * std + mean``, times 255, clamped to [0, 255] and truncated to uint8 (the reference truncates
-    too, so a round trip can be one level below the original pixel).
+    ``x * std + mean``, times 255, clamped to [0, 255] and truncated to uint8 (the reference
+    truncates too, so a round trip can be one level below the original pixel).
 
     Args:
         image: normalised ``[3, H, W]`` tensor or array.
@@ -228,11 +235,11 @@ def _default_start_method() -> str:
 class CRFRunner:
     """Apply :func:`dense_crf` to a batch of images, serially or in a small reusable process pool.
 
-    With ``num_workers > 0`` the pool is created on first use and reused across calls. If a batch is
-    not finished ``timeout`` seconds after submission, the pending work is cancelled, the workers are
-    terminated (never waited on), and :class:`TimeoutError` is raised; the next call starts a fresh
-    pool. The first pooled call also pays worker start-up (about 0.1-1 s). The serial path cannot be
-    interrupted and ignores ``timeout``.
+    With ``num_workers > 0`` the pool is created on first use and reused across calls. If a batch
+    is not finished ``timeout`` seconds after submission, the pending work is cancelled, the
+    workers are terminated (never waited on), and :class:`TimeoutError` is raised; the next call
+    starts a fresh pool. The first pooled call also pays worker start-up (about 0.1-1 s). The
+    serial path cannot be interrupted and ignores ``timeout``.
 
     Args:
         num_workers: 0 for in-process execution, otherwise the number of worker processes.
@@ -308,11 +315,19 @@ class CRFRunner:
     def _run_pool(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         executor = self._pool()
         start = time.monotonic()
-        futures = [
-            executor.submit(_crf_task, im, lg, self.iterations, self.channel_order)
-            for im, lg in pairs
-        ]
-        done, pending = cf.wait(futures, timeout=self.timeout, return_when=cf.FIRST_EXCEPTION)
+        try:
+            futures = [
+                executor.submit(_crf_task, im, lg, self.iterations, self.channel_order)
+                for im, lg in pairs
+            ]
+            done, pending = cf.wait(futures, timeout=self.timeout, return_when=cf.FIRST_EXCEPTION)
+        except cf.process.BrokenProcessPool as err:
+            self._kill_pool()
+            raise RuntimeError(_BROKEN_POOL) from err
+        except BaseException:
+            # e.g. KeyboardInterrupt while waiting: never leave busy workers behind
+            self._kill_pool()
+            raise
         failed = [f for f in done if f.exception() is not None]
         if failed:
             for future in pending:
@@ -320,19 +335,15 @@ class CRFRunner:
             err = failed[0].exception()
             if isinstance(err, cf.process.BrokenProcessPool):
                 self._kill_pool()
-                raise RuntimeError(
-                    "a CRF worker process died (out of memory or a crash in pydensecrf); "
-                    "the pool was shut down and will be restarted on the next call."
-                ) from err
-            # An ordinary exception inside dense_crf: the pool itself is healthy.
-            raise err  # type: ignore[misc]
+                raise RuntimeError(_BROKEN_POOL) from err
+            raise err  # an ordinary error inside dense_crf; the pool itself is healthy
         if pending:
             self._kill_pool()
             raise TimeoutError(
                 f"DenseCRF on {len(pairs)} images did not finish within {self.timeout:.1f} s "
-                f"({len(pending)} unfinished; elapsed {time.monotonic() - start:.1f} s). The worker "
-                "pool was terminated. Raise CRFRunner(timeout=...), lower the batch size, or use "
-                "more workers."
+                f"({len(pending)} unfinished; elapsed {time.monotonic() - start:.1f} s). The "
+                "worker pool was terminated. Raise CRFRunner(timeout=...), lower the batch size, "
+                "or use more workers."
             )
         return [f.result() for f in futures]
 
@@ -345,12 +356,12 @@ class CRFRunner:
         executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
-                pass
+                process.terminate()
         deadline = time.monotonic() + 2.0
         for process in processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                pass
+                process.kill()
                 process.join(timeout=1.0)
         log.warning("CRF worker pool terminated (%d processes).", len(processes))
 

@@ -1,14 +1,15 @@
 """Unsupervised segmentation metrics: dataset-level Hungarian matching (docs/protocol.md §5).
 
-A confusion matrix ``confusion[c, k]`` (ground-truth class ``c`` x predicted cluster ``k``) is accumulated
-over the whole split, summed across processes under DDP, and matched to classes with **one** Hungarian
-assignment at :meth:`UnsupervisedSegmentationMetrics.compute` (docs/method.md §7, item 5; reference defect
-#9 of method.md §11 fixed: no per-batch re-solving, no device assumptions).
+A confusion matrix ``confusion[c, k]`` (ground-truth class ``c`` x predicted cluster ``k``) is
+accumulated over the whole split, summed across processes under DDP, and matched to classes with
+**one** Hungarian assignment at :meth:`UnsupervisedSegmentationMetrics.compute` (docs/method.md §7,
+item 5; reference defect #9 of method.md §11 fixed: no per-batch re-solving, no device
+assumptions).
 
-Deviation from the STEGO-family metrics (docs/protocol.md §6, trap 1): clusters left unmatched when
-``num_clusters > num_classes`` are **not** dropped; their pixels count as false negatives of their
-classes, so over-clustering cannot hide hard pixels. With ``num_clusters == num_classes`` the numbers equal
-the reference's.
+Deviation from the STEGO-family metrics (docs/protocol.md §6, trap 1): clusters left unmatched
+when ``num_clusters > num_classes`` are **not** dropped; their pixels count as false negatives of
+their classes, so over-clustering cannot hide hard pixels. With ``num_clusters == num_classes``
+the numbers equal the reference's.
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ class UnsupervisedSegmentationMetrics(Metric):
     Pixel rules of :meth:`update`:
 
     * pixels whose target is ``ignore_index`` are skipped;
-    * pixels whose target lies outside ``[0, num_classes)`` are skipped as well (the reference metric
-      does the same), e.g. ``-1`` or a label id that a dataset maps to no class;
-    * predictions must lie in ``[0, num_clusters)`` at *every* pixel; anything else raises, because a
-      cluster id out of range means the caller passed the wrong cluster count.
+    * pixels whose target lies outside ``[0, num_classes)`` are skipped as well (the reference
+      metric does the same), e.g. ``-1`` or a label id that a dataset maps to no class;
+    * predictions must lie in ``[0, num_clusters)`` at *every* pixel (ignored ones included);
+      anything else raises, because an out-of-range cluster id means a wrong cluster count.
 
     Definitions of :meth:`compute` (docs/protocol.md §5), with ``k(c)`` the cluster matched to class
     ``c``: ``TP_c = confusion[c, k(c)]``; ``FN_c = row_c - TP_c`` (includes pixels in unmatched
-    clusters); ``FP_c = column_k(c) - TP_c``; ``IoU_c = TP/(TP+FP+FN)``, NaN when that is 0/0 (class
-    absent and its cluster unused); ``mIoU`` = mean of the non-NaN IoUs; ``pAcc = sum_c TP_c / total``.
+    clusters); ``FP_c = column_k(c) - TP_c``; ``IoU_c = TP/(TP+FP+FN)``, NaN when that is 0/0
+    (class absent and its cluster unused); ``mIoU`` = mean of the non-NaN IoUs;
+    ``pAcc = sum_c TP_c / total``. A class left without a cluster (``C > K``) has ``TP = FP = 0``.
 
     Args:
         num_classes: number of ground-truth classes ``C``.
@@ -92,8 +94,9 @@ class UnsupervisedSegmentationMetrics(Metric):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}.")
         if 0 <= ignore_index < self.num_classes:
             raise ValueError(
-                f"ignore_index={ignore_index} is a valid class id for num_classes={self.num_classes}; "
-                "choose a value outside [0, num_classes) (the project uses 255)."
+                f"ignore_index={ignore_index} is a valid class id for "
+                f"num_classes={self.num_classes}; choose a value outside [0, num_classes) "
+                "(the project uses 255)."
             )
         self.ignore_index = int(ignore_index)
         self.add_state(
@@ -106,8 +109,8 @@ class UnsupervisedSegmentationMetrics(Metric):
         """Add one batch to the confusion matrix.
 
         Args:
-            preds: integer cluster ids ``[B, H, W]`` (a single ``[H, W]`` map is accepted too), values
-                in ``[0, num_clusters)``.
+            preds: integer cluster ids ``[B, H, W]`` (a single ``[H, W]`` map is accepted too),
+                values in ``[0, num_clusters)``.
             target: integer labels of the same shape; ``ignore_index`` and values outside
                 ``[0, num_classes)`` are skipped.
 
@@ -125,20 +128,22 @@ class UnsupervisedSegmentationMetrics(Metric):
                 )
         if preds.shape != target.shape:
             raise ValueError(
-                f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape "
-                "[B, H, W]; upsample the predictions to label size first."
+                f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same "
+                "shape [B, H, W]; upsample the predictions to label size first."
             )
         if preds.ndim not in (2, 3):
             raise ValueError(
-                f"expected [B, H, W] (or [H, W]) label maps, got {preds.ndim} dims {tuple(preds.shape)}."
+                "expected [B, H, W] (or [H, W]) label maps, got "
+                f"{preds.ndim} dims {tuple(preds.shape)}."
             )
         if preds.numel() == 0:
             return
         p_min, p_max = torch.stack(torch.aminmax(preds)).tolist()  # one host sync
         if p_min < 0 or p_max >= self.num_clusters:
             raise ValueError(
-                f"preds hold cluster ids in [{p_min}, {p_max}] but num_clusters={self.num_clusters} "
-                f"allows [0, {self.num_clusters - 1}]; build the metric with the right num_clusters."
+                f"preds hold cluster ids in [{p_min}, {p_max}] but "
+                f"num_clusters={self.num_clusters} allows [0, {self.num_clusters - 1}]; "
+                "build the metric with the right num_clusters."
             )
         preds = preds.reshape(-1).long()
         target = target.to(preds.device).reshape(-1).long()
@@ -151,12 +156,13 @@ class UnsupervisedSegmentationMetrics(Metric):
         """Match clusters to classes once on the accumulated matrix and score the result.
 
         Returns:
-            dict with ``mIoU``, ``pAcc``, ``precision_mean`` (python floats, fractions in [0, 1]; NaN
-            when no pixel was counted), ``per_class_iou`` float64 ``[C]`` (NaN for classes absent from
-            both the labels and their matched cluster), ``assignment`` long ``[num_clusters]``
-            (cluster -> class, -1 when unmatched), ``confusion`` long ``[C, num_clusters]`` (all
-            tensors on the CPU) and ``num_clusters`` (int). ``precision_mean`` is the mean over
-            classes of ``TP/(TP+FP)`` ignoring NaN (what the reference prints as "mAP").
+            dict with ``mIoU``, ``pAcc``, ``precision_mean`` (python floats, fractions in
+            [0, 1]; NaN when no pixel was counted), ``per_class_iou`` float64 ``[C]`` (NaN for
+            classes absent from both the labels and their matched cluster), ``assignment`` long
+            ``[num_clusters]`` (cluster -> class, -1 when unmatched), ``confusion`` long
+            ``[C, num_clusters]`` (all tensors on the CPU) and ``num_clusters`` (int).
+            ``precision_mean`` is the mean over classes of ``TP/(TP+FP)`` ignoring NaN (what the
+            reference prints as "mAP").
         """
         confusion = self.confusion.detach().cpu().long()  # C K
         rows, cols = linear_sum_assignment(confusion.numpy(), maximize=True)
@@ -191,8 +197,10 @@ class UnsupervisedSegmentationMetrics(Metric):
         }
 
 
-def remap_clusters(preds: ArrayT, assignment: Tensor | np.ndarray, ignore_index: int = 255) -> ArrayT:
-    """Map cluster ids to their matched class ids, e.g. to colourise predictions with a class palette.
+def remap_clusters(
+    preds: ArrayT, assignment: Tensor | np.ndarray, ignore_index: int = 255
+) -> ArrayT:
+    """Map cluster ids to their matched class ids, e.g. to colour predictions with a class palette.
 
     Args:
         preds: integer cluster ids of any shape (tensor or numpy array), values in
@@ -210,16 +218,24 @@ def remap_clusters(preds: ArrayT, assignment: Tensor | np.ndarray, ignore_index:
     """
     is_numpy = isinstance(preds, np.ndarray)
     p = torch.from_numpy(preds) if is_numpy else preds
-    if not isinstance(p, Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+    if (
+        not isinstance(p, Tensor)
+        or p.is_floating_point()
+        or p.is_complex()
+        or p.dtype == torch.bool
+    ):
         raise TypeError("preds must be an integer tensor or numpy array of cluster ids.")
-    lut = torch.as_tensor(np.asarray(assignment) if isinstance(assignment, np.ndarray) else assignment)
+    lut = torch.as_tensor(
+        np.asarray(assignment) if isinstance(assignment, np.ndarray) else assignment
+    )
     lut = lut.long().reshape(-1).to(p.device)
     lut = torch.where(lut >= 0, lut, torch.full_like(lut, ignore_index))
     if p.numel():
         p_min, p_max = torch.stack(torch.aminmax(p)).tolist()
         if p_min < 0 or p_max >= lut.numel():
             raise ValueError(
-                f"cluster ids in [{p_min}, {p_max}] do not fit an assignment of {lut.numel()} clusters."
+                f"cluster ids in [{p_min}, {p_max}] do not fit an assignment of "
+                f"{lut.numel()} clusters."
             )
     out = lut[p.long()]
     return out.numpy() if is_numpy else out

@@ -290,7 +290,8 @@ def modularity_loss(
 
         # G_ij = S_{i,k*} S_{j,k*} with k* the arg-max concept of pair (i, j).
         left = torch.gather(assign, 2, arg)  # B N N: S[b, i, k*_ij]
-        right = torch.gather(assign, 2, arg.transpose(1, 2)).transpose(1, 2)  # B N N: S[b, j, k*_ij]
+        # B N N: S[b, j, k*_ij]
+        right = torch.gather(assign, 2, arg.transpose(1, 2)).transpose(1, 2)
         delta = torch.tanh(left * right / temperature)  # B N N
         quality = (weights * delta).sum(dim=(1, 2)) / total  # B
         return -quality.mean()
@@ -326,11 +327,13 @@ def _contrastive_rows(
     Returns:
         ``(loss_sum [R], positive_count [R])``.
     """
-    logits = (anchors @ candidates.T) * candidate_scale  # R C
-    logits = logits - logits.amax(dim=1, keepdim=True).detach()  # R C, row max over ALL candidates
-    sim = anchor_sim[:, candidate_concepts]  # R C
-    positive = sim > pos_thresh  # R C
-    negative = sim < neg_thresh  # R C
+    logits = (anchors @ candidates.T).mul_(candidate_scale)  # R C
+    with torch.no_grad():
+        shift = logits.amax(dim=1, keepdim=True)  # R 1: row max over ALL candidates
+    logits = logits.sub_(shift)  # R C; in place: the shift is a constant, mm keeps no output
+    # Thresholds are applied per (anchor, concept) first so that only boolean [R, C] masks exist.
+    positive = (anchor_sim > pos_thresh)[:, candidate_concepts]  # R C
+    negative = (anchor_sim < neg_thresh)[:, candidate_concepts]  # R C
     if self_columns is not None:
         rows = torch.arange(anchors.shape[0], device=anchors.device)
         positive[rows, self_columns] = False
@@ -341,10 +344,9 @@ def _contrastive_rows(
     # keeps their log-sum-exp finite so that no NaN reaches the backward pass.
     denominator = positive | negative | ~has_positive[:, None]  # R C
     log_den = logits.masked_fill(~denominator, float("-inf")).logsumexp(dim=1)  # R
-    # sum_{j in pos} (log_den_i - l_ij)
-    positive_logits = torch.where(positive, logits, logits.new_zeros(())).sum(dim=1)  # R
-    loss_sum = count.to(logits.dtype) * log_den - positive_logits  # R
-    return loss_sum, count
+    # L_ij = log_den_i - l_ij per pair (each >= 0), summed over the positives of the row.
+    pair_loss = (log_den[:, None] - logits).masked_fill_(~positive, 0.0)  # R C
+    return pair_loss.sum(dim=1), count
 
 
 def _contrastive_term(
@@ -378,9 +380,7 @@ def _contrastive_term(
     sums, counts = [], []
     for start in blocks:
         stop = min(start + rows_per_block, num_rows)
-        self_columns = (
-            torch.arange(start, stop, device=anchors.device) if with_self else None
-        )  # R
+        self_columns = torch.arange(start, stop, device=anchors.device) if with_self else None  # R
         args = (
             anchors[start:stop],
             anchor_sim[start:stop],

@@ -9,6 +9,7 @@ process, reusing the backbone.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -84,3 +85,5 @@ def _configure_logging() -> None:
     package = logging.getLogger("cause_lightning")
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)
+    # The frozen backbone (and the eval-mode teacher parts) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

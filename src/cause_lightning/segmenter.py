@@ -42,6 +42,7 @@ from cause_lightning.crf import (
     denormalize_to_uint8,
     dense_crf,
 )
+from cause_lightning.visualize import colorize as _colorize
 from cause_lightning.visualize import default_palette, to_rgb_uint8
 
 __all__ = ["SEGMENTER_KIND", "Segmenter"]
@@ -203,7 +204,9 @@ class Segmenter(nn.Module):
             Default: the architecture overrides read from a registry ViT's ``arch``.
         head_kwargs: ``build_head`` keyword arguments including ``dim``; inferred from the head's
             attributes when ``None``.
-        clusterbook: stage-1 clusterbook ``[K, D]`` (the TR head also keeps a copy as a buffer).
+        clusterbook: stage-1 clusterbook ``[K, D]``. A TR head keeps its own copy as a buffer;
+            an unfilled TR head is filled from this one, and for TR heads the default is the
+            head's copy.
         class_names: names of the C classes of the dataset (default ``class_0 ...``).
         palette: ``uint8 [C, 3]`` colours (default
             :func:`~cause_lightning.visualize.default_palette`).
@@ -276,8 +279,19 @@ class Segmenter(nn.Module):
                 f"centroids have R={centroids.shape[1]} columns but the head outputs {reduced} "
                 "channels; use the probe.pt written for this head"
             )
+        dim = int(self.head_kwargs.get("dim", getattr(backbone, "embed_dim", 0)))
+        if dim != int(getattr(backbone, "embed_dim", dim)):
+            raise ValueError(
+                f"the head was built for D={dim} but the {self.backbone_name} backbone gives "
+                f"D={backbone.embed_dim}; use the backbone the head was trained on"
+            )
         self.register_buffer("centroids", centroids.clone())
         cb = None if clusterbook is None else torch.as_tensor(clusterbook).detach().float().clone()
+        if self.head_type == "tr":
+            if cb is not None and not getattr(head, "clusterbook_set", True):
+                head.set_clusterbook(cb)  # a TR head cannot run with an empty clusterbook
+            elif cb is None:
+                cb = head.clusterbook.detach().float().clone()
         self.register_buffer("clusterbook", cb)
 
         num_classes = centroids.shape[0]
@@ -364,6 +378,13 @@ class Segmenter(nn.Module):
             raise ValueError(f"assignment values must lie in [-1, {IGNORE_INDEX}), got {table}")
         self.assignment = table
 
+    def _require_assignment(self) -> None:
+        if self.assignment is None:
+            raise RuntimeError(
+                "no cluster -> class assignment stored: run stage=eval (which writes segmenter.pt "
+                "with it) or call set_assignment(metrics['assignment'])"
+            )
+
     def remap(self, cluster_ids: np.ndarray | Tensor) -> np.ndarray | Tensor:
         """Map cluster ids to class ids with the stored assignment.
 
@@ -376,11 +397,7 @@ class Segmenter(nn.Module):
         Raises:
             RuntimeError: if no assignment is stored.
         """
-        if self.assignment is None:
-            raise RuntimeError(
-                "no cluster -> class assignment stored: run stage=eval (which writes segmenter.pt "
-                "with it) or call set_assignment(metrics['assignment'])"
-            )
+        self._require_assignment()
         lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
         lut[: self.num_classes] = [IGNORE_INDEX if v < 0 else v for v in self.assignment]
         if isinstance(cluster_ids, Tensor):
@@ -598,8 +615,8 @@ class Segmenter(nn.Module):
         Raises:
             RuntimeError: if ``to_classes`` is set and no assignment is stored.
         """
-        if to_classes and self.assignment is None:
-            self.remap(np.zeros(1, dtype=np.int64))  # raises the explanatory error
+        if to_classes:
+            self._require_assignment()
         pil = _to_pil_rgb(image)
         width, height = pil.size
         size = self.working_size(width, height, sliding_window)
@@ -625,9 +642,7 @@ class Segmenter(nn.Module):
         Returns:
             ``uint8 [H, W, 3]``.
         """
-        from cause_lightning.visualize import colorize
-
-        return colorize(labels, self.palette)
+        return _colorize(labels, self.palette)
 
     # ------------------------------------------------------------------ persistence
     def _backbone_state(self) -> dict[str, Tensor] | None:

@@ -70,11 +70,12 @@ def default_palette(n: int) -> np.ndarray:
         r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
         rgb = (round(r * 255), round(g * 255), round(b * 255))
         # Rounding to uint8 can collide for large n; walk deterministically to a free colour.
+        # 40503 is odd, hence coprime with 2**24: the walk visits every colour before repeating.
+        base = (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
         step = 0
         while rgb in seen:
             step += 1
-            code = ((rgb[0] << 16) | (rgb[1] << 8) | rgb[2]) + step * 40503
-            code %= 1 << 24
+            code = (base + step * 40503) % (1 << 24)
             rgb = ((code >> 16) & 255, (code >> 8) & 255, code & 255)
         seen.add(rgb)
         out[i] = rgb

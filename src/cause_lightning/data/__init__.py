@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from cause_lightning.data.base import DatasetNotFoundError, SegDataModule, default_palette
+from cause_lightning.data.cityscapes import Cityscapes27DataModule
+from cause_lightning.data.cocostuff import (
+    Coco81DataModule,
+    Coco171DataModule,
+    CocoStuff27DataModule,
+)
 from cause_lightning.data.datasets import (
     CorruptImageError,
     ImageFolderDataset,
@@ -11,14 +17,22 @@ from cause_lightning.data.datasets import (
 )
 from cause_lightning.data.folder import FolderDataModule
 from cause_lightning.data.mosaic import MosaicDataModule
+from cause_lightning.data.pascalvoc import PascalVOC21DataModule
+from cause_lightning.data.real import DatasetCountError
 from cause_lightning.data.transforms import SegTransform
 
 __all__ = [
+    "Cityscapes27DataModule",
+    "Coco81DataModule",
+    "Coco171DataModule",
+    "CocoStuff27DataModule",
     "CorruptImageError",
+    "DatasetCountError",
     "DatasetNotFoundError",
     "FolderDataModule",
     "ImageFolderDataset",
     "MosaicDataModule",
+    "PascalVOC21DataModule",
     "SegDataModule",
     "SegTransform",
     "SegmentationDataset",

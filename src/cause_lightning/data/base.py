@@ -236,7 +236,11 @@ class SegDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self.build_dataset("val", self.test_res)
         if stage in ("test", None) and self.test_dataset is None:
-            self.test_dataset = self.val_dataset or self.build_dataset("val", self.test_res)
+            self.test_dataset = (
+                self.val_dataset
+                if self.val_dataset is not None
+                else self.build_dataset("val", self.test_res)
+            )
         log.info("data %s set up for %s: %s", self.name, stage, self.counts())
 
     def counts(self) -> dict[str, int | None]:

@@ -4,18 +4,20 @@ Layout (STEGO's ``cocostuff.zip``, §1.1)::
 
     <data_dir>/cocostuff/
       images/{train2017,val2017}/<12-digit id>.jpg
-      annotations/{train2017,val2017}/<id>.png        # stuffthingmaps: fine ids 0..181, 255 = unlabeled
+      annotations/{train2017,val2017}/<id>.png   # stuffthingmaps: fine ids 0..181, 255 = unlabeled
       curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse{,_7}.txt
       cropped/<prefix>_<recipe>/{img,label}/train/<i>.jpg|png
 
-Lists (§1.2): training reads the crops of ``train_list`` (default ``Coco164kFull_Stuff_Coarse.txt``, 97,702 ids,
-what the reference trains on; ``Coco164kFull_Stuff_Coarse_7.txt`` is the 49,629-image variant). COCO-Stuff-27
-evaluates on ``val2017/Coco164kFull_Stuff_Coarse_7.txt`` (2,175 images), COCO-81 / COCO-171 on the un-suffixed
-val list (4,172). When the data root has no ``curated/`` lists, the copies packaged with ``cause_lightning``
-(the protocol's IIC / PiCIE lists) are used and the origin is reported.
+Lists (§1.2): training reads the crops of ``train_list`` (default
+``Coco164kFull_Stuff_Coarse.txt``, 97,702 ids, what the reference trains on;
+``Coco164kFull_Stuff_Coarse_7.txt`` is the 49,629-image variant). COCO-Stuff-27 evaluates on
+``val2017/Coco164kFull_Stuff_Coarse_7.txt`` (2,175 images), COCO-81 / COCO-171 on the un-suffixed
+val list (4,172). When the data root has no ``curated/`` lists, the copies packaged with
+``cause_lightning`` (the protocol's IIC / PiCIE lists) are used and the origin is reported.
 
-Labels (§1.3): fine ids mapped by :mod:`cause_lightning.data.labels` (27 super-categories; 81 = background +
-80 things; 171 used fine ids), everything else 255. Crops: COCO-Stuff-27 ``five`` @ 0.5, COCO-81/171 ``double``.
+Labels (§1.3): fine ids mapped by :mod:`cause_lightning.data.labels` (27 super-categories; 81 =
+background + 80 things; 171 used fine ids), everything else 255. Crops: COCO-Stuff-27 ``five`` @
+0.5, COCO-81/171 ``double``.
 """
 
 from __future__ import annotations
@@ -70,12 +72,14 @@ def packaged_list(split_dir: str, list_name: str) -> Path | None:
 
 
 def _layout(crop_folder: str, val_list: str) -> str:
+    val_count = COCO_LIST_COUNTS[("val2017", val_list)]
     return f"""<data_dir>/cocostuff/
-  images/train2017/<12-digit id>.jpg, images/val2017/<12-digit id>.jpg   (COCO 2017 images)
-  annotations/train2017/<id>.png, annotations/val2017/<id>.png         (stuffthingmaps_trainval2017.zip: fine ids)
-  curated/train2017/{TRAIN_LIST} (97,702 ids; _7: 49,629)
-  curated/val2017/{val_list} ({COCO_LIST_COUNTS[("val2017", val_list)]:,} ids)
-  cropped/{crop_folder}/{{img,label}}/train/<i>.jpg|png + manifest.json   (written by stage=prepare)"""
+  images/{{train2017,val2017}}/<12-digit id>.jpg       (COCO 2017 train / val images)
+  annotations/{{train2017,val2017}}/<id>.png            (stuffthingmaps_trainval2017.zip, fine ids)
+  curated/train2017/{TRAIN_LIST}    (97,702 ids; the _7 list: 49,629)
+  curated/val2017/{val_list}    ({val_count:,} ids)
+  cropped/{crop_folder}/{{img,label}}/train/<i>.jpg|png + manifest.json
+                                                      (written by stage=prepare)"""
 
 
 class _CocoStuffDataModule(RealSegDataModule):
@@ -172,7 +176,8 @@ class _CocoStuffDataModule(RealSegDataModule):
         if split == "val":
             self.require_dir(image_dir, "COCO val2017 images")
             self.require_dir(label_dir, "stuffthingmaps val2017 annotations")
-        samples = tuple((image_dir / f"{e}.jpg", label_dir / f"{e}.png") for e in entries)
+        img_base, label_base = str(image_dir), str(label_dir)
+        samples = tuple((f"{img_base}/{e}.jpg", f"{label_base}/{e}.png") for e in entries)
         return SourceList(name, entries, samples, published, origin)
 
     def describe_extra(self) -> dict:
@@ -189,8 +194,9 @@ class _CocoStuffDataModule(RealSegDataModule):
 class CocoStuff27DataModule(_CocoStuffDataModule):
     """COCO-Stuff-27: curated COCO-Stuff-164k, 27 super-categories (12 things + 15 stuff).
 
-    Train: ``five`` @ 0.5 crops of ``train_list``; val: ``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``
-    (2,175 images). See :class:`_CocoStuffDataModule` for the arguments.
+    Train: ``five`` @ 0.5 crops of ``train_list``; val:
+    ``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt`` (2,175 images).
+    See :class:`_CocoStuffDataModule` for the arguments.
     """
 
     name = "cocostuff27"
@@ -206,8 +212,9 @@ class CocoStuff27DataModule(_CocoStuffDataModule):
 class Coco81DataModule(_CocoStuffDataModule):
     """COCO-81: background (all stuff) + the 80 used thing classes.
 
-    Train: ``double`` crops (20 per image) of ``train_list``; val: ``curated/val2017/Coco164kFull_Stuff_Coarse.txt``
-    (4,172 images). See :class:`_CocoStuffDataModule` for the arguments.
+    Train: ``double`` crops (20 per image) of ``train_list``; val:
+    ``curated/val2017/Coco164kFull_Stuff_Coarse.txt`` (4,172 images).
+    See :class:`_CocoStuffDataModule` for the arguments.
     """
 
     name = "coco81"
@@ -223,8 +230,9 @@ class Coco81DataModule(_CocoStuffDataModule):
 class Coco171DataModule(_CocoStuffDataModule):
     """COCO-171: the 171 used COCO-Stuff fine classes (80 things + 91 stuff).
 
-    Train: ``double`` crops (20 per image) of ``train_list``; val: ``curated/val2017/Coco164kFull_Stuff_Coarse.txt``
-    (4,172 images). See :class:`_CocoStuffDataModule` for the arguments.
+    Train: ``double`` crops (20 per image) of ``train_list``; val:
+    ``curated/val2017/Coco164kFull_Stuff_Coarse.txt`` (4,172 images).
+    See :class:`_CocoStuffDataModule` for the arguments.
     """
 
     name = "coco171"

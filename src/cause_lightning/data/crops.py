@@ -1,29 +1,33 @@
 """Pre-computed training crops, STEGO style (``docs/protocol.md`` §3).
 
-Recipes (crops are cut from the full-resolution original, after the label has been mapped to class ids):
+Recipes (crops are cut from the full-resolution original, after the label has been mapped to class
+ids):
 
-=========  ===============  ==========================================================================
+=========  ===============  ========================================================================
 recipe     crops per image  definition
-=========  ===============  ==========================================================================
+=========  ===============  ========================================================================
 ``five``   5                five-crop at ratio r (default 0.5): top-left, top-right, bottom-left,
                             bottom-right, centre
 ``double`` 20               ten-crop at r = 0.5, then ten-crop at r = 0.8
 ``super``  50               ten-crop at r = 0.3, 0.4, 0.5, 0.6, 0.7, in that order
-=========  ===============  ==========================================================================
+=========  ===============  ========================================================================
 
-* Crop size for ratio r on an ``H x W`` image: ``(int(H * r), int(W * r))`` (the reference's truncation).
-  The corner boxes are those of torchvision's ``five_crop``; the centre box starts at
-  ``int(round((H - h) / 2))`` / ``int(round((W - w) / 2))``, torchvision's ``center_crop`` rounding (Python's
-  round: halves to even).
+* Crop size for ratio r on an ``H x W`` image: ``(int(H * r), int(W * r))`` (the reference's
+  truncation). The corner boxes are those of torchvision's ``five_crop``; the centre box starts at
+  ``int(round((H - h) / 2))`` / ``int(round((W - w) / 2))``, torchvision's ``center_crop`` rounding
+  (Python's round: halves to even).
 * Ten-crop = the five crops of the image, then the five crops of its horizontal flip (same order).
-* Crop ``i`` of a cache is ``i = image_index * crops_per_image + position``, images in source-list order.
-* Files: ``<cache>/img/train/<i>.jpg`` (RGB, PIL's default JPEG quality) and ``<cache>/label/train/<i>.png``
-  (uint8, **class + 1**, so 0 = ignore). The cache folder is ``<prefix>_five_crop_<r>``, ``<prefix>_double_crop_0``
-  or ``<prefix>_super_crop_0`` under ``<dataset dir>/cropped/``.
-* ``manifest.json`` (written last) records the source list, its line count and sha256, the recipe and the crop
-  count; a cache whose manifest disagrees with the requested one is refused (:class:`CropCacheMismatchError`).
-* Writing is resumable: every file is written to a temporary name and renamed, crops that exist and decode are
-  never rewritten, and an interrupted run simply continues.
+* Crop ``i`` of a cache is ``i = image_index * crops_per_image + position``, images in source-list
+  order.
+* Files: ``<cache>/img/train/<i>.jpg`` (RGB, PIL's default JPEG quality) and
+  ``<cache>/label/train/<i>.png`` (uint8, **class + 1**, so 0 = ignore). The cache folder is
+  ``<prefix>_five_crop_<r>``, ``<prefix>_double_crop_0`` or ``<prefix>_super_crop_0`` under
+  ``<dataset dir>/cropped/``.
+* ``manifest.json`` (written last) records the source list, its line count and sha256, the recipe
+  and the crop count; a cache whose manifest disagrees with the requested one is refused
+  (:class:`CropCacheMismatchError`).
+* Writing is resumable: every file is written to a temporary name and renamed, crops that exist and
+  decode are never rewritten, and an interrupted run simply continues.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ LABEL_ENCODING = "class+1 uint8 PNG (0 = ignore)"
 MANIFEST_NAME = "manifest.json"
 IGNORE_INDEX = 255
 
-# Fields that define a cache's content; any difference between the manifest and the request refuses the cache.
+# Fields that define a cache's content: a manifest that differs on any of them is refused.
 _CONTENT_KEYS: tuple[str, ...] = (
     "dataset",
     "recipe",
@@ -104,7 +108,7 @@ _CONTENT_KEYS: tuple[str, ...] = (
 _CROP_FILE = re.compile(r"^(\d+)\.(jpg|png)$")
 
 
-# ---------------------------------------------------------------------------------------------- recipes
+# ------------------------------------------------------------------------------------------ recipes
 @dataclass(frozen=True)
 class CropRecipe:
     """A crop recipe.
@@ -112,7 +116,8 @@ class CropRecipe:
     Attributes:
         name: ``five``, ``double`` or ``super``.
         ratios: crop ratios, in the order their crops are numbered.
-        flip: whether each ratio is a ten-crop (five crops, then the five crops of the h-flipped image).
+        flip: whether each ratio is a ten-crop (five crops, then the five crops of the h-flipped
+            image).
     """
 
     name: str
@@ -169,7 +174,8 @@ def cache_folder_name(prefix: str, recipe: CropRecipe) -> str:
     """Folder name of a crop cache, e.g. ``cocostuff_five_crop_0.5`` or ``coco81_double_crop_0``.
 
     Args:
-        prefix: dataset prefix (``cocostuff``, ``coco81``, ``coco171``, ``cityscapes``, ``pascalvoc``).
+        prefix: dataset prefix (``cocostuff``, ``coco81``, ``coco171``, ``cityscapes``,
+            ``pascalvoc``).
         recipe: the crop recipe.
 
     Returns:
@@ -209,8 +215,8 @@ def crop_boxes(height: int, width: int, ratio: float) -> list[tuple[int, int, in
         ratio: crop ratio r.
 
     Returns:
-        Five ``(top, left, crop_height, crop_width)`` boxes: top-left, top-right, bottom-left, bottom-right,
-        centre.
+        Five ``(top, left, crop_height, crop_width)`` boxes: top-left, top-right, bottom-left,
+        bottom-right, centre.
     """
     ch, cw = crop_size(height, width, ratio)
     centre_top = int(round((height - ch) / 2.0))
@@ -258,7 +264,7 @@ def make_crops(
                 )
 
 
-# ------------------------------------------------------------------------------------------ label codes
+# -------------------------------------------------------------------------------------- label codes
 def encode_crop_label(label: np.ndarray) -> np.ndarray:
     """Class ids (255 = ignore) -> stored crop values (class + 1, 0 = ignore).
 
@@ -307,11 +313,12 @@ def decode_crop_label(stored: np.ndarray, num_classes: int) -> np.ndarray:
     return crop_label_lut(num_classes)[np.asarray(stored, dtype=np.uint8)]
 
 
-# ------------------------------------------------------------------------------------------ cache spec
+# --------------------------------------------------------------------------------------- cache spec
 def list_sha256(entries: Iterable[str]) -> str:
     """Fingerprint of a source list: sha256 of its entries, one per line, each ``\\n``-terminated.
 
-    This equals ``sha256sum`` of a list file that is in that canonical form (the curated COCO lists are).
+    This equals ``sha256sum`` of a list file that is in that canonical form (the curated COCO lists
+    are).
 
     Args:
         entries: list entries (ids or relative paths) in order.
@@ -407,7 +414,8 @@ class CropCacheSpec:
         return CropCacheMismatchError(
             f"The crop cache {self.path} was made for a different configuration:\n  - "
             + "\n  - ".join(diffs)
-            + "\nEither select the configuration the cache was made with (e.g. data.module.train_list=...), "
+            + "\nEither select the configuration the cache was made with (e.g. "
+            "data.module.train_list=...), "
             f"or move the folder away (e.g. rename it to {self.path.name}.old) and rebuild it with "
             f"`python -m cause_lightning stage=prepare data={self.dataset}`."
         )
@@ -432,7 +440,8 @@ def read_manifest(cache: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise CropCacheMismatchError(
-            f"{path} is unreadable ({err}); delete it and re-run stage=prepare to re-verify the cache"
+            f"{path} is unreadable ({err}); delete it and re-run stage=prepare to re-verify the "
+            "cache"
         ) from err
 
 
@@ -441,9 +450,9 @@ class CropCacheStatus:
     """Result of :func:`inspect_crop_cache`.
 
     Attributes:
-        state: ``missing`` (no folder), ``incomplete`` (crops or manifest missing), ``complete`` (manifest
-            matches and every crop file is present) or ``unverified`` (every crop file present, no manifest:
-            e.g. a cache made by the reference tool).
+        state: ``missing`` (no folder), ``incomplete`` (crops or manifest missing), ``complete``
+            (manifest matches and every crop file is present) or ``unverified`` (every crop file
+            present, no manifest: e.g. a cache made by the reference tool).
         found: number of crop indices with both the image and the label file present.
         expected: number of crops the spec asks for.
         manifest: the manifest, if any.
@@ -582,7 +591,8 @@ class _ImageJob:
 
 
 def _crop_one_image(job: _ImageJob) -> tuple[int, int, int]:
-    """Write the missing crops of one source image; returns ``(index, crops written, crops kept)``."""
+    """Write the missing crops of one source image; returns ``(index, crops written, crops
+    kept)``."""
     img_dir, label_dir = _crop_dirs(Path(job.cache))
     cpi = job.recipe.crops_per_image
     first = job.index * cpi
@@ -601,7 +611,8 @@ def _crop_one_image(job: _ImageJob) -> tuple[int, int, int]:
     raw = open_label(job.label_path)
     if raw.shape != (image.size[1], image.size[0]):
         raise ValueError(
-            f"annotation {job.label_path} has size {raw.shape[1]}x{raw.shape[0]} but image {job.image_path} "
+            f"annotation {job.label_path} has size {raw.shape[1]}x{raw.shape[0]} but image "
+            f"{job.image_path} "
             f"is {image.size[0]}x{image.size[1]} (WxH)"
         )
     if raw.dtype != np.uint8:
@@ -642,9 +653,10 @@ def build_crop_cache(
 ) -> dict[str, Any]:
     """Write (or finish) a crop cache and its manifest.
 
-    A complete cache whose manifest matches is left untouched (only its file list is checked). Otherwise every
-    crop that exists (and decodes, with ``check_decode``) is kept and only the missing ones are cut; the manifest
-    is written last, so an interrupted run leaves a cache without manifest that the next run completes.
+    A complete cache whose manifest matches is left untouched (only its file list is checked).
+    Otherwise every crop that exists (and decodes, with ``check_decode``) is kept and only the
+    missing ones are cut; the manifest is written last, so an interrupted run leaves a cache without
+    manifest that the next run completes.
 
     Args:
         spec: what the cache must contain; ``spec.list_lines`` must equal ``len(samples)``.
@@ -660,11 +672,13 @@ def build_crop_cache(
     Raises:
         CropCacheMismatchError: if the cache's manifest describes other crops.
         ValueError: if ``samples`` does not match the spec's list length.
-        FileNotFoundError / CorruptImageError: if a source image or annotation is missing or unreadable.
+        FileNotFoundError / CorruptImageError: if a source image or annotation is missing or
+        unreadable.
     """
     if len(samples) != spec.list_lines:
         raise ValueError(
-            f"{spec.source_list}: {len(samples)} source images given, but the crop spec expects {spec.list_lines}"
+            f"{spec.source_list}: {len(samples)} source images given, but the crop spec expects "
+            f"{spec.list_lines}"
         )
     lut = np.asarray(label_lut, dtype=np.uint8)
     if lut.shape != (256,):

@@ -1,13 +1,17 @@
 """Label maps, class names and palettes of the real datasets (``docs/protocol.md`` §1.3).
 
-Every map is a 256-entry ``np.uint8`` lookup table (LUT) from the value stored in a dataset's annotation PNG to the
-contiguous class id of the protocol; everything the protocol does not map becomes 255 (ignore). Decoding an
-annotation is then one fancy-indexing operation: ``spec.lut[np.asarray(png)]``.
+Every map is a 256-entry ``np.uint8`` lookup table (LUT) from the value stored in a dataset's
+annotation PNG to the contiguous class id of the protocol; everything the protocol does not map
+becomes 255 (ignore). Decoding an annotation is then one fancy-indexing operation:
+``spec.lut[np.asarray(png)]``.
 
-* COCO-Stuff-27 / COCO-81 / COCO-171: the COCO-Stuff-164k ``stuffthingmaps`` fine ids 0..181 (255 = unlabeled),
-  mapped by the tables in the packaged ``resources/label_maps.json`` (-1 there means ignore).
-* Cityscapes-27: ``*_gtFine_labelIds.png`` labelIds 7..33 -> labelId - 7 (not the official 19 trainIds).
-* Pascal VOC 2012: palette indices 0..20 are the classes; 255 (object boundaries) and anything above 20 is ignored.
+* COCO-Stuff-27 / COCO-81 / COCO-171: the COCO-Stuff-164k ``stuffthingmaps`` fine ids 0..181 (255 =
+  unlabeled), mapped by the tables in the packaged ``resources/label_maps.json`` (-1 there means
+  ignore).
+* Cityscapes-27: ``*_gtFine_labelIds.png`` labelIds 7..33 -> labelId - 7 (not the official 19
+  trainIds).
+* Pascal VOC 2012: palette indices 0..20 are the classes; 255 (object boundaries) and anything above
+  20 is ignored.
 """
 
 from __future__ import annotations
@@ -35,48 +39,51 @@ IGNORE_INDEX = 255
 #: COCO-Stuff-164k fine label names, index = fine id stored in the stuffthingmaps PNGs (0..181).
 COCO_FINE_NAMES: tuple[str, ...] = (
     # things 0..90 (COCO category id - 1)
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
-    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
-    "donut", "cake", "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk",
-    "toilet", "door", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "blender", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush", "hair brush",
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird",
+    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "hat",
+    "backpack", "umbrella", "shoe", "eye glasses", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
+    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk",
+    "toilet", "door", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave",
+    "oven", "toaster", "sink", "refrigerator", "blender", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush", "hair brush",
     # stuff 91..181
-    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard",
-    "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain",
-    "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
-    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other",
-    "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin",
-    "net", "paper", "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing",
-    "railroad", "river", "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other",
-    "skyscraper", "snow", "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent",
-    "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel",
-    "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage",
+    "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter",
+    "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble",
+    "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog", "food-other",
+    "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves",
+    "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
+    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing",
+    "railroad", "river", "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf",
+    "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone", "straw",
+    "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable",
+    "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
+    "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
 )  # fmt: skip
 
 #: Thing ids that exist in the COCO category list but never occur in the annotations.
 COCO_UNUSED_FINE_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 
-# The packaged names repeat "food" and "furniture" (a thing and a stuff super-category each); per-class metric
-# keys need unique names, so the two halves are told apart here.
+# The packaged names repeat "food" and "furniture" (a thing and a stuff super-category each);
+# per-class metric keys need unique names, so the two halves are told apart here.
 _COCOSTUFF27_NAMES: tuple[str, ...] = (
-    "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
-    "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff", "furniture-stuff",
-    "raw-material", "textile", "wall", "window", "building", "ground", "plant", "sky", "solid", "structural",
-    "water",
+    "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory",
+    "animal", "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff",
+    "furniture-stuff", "raw-material", "textile", "wall", "window", "building", "ground", "plant",
+    "sky", "solid", "structural", "water",
 )  # fmt: skip
 
 # Official Cityscapes colours of labelIds 7..33 (the 27 classes, in class order).
 _CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
     (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156),
-    (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230),
-    (119, 11, 32),
+    (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180),
+    (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )  # fmt: skip
 
 
@@ -85,7 +92,8 @@ class LabelSpec:
     """Everything needed to decode and display one dataset's labels.
 
     Attributes:
-        name: dataset key (``cocostuff27``, ``coco81``, ``coco171``, ``cityscapes27``, ``pascalvoc21``).
+        name: dataset key (``cocostuff27``, ``coco81``, ``coco171``, ``cityscapes27``,
+            ``pascalvoc21``).
         num_classes: number of contiguous classes C.
         class_names: C unique class names, index = class id.
         palette: ``np.uint8 [C, 3]`` display colours.
@@ -114,8 +122,8 @@ class LabelSpec:
         if arr.dtype != np.uint8:
             if arr.size and (arr.min() < 0 or arr.max() > 255):
                 raise ValueError(
-                    f"{self.name}: annotation values must lie in 0..255, got {arr.min()}..{arr.max()}; "
-                    "is this the right annotation file (8-bit label PNG)?"
+                    f"{self.name}: annotation values must lie in 0..255, got "
+                    f"{arr.min()}..{arr.max()}; is this the 8-bit label PNG?"
                 )
             arr = arr.astype(np.uint8)
         return self.lut[arr]
@@ -163,7 +171,8 @@ def _bit_palette(n: int) -> np.ndarray:
 
 
 def _spread_palette(n: int) -> np.ndarray:
-    """Distinct, deterministic colours for many classes (golden-ratio hue walk, two value levels)."""
+    """Distinct, deterministic colours for many classes (golden-ratio hue walk, two value
+    levels)."""
     golden = 0.618033988749895
     colours = np.zeros((n, 3), dtype=np.uint8)
     for index in range(n):
@@ -184,7 +193,7 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_spec(name: str) -> LabelSpec:
     maps = load_label_maps()
     if name == "cocostuff27":

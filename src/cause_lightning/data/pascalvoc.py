@@ -4,13 +4,15 @@ Layout (``VOCtrainval_11-May-2012.tar`` unpacked)::
 
     <data_dir>/pascalvoc/
       VOCdevkit/VOC2012/JPEGImages/<id>.jpg
-      VOCdevkit/VOC2012/SegmentationClass/<id>.png      # palette PNG: index 0..20, 255 = boundary/void
+      VOCdevkit/VOC2012/SegmentationClass/<id>.png    # palette PNG: 0..20, 255 = boundary/void
       VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
       cropped/pascalvoc_super_crop_0/{img,label}/train/<i>.jpg|png
 
-Splits: ``Segmentation/train.txt`` (1,464 images, cut into ``super`` crops: 50 per image = 73,200) and
-``Segmentation/val.txt`` (1,449). Labels: the palette index; values above 20 (the 255 boundaries) are ignored.
-Transform: both splits are squashed to ``res x res`` (nearest), not centre-cropped (§2.1).
+Splits: ``Segmentation/train.txt`` (1,464 images, cut into ``super`` crops: 50 per image = 73,200)
+    and
+``Segmentation/val.txt`` (1,449). Labels: the palette index; values above 20 (the 255 boundaries)
+are ignored. Transform: both splits are squashed to ``res x res`` (nearest), not centre-cropped
+(§2.1).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ VOC_COUNTS: dict[str, int] = {"train": 1_464, "val": 1_449}
 class PascalVOC21DataModule(RealSegDataModule):
     """Pascal VOC 2012 segmentation, background + 20 object classes.
 
-    Train: ``super`` crops (ten-crops at r = 0.3 .. 0.7) of ``train.txt``; val: ``val.txt``. Both squashed to
+    Train: ``super`` crops (ten-crops at r = 0.3 .. 0.7) of ``train.txt``; val: ``val.txt``. Both
+        squashed to
     ``res x res``. Arguments as :class:`~cause_lightning.data.real.RealSegDataModule`.
     """
 
@@ -43,17 +46,18 @@ class PascalVOC21DataModule(RealSegDataModule):
     crop_prefix: ClassVar[str] = "pascalvoc"
     default_crops: ClassVar[str] = "super"
     transform_mode: ClassVar[str] = "squash"
-    layout = """<data_dir>/pascalvoc/                        (VOCtrainval_11-May-2012.tar unpacked here)
+    layout = """<data_dir>/pascalvoc/                    (VOCtrainval_11-May-2012.tar unpacked here)
   VOCdevkit/VOC2012/JPEGImages/<id>.jpg
   VOCdevkit/VOC2012/SegmentationClass/<id>.png          (palette PNG: 0..20, 255 = boundary)
   VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt    (1,464 ids)
   VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt      (1,449 ids)
-  cropped/pascalvoc_super_crop_0/{img,label}/train/<i>.jpg|png + manifest.json   (written by stage=prepare)"""
+  cropped/pascalvoc_super_crop_0/{img,label}/train/<i>.jpg|png + manifest.json
+                                                      (written by stage=prepare)"""
 
     @property
     def voc_dir(self) -> Path:
-        """The ``VOC2012`` folder (``<dataset dir>/VOCdevkit/VOC2012``; a root pointing at ``VOCdevkit`` or
-        ``VOC2012`` itself is accepted)."""
+        """The ``VOC2012`` folder (``<dataset dir>/VOCdevkit/VOC2012``; a root pointing at
+        ``VOCdevkit`` or ``VOC2012`` itself is accepted)."""
         base = self.dataset_root
         for candidate in (base / "VOCdevkit" / "VOC2012", base / "VOC2012", base):
             if (candidate / "JPEGImages").is_dir() or (candidate / "ImageSets").is_dir():
@@ -71,7 +75,8 @@ class PascalVOC21DataModule(RealSegDataModule):
         if split == "val":
             self.require_dir(image_dir, "VOC images")
             self.require_dir(label_dir, "VOC segmentation annotations")
-        samples = tuple((image_dir / f"{e}.jpg", label_dir / f"{e}.png") for e in entries)
+        img_base, label_base = str(image_dir), str(label_dir)
+        samples = tuple((f"{img_base}/{e}.jpg", f"{label_base}/{e}.png") for e in entries)
         try:
             name = str(list_path.relative_to(self.dataset_root))
         except ValueError:

@@ -1,17 +1,20 @@
-"""Dataset preparation: fetch or unpack, verify, write the training crops (``docs/protocol.md`` §1.4, §3).
+"""Dataset preparation: fetch or unpack, verify, write the training crops (``docs/protocol.md``
+§1.4, §3).
 
-:func:`prepare_dataset` is what ``python -m cause_lightning stage=prepare data=<name>`` runs. For each dataset it
+:func:`prepare_dataset` is what ``python -m cause_lightning stage=prepare data=<name>`` runs. For
+each dataset it
 
 1. finds the raw files in the layout of §1.1; missing parts are unpacked from archives placed in
-   ``<data_dir>/<dataset>/downloads/`` (or ``<data_dir>/<dataset>/`` or ``<data_dir>/``), and archives with a
-   public URL (COCO 2017 images, COCO-Stuff ``stuffthingmaps``, VOC 2012 trainval) are downloaded first, with
-   resume, when the machine is online and ``download`` is not ``False``. Cityscapes needs a login: its archives
-   are never downloaded. Whatever cannot be obtained ends the call with the manual steps
-   (:class:`~cause_lightning.data.base.DatasetNotFoundError`), after a short connectivity probe, never a hang;
+   ``<data_dir>/<dataset>/downloads/`` (or ``<data_dir>/<dataset>/`` or ``<data_dir>/``), and
+   archives with a public URL (COCO 2017 images, COCO-Stuff ``stuffthingmaps``, VOC 2012 trainval)
+   are downloaded first, with resume, when the machine is online and ``download`` is not ``False``.
+   Cityscapes needs a login: its archives are never downloaded. Whatever cannot be obtained ends the
+   call with the manual steps (:class:`~cause_lightning.data.base.DatasetNotFoundError`), after a
+   short connectivity probe, never a hang;
 2. copies the packaged curated COCO lists into ``cocostuff/curated/`` when absent;
 3. verifies the list / split counts (§1.2) and that every listed image and annotation exists;
-4. writes the training crop cache once (resumable; crops that exist and decode are kept; ``manifest.json`` last)
-   and verifies it.
+4. writes the training crop cache once (resumable; crops that exist and decode are kept;
+   ``manifest.json`` last) and verifies it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ from cause_lightning.data.cocostuff import (
 )
 from cause_lightning.data.crops import build_crop_cache, inspect_crop_cache, make_progress
 from cause_lightning.data.pascalvoc import PascalVOC21DataModule
-from cause_lightning.data.real import DatasetCountError, RealSegDataModule, detect_layout
+from cause_lightning.data.real import (
+    DatasetCountError,
+    RealSegDataModule,
+    detect_layout,
+    missing_files,
+)
 
 __all__ = [
     "ARCHIVES",
@@ -102,6 +110,7 @@ ARCHIVES: dict[str, dict[str, Archive]] = {
         ),
         "annotations": Archive(
             "stuffthingmaps_trainval2017.zip",
+            ""
             "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
             "annotations",
             "0.7 GB",
@@ -138,9 +147,10 @@ ARCHIVES: dict[str, dict[str, Archive]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- network
+# ------------------------------------------------------------------------------------------ network
 def _probe(url: str, timeout: float) -> bool:
-    """Whether ``url``'s host answers within ``timeout`` seconds (run in a thread: DNS cannot stall us)."""
+    """Whether ``url``'s host answers within ``timeout`` seconds (run in a thread: DNS cannot stall
+    us)."""
     result: list[bool] = []
 
     def attempt() -> None:
@@ -167,7 +177,8 @@ def download_file(url: str, dest: Path, *, timeout: float = 30.0, progress: bool
     Args:
         url: source URL.
         dest: target file; the data arrives in ``<dest>.part`` and is renamed when complete.
-        timeout: socket timeout per connect / read, seconds (a stalled transfer fails instead of hanging).
+        timeout: socket timeout per connect / read, seconds (a stalled transfer fails instead of
+            hanging).
         progress: show a progress bar.
 
     Returns:
@@ -215,13 +226,14 @@ def download_file(url: str, dest: Path, *, timeout: float = 30.0, progress: bool
                 bar.advance(task, len(chunk) / 2**20)
     if total is not None and part.stat().st_size != total:
         raise OSError(
-            f"download of {url} ended at {part.stat().st_size:,} of {total:,} bytes; run again to resume"
+            f"download of {url} ended at {part.stat().st_size:,} of {total:,} bytes; run again to "
+            "resume"
         )
     os.replace(part, dest)
     return dest
 
 
-# ---------------------------------------------------------------------------------------------- archives
+# ----------------------------------------------------------------------------------------- archives
 def _safe_target(dest: Path, member: str) -> Path | None:
     """Target path of an archive member inside ``dest``, or ``None`` for unsafe names."""
     pure = PurePosixPath(member)
@@ -303,7 +315,7 @@ def _find_archive(filename: str, dataset_dir: Path, data_dir: Path) -> Path | No
     return None
 
 
-# ---------------------------------------------------------------------------------------------- messages
+# ----------------------------------------------------------------------------------------- messages
 def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = None) -> str:
     """Human instructions for placing a dataset by hand.
 
@@ -322,7 +334,8 @@ def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = No
     lines = []
     if module.layout_key == "cityscapes":
         lines.append(
-            "Cityscapes needs a (free) account: log in at https://www.cityscapes-dataset.com/downloads/ and "
+            "Cityscapes needs a (free) account: log in at "
+            "https://www.cityscapes-dataset.com/downloads/ and "
             "download these archives on any machine:"
         )
     else:
@@ -334,16 +347,19 @@ def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = No
         lines.append(f"  - {arc.filename} ({arc.size}) from {source}")
         lines.append(f"      unpacked into {target}/ it gives {arc.gives}")
     lines.append(
-        f"Copy them into {dataset_dir / 'downloads'}/ (prepare unpacks them, resumably) or unpack them yourself "
+        f"Copy them into {dataset_dir / 'downloads'}/ (prepare unpacks them, resumably) or unpack "
+        "them yourself "
         "as shown above."
     )
     if module.layout_key == "cocostuff":
         lines.append(
-            "STEGO's cocostuff.zip unpacked into the data root gives the same tree (images, annotations, curated)."
+            "STEGO's cocostuff.zip unpacked into the data root gives the same tree (images, "
+            "annotations, curated)."
         )
     if module.layout_key == "cityscapes":
         lines.append(
-            "Only the train and val parts are needed (prepare skips leftImg8bit/test and gtFine/test)."
+            "Only the train and val parts are needed (prepare skips leftImg8bit/test and "
+            "gtFine/test)."
         )
     lines.append(
         f"Then run: python -m cause_lightning stage=prepare data={name} paths.data_dir={data_dir}"
@@ -351,7 +367,7 @@ def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = No
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- checks
+# ------------------------------------------------------------------------------------------- checks
 def _missing_components(module: RealSegDataModule, need_train: bool) -> dict[str, str]:
     """Which archives are needed, with the reason (component key -> what is missing)."""
     missing: dict[str, str] = {}
@@ -368,8 +384,8 @@ def _missing_components(module: RealSegDataModule, need_train: bool) -> dict[str
                 for component in ARCHIVES[key]:
                     missing.setdefault(component, err.detail)
             continue
-        images = sum(1 for img, _ in source.samples if not img.is_file())
-        labels = sum(1 for _, lab in source.samples if not lab.is_file())
+        images = len(missing_files([img for img, _ in source.samples]))
+        labels = len(missing_files([lab for _, lab in source.samples]))
         expected = module.expected_count(split, source)
         short = expected is not None and len(source.entries) < expected
         if key == "cocostuff":
@@ -414,7 +430,7 @@ def _build_module(name: str, data_dir: Path, **kwargs: Any) -> RealSegDataModule
     return REAL_DATAMODULES[name](root=data_dir, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- main
 def prepare_dataset(
     name: str,
     data_dir: str | Path,
@@ -431,17 +447,18 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Prepare one dataset under ``data_dir`` so that training and evaluation find everything.
 
-    Nothing that exists and verifies is fetched, unpacked or written again, so the call is cheap to repeat and
-    resumes an interrupted one.
+    Nothing that exists and verifies is fetched, unpacked or written again, so the call is cheap to
+    repeat and resumes an interrupted one.
 
     Args:
         name: ``cocostuff27``, ``coco81``, ``coco171``, ``cityscapes27`` or ``pascalvoc21``.
-        data_dir: the data root (``paths.data_dir``); the dataset lives in ``<data_dir>/<cocostuff|cityscapes|
-            pascalvoc>/``.
-        download: ``None`` (default) downloads missing public archives when their host answers a quick probe;
-            ``False`` never uses the network; ``True`` requires the download (fails when offline). Cityscapes is
-            never downloaded (login).
-        train_list: COCO variants only: the training list (default ``Coco164kFull_Stuff_Coarse.txt``).
+        data_dir: the data root (``paths.data_dir``); the dataset lives in
+            ``<data_dir>/<cocostuff|cityscapes| pascalvoc>/``.
+        download: ``None`` (default) downloads missing public archives when their host answers a
+            quick probe; ``False`` never uses the network; ``True`` requires the download (fails
+            when offline). Cityscapes is never downloaded (login).
+        train_list: COCO variants only: the training list (default
+            ``Coco164kFull_Stuff_Coarse.txt``).
         crops: crop recipe override (default: the dataset's protocol recipe).
         make_crops: write the training crop cache (``False``: only fetch and verify the val split).
         num_workers: processes that cut crops (0 = this process).
@@ -451,14 +468,15 @@ def prepare_dataset(
         timeout: seconds for the connectivity probe and for each network read.
 
     Returns:
-        A report: ``{"name", "data_dir", "dataset_dir", "downloaded", "extracted", "lists_copied", "train_list",
+        A report: ``{"name", "data_dir", "dataset_dir", "downloaded", "extracted", "lists_copied",
+            "train_list",
         "val_list", "train_images", "val_images", "crop_recipe", "crop_cache", "crops", "status"}``
         (``crops`` is the :func:`~cause_lightning.data.crops.build_crop_cache` report or ``None``).
 
     Raises:
         ValueError: on an unknown dataset name or an option the dataset does not take.
-        DatasetNotFoundError: data that cannot be obtained automatically (the message holds the manual steps), or
-            a data root in another dataset's layout.
+        DatasetNotFoundError: data that cannot be obtained automatically (the message holds the
+            manual steps), or a data root in another dataset's layout.
         DatasetCountError: counts that differ from the published ones (expected and found named).
         CropCacheMismatchError: an existing crop cache made for another list or recipe.
     """
@@ -474,7 +492,7 @@ def prepare_dataset(
         kwargs["train_list"] = train_list
     module = _build_module(name, data_dir, **kwargs)
 
-    # Find or create the dataset directory; a foreign layout at the root is an error, not a place to write.
+    # Find or create the dataset directory; a foreign layout at the root is an error, not a target.
     dataset_dir = data_dir / module.dataset_dir
     if not dataset_dir.is_dir() and not module.is_own_layout(data_dir):
         found = detect_layout(data_dir)
@@ -555,10 +573,11 @@ def prepare_dataset(
     report["crop_cache"] = str(spec.path)
     if make_crops:
         if inspect_crop_cache(spec).state != "complete":
-            absent = [p for pair in train.samples for p in pair if not p.is_file()]
+            absent = missing_files([p for pair in train.samples for p in pair])
             if absent:
                 raise DatasetCountError(
-                    f"train images and annotations for the {len(train.samples):,} entries of {train.name}",
+                    f"train images and annotations for the {len(train.samples):,} entries of "
+                    f"{train.name}",
                     2 * len(train.samples) - len(absent),
                     2 * len(train.samples),
                     name=name,

@@ -1,22 +1,24 @@
 """Common base of the real-dataset data modules (``docs/protocol.md`` §1-§3).
 
-:class:`RealSegDataModule` turns a dataset description (directory name, label spec, source lists, crop recipe)
-into the protocol's splits:
+:class:`RealSegDataModule` turns a dataset description (directory name, label spec, source lists,
+crop recipe) into the protocol's splits:
 
-* ``train``: the pre-computed crop cache ``<dataset dir>/cropped/<prefix>_<recipe>`` (§3), resized and centre-
-  cropped (or squashed, VOC) to ``train_res``; labels decoded from the stored ``class + 1`` values;
+* ``train``: the pre-computed crop cache ``<dataset dir>/cropped/<prefix>_<recipe>`` (§3), resized
+  and centre-cropped (or squashed, VOC) to ``train_res``; labels decoded from the stored
+  ``class + 1`` values;
 * ``val``: the full validation images with the dataset's own label decoding, at ``test_res`` (§2.2).
 
-``verify()`` checks the layout, the list / split counts against the published ones, that every listed image
-and annotation exists, and that the crop cache is complete and was made for this configuration. Every failure
-names what was found, what was expected and the command that fixes it
-(``python -m cause_lightning stage=prepare data=<name>``). A data root holding another dataset's layout is
-recognised and reported as such.
+``verify()`` checks the layout, the list / split counts against the published ones, that every
+listed image and annotation exists, and that the crop cache is complete and was made for this
+configuration. Every failure names what was found, what was expected and the command that fixes it
+(``python -m cause_lightning stage=prepare data=<name>``). A data root holding another dataset's
+layout is recognised and reported as such.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ __all__ = [
     "RealSegDataModule",
     "SourceList",
     "detect_layout",
+    "missing_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ class DatasetCountError(DatasetNotFoundError):
     """A dataset is present but holds a different number of items than expected.
 
     Args:
-        what: what was counted (e.g. ``"lines in curated/val2017/Coco164kFull_Stuff_Coarse_7.txt"``).
+        what: what was counted (e.g. ``"val images (curated/val2017/...)"``).
         found: the number found.
         expected: the number expected.
         name: dataset key.
@@ -118,16 +121,20 @@ class SourceList:
     """The images of one split, in the order the protocol numbers them.
 
     Attributes:
-        name: the list's name relative to the dataset directory (or a description of a directory listing).
+        name: the list's name relative to the dataset directory (or a description of a directory
+            listing).
         entries: one entry per image (COCO / VOC ids, Cityscapes relative frame stems).
-        samples: ``(image path, raw annotation path)`` per entry.
-        published: the published count of this list, or ``None`` for a list the protocol does not define.
-        origin: where the list came from (``data root``, ``package``, ``file``, ``directory listing``).
+        samples: ``(image path, raw annotation path)`` per entry, as strings (a list of 100k
+            ``Path`` objects costs seconds to build).
+        published: the published count of this list, or ``None`` for a list the protocol does not
+            define.
+        origin: where the list came from: ``data root``, ``package``, ``file`` or
+            ``directory listing``.
     """
 
     name: str
     entries: tuple[str, ...]
-    samples: tuple[tuple[Path, Path], ...]
+    samples: tuple[tuple[str, str], ...]
     published: int | None
     origin: str
 
@@ -141,10 +148,11 @@ def detect_layout(path: Path) -> tuple[str, str] | None:
     """Recognise which dataset layout a directory holds.
 
     Args:
-        path: a directory (a dataset directory such as ``<data_dir>/cityscapes`` or one of its parents' guesses).
+        path: a directory, e.g. ``<data_dir>/cityscapes`` or a data root.
 
     Returns:
-        ``(layout key, evidence)`` with key ``cocostuff`` / ``cityscapes`` / ``pascalvoc``, or ``None``.
+        ``(layout key, evidence)`` with key ``cocostuff`` / ``cityscapes`` / ``pascalvoc``, or
+        ``None``.
     """
     path = Path(path)
     if not path.is_dir():
@@ -173,6 +181,30 @@ def detect_layout(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def missing_files(paths: Sequence[str | Path]) -> list[str]:
+    """The paths that are not present, with one directory listing per folder instead of one
+    ``stat`` per file (COCO's 118k-image folder is listed in a fraction of a second).
+
+    Args:
+        paths: files to look for.
+
+    Returns:
+        The missing ones (as strings), in input order.
+    """
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for path in map(str, paths):
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                listings[folder] = set()
+        if name not in listings[folder]:
+            missing.append(path)
+    return missing
+
+
 def read_list_file(path: Path) -> tuple[str, ...]:
     """Read a list file: one entry per non-empty line, surrounding whitespace (and CR) stripped.
 
@@ -190,11 +222,12 @@ def read_list_file(path: Path) -> tuple[str, ...]:
 class RealSegDataModule(SegDataModule):
     """Base of the COCO-Stuff, Cityscapes and Pascal VOC data modules.
 
-    Subclasses set the class attributes and implement :meth:`source_list` (and :meth:`is_own_layout`).
+    Subclasses set the class attributes and implement :meth:`source_list` (and
+    :meth:`is_own_layout`).
 
     Args:
-        root: the data root ``<data_dir>`` that holds ``<dataset dir>/`` (the dataset directory itself is accepted
-            too).
+        root: the data root ``<data_dir>`` that holds ``<dataset dir>/`` (the dataset directory
+            itself is accepted too).
         train_res: side of the training crops after the protocol transform.
         test_res: side of the evaluation images (320; DINOv2 322).
         batch_size: training batch size per device.
@@ -202,10 +235,12 @@ class RealSegDataModule(SegDataModule):
         eval_batch_size: val/test batch size (default ``batch_size``).
         limit_train: use only a seeded random subset of this many training crops.
         seed: seeds the shuffle and the subset.
-        crops: crop recipe (``five`` / ``double`` / ``super``); ``None`` = the dataset's protocol recipe.
-        strict_counts: compare list / split sizes with the published counts (turn off for custom or tiny trees).
-        expected_counts: explicit expected image counts per split (``{"train": n, "val": m}``); they replace the
-            published counts where given.
+        crops: crop recipe (``five`` / ``double`` / ``super``); ``None`` = the dataset's protocol
+            recipe.
+        strict_counts: compare list / split sizes with the published counts (turn off for custom or
+            tiny trees).
+        expected_counts: explicit expected image counts per split (``{"train": n, "val": m}``); they
+            replace the published counts where given.
     """
 
     #: folder of the dataset under the data root
@@ -272,7 +307,8 @@ class RealSegDataModule(SegDataModule):
     def _wrong_layout(self, path: Path, found: tuple[str, str]) -> DatasetNotFoundError:
         title, config = _LAYOUT_TITLES[found[0]]
         return self.not_found(
-            f"{path} holds a {title} tree ({found[1]}), not {self.title}. Use data={config} for that tree, "
+            f"{path} holds a {title} tree ({found[1]}), not {self.title}. Use data={config} for "
+            "that tree, "
             f"or point data.root (paths.data_dir) at the folder that contains {self.dataset_dir}/"
         )
 
@@ -336,8 +372,8 @@ class RealSegDataModule(SegDataModule):
         raise NotImplementedError
 
     def expected_count(self, split: str, source: SourceList) -> int | None:
-        """The image count a split must have: explicit ``expected_counts``, else the published count when
-        ``strict_counts``, else ``None`` (not checked).
+        """The image count a split must have: explicit ``expected_counts``, else the published count
+        when ``strict_counts``, else ``None`` (not checked).
 
         Args:
             split: ``"train"`` or ``"val"``.
@@ -397,7 +433,8 @@ class RealSegDataModule(SegDataModule):
         if expected is not None and len(source.entries) != expected:
             if source.published is not None and expected == source.published:
                 hint = (
-                    f"{expected:,} is the published count of {source.name}: the list was altered or the "
+                    f"{expected:,} is the published count of {source.name}: the list was altered "
+                    "or the "
                     "download / unpacking is incomplete (strict_counts=false skips this check)"
                 )
             else:
@@ -416,11 +453,10 @@ class RealSegDataModule(SegDataModule):
         source = self.source_list(split)
         self.check_count(split, source)
         if split == "val":
-            missing = [
-                pair for pair in source.samples if not (pair[0].is_file() and pair[1].is_file())
-            ]
+            absent = set(missing_files([p for pair in source.samples for p in pair]))
+            missing = [pair for pair in source.samples if pair[0] in absent or pair[1] in absent]
             if missing:
-                first = missing[0][0] if not missing[0][0].is_file() else missing[0][1]
+                first = missing[0][0] if missing[0][0] in absent else missing[0][1]
                 raise DatasetCountError(
                     f"val images with annotations for the entries of {source.name}",
                     len(source.samples) - len(missing),
@@ -439,26 +475,28 @@ class RealSegDataModule(SegDataModule):
             return
         if status.state == "unverified":
             log.warning(
-                "crop cache %s has all %d crops but no manifest.json (made by another tool?); using it. "
-                "Run `python -m cause_lightning stage=prepare data=%s` once to verify it and write the manifest.",
+                "crop cache %s has all %d crops but no manifest.json (made by another tool?); "
+                "using it. "
+                "Run `python -m cause_lightning stage=prepare data=%s` once to verify it and "
+                "write the manifest.",
                 spec.path,
                 spec.num_crops,
                 self.name,
             )
             return
         what = (
-            f"training crops in {spec.path} ({self.recipe.name} recipe: {self.recipe.crops_per_image} per image "
+            f"training crops in {spec.path} ({self.recipe.name} recipe: "
+            f"{self.recipe.crops_per_image} per image "
             f"x {spec.list_lines:,} images of {spec.source_list})"
         )
         if status.state == "missing":
             raise self.not_found(
                 f"no training crop cache at {spec.path}; the train split reads pre-computed crops "
-                f"({self.recipe.crops_per_image} per image x {spec.list_lines:,} images = {spec.num_crops:,} "
+                f"({self.recipe.crops_per_image} per image x {spec.list_lines:,} images = "
+                f"{spec.num_crops:,} "
                 "crops, protocol.md §3)"
             )
-        hint = "or the cache has no manifest yet (an interrupted run); preparing again resumes it"
-        if status.found == status.expected:
-            hint = "all crop files exist but manifest.json is missing (an interrupted run); preparing finishes it"
+        hint = "an interrupted run leaves a partial cache; preparing again resumes it"
         raise DatasetCountError(
             what,
             status.found,
@@ -473,12 +511,14 @@ class RealSegDataModule(SegDataModule):
         """Check the layout, counts and crop cache of the splits a run needs.
 
         Args:
-            splits: splits to check; ``None`` = those the attached trainer's stage needs (fit: train + val;
-                validate / test: val; predict: none), or both without a trainer.
+            splits: splits to check; ``None`` = those the attached trainer's stage needs (fit: train
+                + val; validate / test: val; predict: none), or both without a trainer.
 
         Raises:
-            DatasetNotFoundError: a missing directory, list or crop cache, or a foreign layout at the root.
-            DatasetCountError: a list / split / cache with the wrong number of items (found and expected named).
+            DatasetNotFoundError: a missing directory, list or crop cache, or a foreign layout at
+                the root.
+            DatasetCountError: a list / split / cache with the wrong number of items (found and
+                expected named).
             CropCacheMismatchError: a crop cache made for another list or recipe.
         """
         super().verify()
@@ -509,7 +549,8 @@ class RealSegDataModule(SegDataModule):
             )
         spec = self.crop_cache_spec()
         img_dir, label_dir = spec.path / "img" / "train", spec.path / "label" / "train"
-        samples = [(img_dir / f"{i}.jpg", label_dir / f"{i}.png") for i in range(spec.num_crops)]
+        img_base, label_base = str(img_dir), str(label_dir)
+        samples = [(f"{img_base}/{i}.jpg", f"{label_base}/{i}.png") for i in range(spec.num_crops)]
         return SegmentationDataset(samples, transform, LutDecoder(crop_label_lut(self.num_classes)))
 
     def describe_extra(self) -> dict[str, Any]:

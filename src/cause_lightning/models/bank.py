@@ -1,12 +1,14 @@
 """Concept bank of stage 2 (docs/method.md §5.5).
 
 A per-concept FIFO of teacher projections from earlier steps, stored un-normalised and detached in
-one preallocated ring buffer ``[K, capacity, P]``. After every optimiser step, each concept present
-in the batch keeps a random ``floor(n_k * keep_fraction)`` of its ``n_k`` sampled teacher projections
-(50 %: a concept seen once keeps nothing); only the newest ``capacity`` entries per concept survive.
+one preallocated ring buffer ``[K, capacity, P]``. After every optimiser step, each concept
+present in the batch keeps a random ``floor(n_k * keep_fraction)`` of its ``n_k`` sampled teacher
+projections (50 %: a concept seen once keeps nothing); only the newest ``capacity`` entries per
+concept survive.
 Before the loss, :meth:`ConceptBank.view` concatenates all FIFOs (concept-major, oldest first).
 
-The bank is run state, not model state: its buffers are non-persistent and it starts empty.
+The bank is run state, not model state: it is never saved (not in the state dict), each process
+keeps its own (never broadcast by DDP), and it starts empty.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 class ConceptBank(nn.Module):
     """Per-concept FIFO of teacher projections held in one ring buffer.
+
+    The ring buffer ``storage [K, capacity, P]`` and the per-concept ``count`` / ``pointer``
+    (next write slot) are plain tensor attributes rather than registered buffers: they are not
+    saved, and DDP does not broadcast them, so every process keeps its own bank. Module moves and
+    casts (``.to()``, ``.double()``) still apply to them.
 
     Args:
         num_concepts: Number of concepts ``K`` (clusterbook rows).
@@ -64,14 +71,13 @@ class ConceptBank(nn.Module):
         # floor(n * f) in exact integer arithmetic (no float64 needed on any device).
         ratio = Fraction(self.keep_fraction).limit_denominator(1_000_000)
         self._keep_num, self._keep_den = ratio.numerator, ratio.denominator
-        # The ring buffer is allocated on the first update, with that input's device and dtype.
-        self.register_buffer("storage", None, persistent=False)
-        self.register_buffer(
-            "count", torch.zeros(self.num_concepts, dtype=torch.long), persistent=False
-        )  # K: valid entries per concept
-        self.register_buffer(
-            "pointer", torch.zeros(self.num_concepts, dtype=torch.long), persistent=False
-        )  # K: next slot to write per concept
+        # The ring buffer and its counters are plain tensor attributes, not registered buffers:
+        # they stay out of the state dict, and out of `named_buffers()` so that DDP's per-forward
+        # buffer broadcast never overwrites a process's bank with rank 0's (one bank per process,
+        # method §5.5). `_apply` still moves and casts them with the module.
+        self.storage = None  # K cap P, allocated on the first update with that input's device/dtype
+        self.count = torch.zeros(self.num_concepts, dtype=torch.long)  # K: valid entries
+        self.pointer = torch.zeros(self.num_concepts, dtype=torch.long)  # K: next slot to write
         self._view_index: Tensor | None = None
         self._view_concepts: Tensor | None = None
         self._size: int | None = 0
@@ -83,7 +89,11 @@ class ConceptBank(nn.Module):
         )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConceptBank:
-        # Moving the module moves the ring buffer; the cached gather index must follow.
+        # `.to()`, `.cuda()`, `.double()` ... reach the bank state like they reach buffers.
+        if self.storage is not None:
+            self.storage = fn(self.storage)
+        self.count = fn(self.count)
+        self.pointer = fn(self.pointer)
         self._invalidate()
         return super()._apply(fn, recurse)
 
@@ -210,7 +220,9 @@ class ConceptBank(nn.Module):
         concept_ids = torch.arange(self.num_concepts, device=device)
         entry_concepts = torch.repeat_interleave(concept_ids, count)  # M
         size = entry_concepts.shape[0]
-        offset = torch.arange(size, device=device) - (torch.cumsum(count, 0) - count)[entry_concepts]
+        offset = (
+            torch.arange(size, device=device) - (torch.cumsum(count, 0) - count)[entry_concepts]
+        )
         oldest = (self.pointer - count) % self.capacity  # K
         slots = (oldest[entry_concepts] + offset) % self.capacity  # M
         self._view_index = entry_concepts * self.capacity + slots  # M, into [K * cap]

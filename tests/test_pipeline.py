@@ -1,0 +1,100 @@
+"""The CAUSE stages through Hydra configs: chain via the artifact directory, errors, guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cause_lightning.artifacts import ArtifactError, MissingArtifactError, load_artifact, save_artifact
+from cause_lightning.modules.base import NonFiniteLossError
+from cause_lightning.run import run
+
+TINY = [
+    "backbone=tiny_vit",
+    "data.module.num_train=8",
+    "data.module.num_val=4",
+    "data.module.image_size=64",
+    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
+    "data.module.batch_size=4",
+    "method.num_concepts=32",
+    "method.head.projection_dim=32",
+    "method.mediator.batch_size=4",
+    "method.head.batch_size=4",
+    "method.probe.batch_size=4",
+    "method.eval.batch_size=4",
+    "method.eval.save_images=2",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+]
+
+
+@pytest.fixture
+def tiny(compose, shared_data_dir: Path):
+    def _tiny(*overrides: str):
+        return compose(*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", *overrides)
+
+    return _tiny
+
+
+@pytest.mark.parametrize("head", ["tr", "mlp"])
+def test_stages_chain_through_artifacts(tiny, tmp_path: Path, head: str) -> None:
+    for stage in ("mediator", "head", "probe"):
+        results = run(tiny(f"stage={stage}", f"head={head}"))
+        assert Path(results[f"artifacts/{'clusterbook' if stage == 'mediator' else stage}"]).is_file()
+    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
+    clusterbook = load_artifact(root / "clusterbook.pt", "clusterbook", "mediator")
+    assert clusterbook["clusterbook"].shape == (32, 64)
+    head_record = load_artifact(root / head / "head.pt", "head", "head")
+    assert head_record["meta"]["head_type"] == head
+    assert head_record["meta"]["config"]["head"]["name"] == head  # resolved config inside
+    results = run(tiny("stage=eval", f"head={head}", "method.eval.variants=[raw,flip]"))
+    for key in ("test/cluster/raw/mIoU", "test/cluster/flip/pAcc", "test/linear/raw/mIoU",
+                "test/baseline/kmeans/mIoU", "test/baseline/majority/pAcc"):
+        assert 0.0 <= results[key] <= 1.0, key
+    report = json.loads((root / head / "metrics.json").read_text())
+    assert report["unsupervised"] and report["record_variant"] == "flip"
+    assert len(report["details"]["details/cluster/flip/per_class_iou"]) == 6
+    assert (root / head / "segmenter.pt").is_file()
+    assert (tmp_path / "out" / "predictions" / "contact_sheet.png").is_file()
+    assert (tmp_path / "out" / "config_resolved.yaml").is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["test/cluster/raw/mIoU"] >= 0
+
+
+def test_stage_all_runs_every_step(tiny, tmp_path: Path) -> None:
+    results = run(tiny("stage=all", "method.eval.variants=[raw]", "method.eval.baselines=false"))
+    assert {"artifacts/clusterbook", "artifacts/head", "artifacts/probe"} <= set(results)
+    assert "test/cluster/raw/mIoU" in results and results["objective"] is None
+
+
+def test_stage_before_its_prerequisite_names_the_stage(tiny) -> None:
+    with pytest.raises(MissingArtifactError, match="stage=mediator"):
+        run(tiny("stage=head"))
+    with pytest.raises(MissingArtifactError, match="stage=head"):
+        run(tiny("stage=probe"))
+
+
+def test_clusterbook_of_another_backbone_is_rejected(tiny, tmp_path: Path) -> None:
+    path = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "clusterbook.pt"
+    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 48), "meta": {}})
+    with pytest.raises(ArtifactError, match="width"):
+        run(tiny("stage=head"))
+    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 64), "meta": {"backbone": "dino_vits8"}})
+    with pytest.raises(ArtifactError, match="backbone"):
+        run(tiny("stage=head"))
+
+
+def test_head_for_another_class_count_is_rejected(tiny) -> None:
+    run(tiny("stage=mediator"))
+    run(tiny("stage=head", "head=mlp"))
+    with pytest.raises(ArtifactError, match="num_classes"):
+        run(tiny("stage=probe", "head=mlp", "data.num_classes=5"))
+
+
+def test_nan_loss_stops_with_step_and_cause(tiny) -> None:
+    with pytest.raises(NonFiniteLossError, match="global step"):
+        run(tiny("stage=mediator", "method.mediator.lr=inf", "trainer.limit_train_batches=3"))
