@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -44,13 +45,15 @@ def _logits(classes: int, size: int, seed: int) -> np.ndarray:
     return torch.log_softmax(3.0 * up[0], 0).numpy()  # C H W
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of this process (pool workers' CPU not included)."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,37 +80,38 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = np.random.default_rng(0)
     image = _image(args.image, args.size, rng)
-    images = [image] * args.batch
-    logits = [_logits(args.classes, args.size, seed) for seed in range(args.batch)]
+    n = args.batch
+    images = [image] * n
+    logits = [_logits(args.classes, args.size, seed) for seed in range(n)]
 
-    rows: list[tuple[str, float, float]] = []
-    one = _median_time(lambda: dense_crf(image, logits[0], args.iterations), args.repeats)
-    rows.append(("dense_crf, 1 image", one, one))
+    rows: list[tuple[str, float, float, float]] = []
+    one, one_cpu = _median_time(lambda: dense_crf(image, logits[0], args.iterations), args.repeats)
+    rows.append(("dense_crf, 1 image", one, one, one_cpu))
     serial = CRFRunner(num_workers=0, iterations=args.iterations)
-    t_serial = _median_time(lambda: serial(images, logits), args.repeats)
-    rows.append((f"runner serial, {args.batch} images", t_serial, t_serial / args.batch))
+    t_serial, cpu_serial = _median_time(lambda: serial(images, logits), args.repeats)
+    rows.append((f"runner serial, {n} images", t_serial, t_serial / n, cpu_serial / n))
     with CRFRunner(
         num_workers=args.workers, iterations=args.iterations, start_method=args.start_method
     ) as pool:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         pool(images[:1], logits[:1])
-        t_first = time.perf_counter() - start
+        t_first, cpu_first = time.perf_counter() - start, time.process_time() - start_cpu
         pool(images, logits)  # let every worker start before timing
-        t_pool = _median_time(lambda: pool(images, logits), args.repeats)
+        t_pool, cpu_pool = _median_time(lambda: pool(images, logits), args.repeats)
         method = pool.start_method
-    rows.append((f"pool start + 1 image ({method})", t_first, t_first))
-    rows.append(
-        (f"runner pool of {args.workers}, {args.batch} images", t_pool, t_pool / args.batch)
-    )
+    rows.append((f"pool start + 1 image ({method})", t_first, t_first, cpu_first))
+    rows.append((f"runner pool of {args.workers}, {n} images", t_pool, t_pool / n, cpu_pool / n))
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"DenseCRF {args.size}x{args.size}, C={args.classes}, {args.iterations} iterations, "
-        f"image={args.image}, torch threads={torch.get_num_threads()}, median of {args.repeats}"
+        f"image={args.image}, median of {args.repeats}; {os.cpu_count()} CPUs, "
+        f"1-min load average {load:.2f}"
     )
-    print(f"{'case':<40} {'seconds':>9} {'s/image':>9}")
-    for name, total, per_image in rows:
-        print(f"{name:<40} {total:>9.3f} {per_image:>9.3f}")
-    print(f"pool speed-up over serial: {t_serial / t_pool:.2f}x")
+    print(f"{'case':<36} {'wall s':>8} {'wall/img':>9} {'parent cpu/img':>15}")
+    for name, total, per_image, cpu in rows:
+        print(f"{name:<36} {total:>8.3f} {per_image:>9.3f} {cpu:>15.3f}")
+    print(f"pool speed-up over serial (wall): {t_serial / t_pool:.2f}x")
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def test_base_loaders_seeded_shuffle_and_limit(tmp_path):
 
 # ----------------------------------------------------------------------------------- mosaic
 
-MOSAIC_KW = {"num_train": 24, "num_val": 6, "image_size": 48, "num_classes": 6, "seed": 3}
+MOSAIC_KW = {"num_train": 24, "num_val": 6, "image_size": 48, "num_classes": 6, "data_seed": 3}
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +402,7 @@ def test_mosaic_determinism(mosaic, tmp_path):
     for (i1, l1), (i2, l2) in zip(mosaic.samples("train"), again.samples("train"), strict=True):
         assert i1.read_bytes() == i2.read_bytes()
         assert l1.read_bytes() == l2.read_bytes()
-    other = MosaicDataModule(root=tmp_path / "b", **{**MOSAIC_KW, "seed": 4, "num_train": 3})
+    other = MosaicDataModule(root=tmp_path / "b", **{**MOSAIC_KW, "data_seed": 4, "num_train": 3})
     other.prepare_data()
     assert other.cache_dir.name != mosaic.cache_dir.name
     differs = [

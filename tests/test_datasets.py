@@ -38,6 +38,7 @@ from cause_lightning.data.cocostuff import (
 )
 from cause_lightning.data.crops import (
     CropCacheMismatchError,
+    CropCacheSpec,
     build_crop_cache,
     cache_folder_name,
     crop_label_lut,
@@ -465,6 +466,23 @@ def test_crop_cache_resumes_after_interrupt(
     dm.verify(["train"])
 
 
+@pytest.mark.slow
+def test_crop_cache_with_worker_processes(tmp_path: Path) -> None:
+    make_coco_tree(tmp_path, n_train=3)
+    serial = _coco_module(tmp_path, crops="double")
+    spec = serial.crop_cache_spec()
+    samples = serial.source_list("train").samples
+    report = build_crop_cache(spec, samples, serial.label_spec.lut, num_workers=2, progress=False)
+    assert report["written"] == 60 and inspect_crop_cache(spec).state == "complete"
+    # same bytes as the in-process writer
+    other = tmp_path / "serial"
+    serial_spec = CropCacheSpec(**{**spec.__dict__, "path": other})
+    build_crop_cache(serial_spec, samples, serial.label_spec.lut, progress=False)
+    for i in (0, 17, 59):
+        for sub in (f"img/train/{i}.jpg", f"label/train/{i}.png"):
+            assert (spec.path / sub).read_bytes() == (other / sub).read_bytes()
+
+
 def test_crop_cache_refuses_other_manifest(tmp_path: Path) -> None:
     make_coco_tree(tmp_path, n_train=3)
     dm = _coco_module(tmp_path)
@@ -713,6 +731,14 @@ def test_prepare_offline_prints_manual_steps(
     with pytest.raises(ValueError, match="train_list applies"):
         prepare_dataset("pascalvoc21", tmp_path, train_list="x.txt")
 
+    def broken(*args, **kwargs):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(prep, "_probe", lambda url, timeout: True)
+    monkeypatch.setattr(prep, "download_file", broken)
+    with pytest.raises(DatasetNotFoundError, match="download failed .connection reset., run again"):
+        prepare_dataset("pascalvoc21", tmp_path, download=None, progress=False)
+
 
 def _zip_dir(src: Path, zip_path: Path, extra: dict[str, bytes] | None = None) -> None:
     with zipfile.ZipFile(zip_path, "w") as zf:
@@ -796,10 +822,40 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _serve(payload: bytes) -> http.server.HTTPServer:
+    handler = type("Handler", (_RangeHandler,), {"payload": payload})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_prepare_downloads_when_online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cause_lightning.data.prepare as prep
+
+    make_voc_tree(tmp_path / "stage")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(tmp_path / "stage" / "pascalvoc" / "VOCdevkit", arcname="VOCdevkit")
+    server = _serve(buf.getvalue())
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/VOCtrainval_11-May-2012.tar"
+        archive = prep.ARCHIVES["pascalvoc"]["devkit"]
+        monkeypatch.setitem(
+            prep.ARCHIVES["pascalvoc"], "devkit", prep.Archive(**{**archive.__dict__, "url": url})
+        )
+        data = tmp_path / "data"
+        report = prepare_dataset(
+            "pascalvoc21", data, strict_counts=False, progress=False, timeout=5
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["downloaded"] == [str(data / "pascalvoc/downloads/VOCtrainval_11-May-2012.tar")]
+    assert report["status"] == "ready" and report["crops"]["crops"] == 100
+
+
 def test_download_resumes_a_partial_file(tmp_path: Path) -> None:
-    server = http.server.HTTPServer(("127.0.0.1", 0), _RangeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = _serve(_RangeHandler.payload)
     try:
         url = f"http://127.0.0.1:{server.server_port}/archive.zip"
         dest = tmp_path / "archive.zip"

@@ -20,6 +20,7 @@ from cause_lightning import ops
 from cause_lightning.ops import (
     concept_contrastive_loss,
     concept_contrastive_terms,
+    grid_sample_index,
     grid_sample_tokens,
     modularity_loss,
     nearest_concept,
@@ -225,6 +226,30 @@ def test_grid_sample_random_draw_independent_and_seeded() -> None:
     torch.manual_seed(11)
     _, global_b = grid_sample_tokens(features)
     assert torch.equal(global_a, global_b)
+
+
+def test_grid_sample_index_is_the_draw_of_grid_sample_tokens() -> None:
+    features = torch.randn(3, 2, 13, 9)
+    _, drawn = grid_sample_tokens(features, window=4, generator=torch.Generator().manual_seed(5))
+    index = grid_sample_index(3, 13, 9, 4, generator=torch.Generator().manual_seed(5))
+    assert index.shape == (3, 6) and index.dtype == torch.long
+    assert torch.equal(index, drawn)
+    assert int(index.min()) >= 0 and int(index.max()) < 16
+    with pytest.raises(ValueError, match="smaller than one"):
+        grid_sample_index(1, 3, 8, 4)
+
+
+def test_grid_sample_index_rows_do_not_depend_on_how_the_batch_is_split() -> None:
+    # A data-parallel process draws for the global batch and keeps its rows (global j*W + r):
+    # every image gets the offsets of the one-process draw, whatever the world size.
+    whole = grid_sample_index(8, 16, 16, 4, generator=torch.Generator().manual_seed(9))
+    for world in (2, 4):
+        shards = [
+            grid_sample_index(8, 16, 16, 4, generator=torch.Generator().manual_seed(9))[rank::world]
+            for rank in range(world)
+        ]
+        rebuilt = torch.stack(shards, dim=1).flatten(0, 1)  # local j of rank r -> j * W + r
+        assert torch.equal(rebuilt, whole)
 
 
 def test_grid_sample_gradient_reaches_sampled_positions() -> None:
@@ -604,6 +629,84 @@ def test_contrastive_bank_has_no_self_exclusion() -> None:
     logit = F.normalize(student[0], dim=-1) @ F.normalize(bank, dim=-1).T / 0.1
     expected = (torch.logsumexp(logit, 1) - logit.diagonal()).mean()
     torch.testing.assert_close(terms[1], expected)
+
+
+@pytest.mark.parametrize(("seed", "bank_size"), [(0, -1), (2, 7), (8, 2)])
+def test_contrastive_anchor_subset_equals_rows_of_the_whole_batch(
+    seed: int, bank_size: int
+) -> None:
+    # Rank r of a 2-process run holds images r, r + 2, ... of a 4-image global batch as anchors and
+    # the whole batch as in-batch candidates; its terms are those rows of the one-process terms.
+    case = _random_case(seed, 4, 3, 12 if seed == 8 else 6, dim=3, proj=5, bank_size=bank_size)
+    ref_terms, ref_empty, _ = literal_contrastive(**case)  # type: ignore[arg-type]
+    whole = 4
+    for rank in range(2):
+        rows = torch.arange(rank, whole, 2)
+        student = case["student"][rows]  # type: ignore[index]
+        terms, empty = concept_contrastive_terms(
+            case["tokens"],  # type: ignore[arg-type]
+            student,
+            case["teacher"],  # type: ignore[arg-type]
+            case["clusterbook"],  # type: ignore[arg-type]
+            case["bank"],
+            case["bank_concepts"],
+            anchor_index=rows,
+        )
+        picked = rows if len(ref_terms) == whole else torch.cat([rows, rows + whole])
+        torch.testing.assert_close(terms, ref_terms[picked], rtol=1e-10, atol=1e-12)
+        assert empty.tolist() == [ref_empty[i] for i in picked.tolist()]
+
+
+@pytest.mark.parametrize("bank_size", [-1, 6])
+def test_contrastive_data_parallel_gradient_equals_one_process(bank_size: int) -> None:
+    # DDP averages the gradients of the per-process losses (each the mean of its B or 2B terms).
+    # With equal shards this equals the gradient of the mean over the 2 x global terms.
+    case = _random_case(4, 4, 3, 6, dim=3, proj=5, bank_size=bank_size)
+    inputs = torch.randn(4, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def gradient(rows: Tensor | None) -> Tensor:
+        weight = torch.linspace(-1, 1, 30, dtype=torch.float64).view(6, 5).requires_grad_(True)
+        student = inputs @ weight  # B N P: a per-token head shared by all processes
+        if rows is not None:
+            student = student[rows]
+        loss = concept_contrastive_loss(
+            case["tokens"],  # type: ignore[arg-type]
+            student,
+            case["teacher"],  # type: ignore[arg-type]
+            case["clusterbook"],  # type: ignore[arg-type]
+            case["bank"],
+            case["bank_concepts"],
+            anchor_index=rows,
+        )
+        loss.backward()
+        return weight.grad  # type: ignore[return-value]
+
+    one_process = gradient(None)
+    averaged = (gradient(torch.tensor([0, 2])) + gradient(torch.tensor([1, 3]))) / 2
+    torch.testing.assert_close(averaged, one_process, rtol=1e-10, atol=1e-13)
+    assert one_process.abs().max() > 1e-3
+
+
+def test_contrastive_anchor_index_validation() -> None:
+    case = _random_case(0, 4, 3, 4, dim=3, proj=5, bank_size=-1)
+    tokens, teacher, book = case["tokens"], case["teacher"], case["clusterbook"]
+    assert tokens is not None and teacher is not None and book is not None
+    student = teacher[:2].clone()
+
+    def call(anchor_index: Tensor | None, anchors: Tensor = student) -> None:
+        concept_contrastive_terms(tokens, anchors, teacher, book, anchor_index=anchor_index)
+
+    with pytest.raises(ValueError, match="same shape"):
+        call(None)
+    with pytest.raises(ValueError, match=r"anchor_index must be \[B\]"):
+        call(torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+        call(torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="integer"):
+        call(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"agree on \[N, P\]"):
+        call(torch.tensor([0, 1]), student[:, :, :4])
+    call(torch.tensor([3, 0]))
 
 
 def test_contrastive_chunked_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:

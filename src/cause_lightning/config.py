@@ -53,6 +53,7 @@ class HeadStageConfig:
     neg_thresh: float = 0.1
     bank_capacity: int = 100
     bank_keep: float = 0.5
+    sync_bank: bool = False
 
 
 @dataclass

@@ -88,6 +88,7 @@ class OfficialBundle:
         class_names: list[str] | None = None,
         head_name: str | None = None,
         train_resolution: int | None = None,
+        patch_size: int | None = None,
     ) -> dict[str, Path]:
         """Write the bundle as this project's stage artifacts.
 
@@ -105,6 +106,8 @@ class OfficialBundle:
                 ``tr``).
             train_resolution: Train resolution recorded in the metadata; defaults to ``resolution``
                 for TR and 224 for MLP (the reference recipe).
+            patch_size: Backbone patch size. When given, a TR ``resolution`` must give exactly
+                ``num_queries`` tokens (``(resolution / patch_size) ** 2``).
 
         Returns:
             ``{"clusterbook": path, "head": path, "probe": path}``.
@@ -119,7 +122,7 @@ class OfficialBundle:
                 f"{self.num_classes} classes"
             )
         if self.head_type == "tr":
-            self._check_tr_resolution(resolution, train_resolution)
+            self._check_tr_resolution(resolution, train_resolution, patch_size)
             train_res = resolution if train_resolution is None else int(train_resolution)
         else:
             train_res = (
@@ -182,7 +185,9 @@ class OfficialBundle:
         logger.info("wrote release artifacts: %s", ", ".join(str(p) for p in paths.values()))
         return paths
 
-    def _check_tr_resolution(self, resolution: int, train_resolution: int | None) -> None:
+    def _check_tr_resolution(
+        self, resolution: int, train_resolution: int | None, patch_size: int | None = None
+    ) -> None:
         if train_resolution is not None and int(train_resolution) != int(resolution):
             raise ValueError(
                 "TR heads need train resolution == test resolution, got "
@@ -198,6 +203,13 @@ class OfficialBundle:
                 f"the TR head has {q} queries ({side}x{side} tokens) but resolution {resolution} "
                 f"is not a multiple of {side}; use the release's train resolution (e.g. "
                 f"{side * 8} for patch 8, {side * 16} for patch 16, {side * 14} for patch 14)"
+            )
+        if patch_size is not None and (int(resolution) // int(patch_size)) ** 2 != q:
+            raise ValueError(
+                f"the TR head has {q} queries ({side}x{side} tokens) but resolution {resolution} "
+                f"with patch {patch_size} gives {int(resolution) // int(patch_size)}x"
+                f"{int(resolution) // int(patch_size)} tokens; use resolution "
+                f"{side * int(patch_size)}"
             )
 
 
@@ -287,9 +299,15 @@ def import_official(
 
     expected_book = (REFERENCE_NUM_CONCEPTS, dim)
     if tuple(book.shape) != expected_book:
+        why = (
+            "it belongs to another backbone width"
+            if book.ndim != 2 or book.shape[1] != dim
+            else f"the release clusterbook has {REFERENCE_NUM_CONCEPTS} concept rows; use the "
+            "modular.npy downloaded with this head, not a clusterbook trained here"
+        )
         raise ValueError(
             f"{clusterbook} has shape {list(book.shape)}, expected {list(expected_book)} "
-            f"[2048 concepts, D={dim} as in {segment}]; it belongs to another backbone width"
+            f"[2048 concepts, D={dim} as in {segment}]; {why}"
         )
     book_t = torch.from_numpy(np.ascontiguousarray(book, dtype=np.float32))
     _compare_codebook(clu.get("codebook"), book_t, cluster, clusterbook)

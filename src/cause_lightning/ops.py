@@ -1,6 +1,7 @@
 """Pure tensor operations of CAUSE (docs/method.md §3, §4.2, §5.6; docs/api.md, ``ops``).
 
-* :func:`grid_sample_tokens`: one token per non-overlapping ``window x window`` cell (method §3).
+* :func:`grid_sample_tokens`: one token per non-overlapping ``window x window`` cell (method §3);
+  :func:`grid_sample_index` draws its offsets.
 * :func:`nearest_concept`: cosine nearest clusterbook row of every token.
 * :func:`modularity_loss`: minus the batch mean of the soft graph modularity (method §4.2), computed
   with the monotonic-tanh identity and a chunked running maximum, so no ``[B, K, N, N]`` tensor is
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "concept_contrastive_loss",
     "concept_contrastive_terms",
+    "grid_sample_index",
     "grid_sample_tokens",
     "modularity_loss",
     "nearest_concept",
@@ -94,6 +96,55 @@ def _check_codebook(codebook: Tensor, dim: int, name: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def grid_sample_index(
+    batch: int,
+    height: int,
+    width: int,
+    window: int = 4,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw the grid-sampling offsets of :func:`grid_sample_tokens` for a batch of feature maps.
+
+    One offset per ``window x window`` cell of every image, uniform in ``[0, window**2)`` and
+    independent (method §3). Row ``b`` is image ``b``: drawing for a larger batch and keeping some
+    rows gives those images the same offsets as the full draw, which is how the stages make the
+    sampling of an image independent of the number of processes (docs/scaling.md).
+
+    Args:
+        batch: Number of images ``B``.
+        height: Feature-grid height ``h``.
+        width: Feature-grid width ``w``.
+        window: Cell side length.
+        generator: Random generator of the draw (the global RNG of ``device`` when ``None``).
+        device: Device of the returned index (default: the generator's device, else CPU).
+
+    Returns:
+        Long offsets ``[B, (h // window) * (w // window)]``.
+
+    Raises:
+        ValueError: On a non-positive window or a grid smaller than one cell.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}.")
+    cells_h, cells_w = height // window, width // window
+    if cells_h == 0 or cells_w == 0:
+        raise ValueError(
+            f"grid {height}x{width} is smaller than one {window}x{window} cell; use a smaller "
+            "window or a larger input resolution."
+        )
+    target = torch.device(device) if device is not None else None
+    if generator is not None:
+        draw_device = generator.device
+    else:
+        draw_device = target if target is not None else torch.device("cpu")
+    index = torch.randint(
+        0, window * window, (batch, cells_h * cells_w), generator=generator, device=draw_device
+    )  # B N
+    return index if target is None else index.to(target)
+
+
 def grid_sample_tokens(
     features: Tensor,
     window: int = 4,
@@ -141,10 +192,9 @@ def grid_sample_tokens(
     cell_area = window * window
 
     if index is None:
-        draw_device = generator.device if generator is not None else features.device
-        index = torch.randint(
-            0, cell_area, (batch, num_cells), generator=generator, device=draw_device
-        ).to(features.device)
+        index = grid_sample_index(
+            batch, height, width, window, generator=generator, device=features.device
+        )
     else:
         if index.shape != (batch, num_cells):
             raise ValueError(
@@ -355,7 +405,7 @@ def _contrastive_term(
     candidates: Tensor,
     candidate_concepts: Tensor,
     batch: int,
-    with_self: bool,
+    self_columns: Tensor | None,
     temperature: float,
     pos_thresh: float,
     neg_thresh: float,
@@ -365,7 +415,8 @@ def _contrastive_term(
     Anchor blocks are sized so that a ``[rows, candidates]`` block stays within
     ``_CONTRASTIVE_CHUNK_ELEMENTS``. When more than one block is needed and gradients are
     required, each block is recomputed in the backward pass instead of keeping its ``[rows, C]``
-    intermediates alive, so memory stays bounded for large banks.
+    intermediates alive, so memory stays bounded for large banks. ``self_columns`` (one candidate
+    column per anchor row, or ``None`` for the bank) is the anchor's own teacher copy.
 
     Returns:
         ``(terms [B], empty [B])``.
@@ -380,14 +431,13 @@ def _contrastive_term(
     sums, counts = [], []
     for start in blocks:
         stop = min(start + rows_per_block, num_rows)
-        self_columns = torch.arange(start, stop, device=anchors.device) if with_self else None  # R
         args = (
             anchors[start:stop],
             anchor_sim[start:stop],
             candidates,
             scale,
             candidate_concepts,
-            self_columns,
+            None if self_columns is None else self_columns[start:stop],  # R
             pos_thresh,
             neg_thresh,
         )
@@ -417,6 +467,7 @@ def concept_contrastive_terms(
     temperature: float = 0.07,
     pos_thresh: float = 0.3,
     neg_thresh: float = 0.1,
+    anchor_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-image terms of the concept-wise InfoNCE of stage 2 (method §5.6).
 
@@ -429,16 +480,25 @@ def concept_contrastive_terms(
     over all positive pairs of image ``b`` (flattened). The bank term is the same against the bank
     entries (compared through their concept vectors), without self-removal.
 
+    With ``anchor_index``, the anchors are a subset of the images: ``tokens`` and ``teacher`` hold
+    the whole batch of ``G`` images (the candidates), ``student`` only the ``B`` anchor images, and
+    ``anchor_index[b]`` is the position of student image ``b`` in that batch. Term ``b`` then
+    equals term ``anchor_index[b]`` of the call with every image as an anchor; a process of a
+    data-parallel run computes its share of the global batch's terms this way (docs/scaling.md).
+
     Args:
-        tokens: Backbone tokens ``[B, N, D]`` (used only to pick each anchor's concept).
+        tokens: Backbone tokens ``[G, N, D]`` (used only to pick the concepts); ``G = B`` without
+            ``anchor_index``.
         student: Student projections ``[B, N, P]`` (receive the gradient).
-        teacher: Teacher projections ``[B, N, P]`` (treated as constants).
+        teacher: Teacher projections ``[G, N, P]`` (treated as constants).
         clusterbook: Concept rows ``[K, D]`` (treated as constants).
         bank: Teacher projections of earlier steps ``[M, P]`` (constants), or ``None``.
         bank_concepts: Long ``[M]`` concept index of each bank entry; required with ``bank``.
         temperature: ``τ > 0``.
         pos_thresh: Concept similarity above which a pair is positive.
         neg_thresh: Concept similarity below which a pair is negative.
+        anchor_index: Long ``[B]`` position of each student image among the ``G`` images of
+            ``tokens`` / ``teacher``, or ``None`` when ``student`` covers them all in order.
 
     Returns:
         ``(terms, empty)``: ``terms`` float ``[B]`` (no bank, or ``M == 0``) or ``[2B]`` (in-batch
@@ -451,20 +511,39 @@ def concept_contrastive_terms(
     _check_tokens(tokens)
     _check_tokens(student, "student")
     _check_tokens(teacher, "teacher")
-    if student.shape != teacher.shape:
+    if anchor_index is None and student.shape != teacher.shape:
         raise ValueError(
             f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} projections must "
             "have the same shape [B, N, P]; sample both with the same grid index."
         )
-    if student.shape[:2] != tokens.shape[:2]:
+    if anchor_index is not None and student.shape[1:] != teacher.shape[1:]:
         raise ValueError(
-            f"tokens {tuple(tokens.shape)} and projections {tuple(student.shape)} disagree on "
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} projections must "
+            "agree on [N, P]; sample both with the same grid index."
+        )
+    if teacher.shape[:2] != tokens.shape[:2]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} and projections {tuple(teacher.shape)} disagree on "
             "[B, N]; grid-sample the backbone tokens and the projections with the same index."
         )
     _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     batch, num_tokens, proj_dim = student.shape
+    candidates = teacher.shape[0]  # G
+    if anchor_index is not None:
+        if anchor_index.shape != (batch,):
+            raise ValueError(
+                f"anchor_index must be [B] = [{batch}] (one position per student image), got "
+                f"{tuple(anchor_index.shape)}."
+            )
+        if anchor_index.dtype.is_floating_point or anchor_index.dtype == torch.bool:
+            raise ValueError(f"anchor_index must be an integer tensor, got {anchor_index.dtype}.")
+        if batch and (int(anchor_index.min()) < 0 or int(anchor_index.max()) >= candidates):
+            raise ValueError(
+                f"anchor_index values must lie in [0, {candidates}) (the images of tokens and "
+                "teacher)."
+            )
     num_concepts = clusterbook.shape[0]
     if batch * num_tokens == 0:
         raise ValueError("concept_contrastive_terms needs at least one token (B * N = 0).")
@@ -496,13 +575,21 @@ def concept_contrastive_terms(
 
     device = student.device
     dtype = _compute_dtype(student, teacher, clusterbook)
+    token_ids = torch.arange(num_tokens, device=device)  # N
+    if anchor_index is None:
+        rows = torch.arange(batch, device=device)  # B
+    else:
+        rows = anchor_index.to(device=device, dtype=torch.long)  # B
+    # Column of each anchor's own teacher copy among the G * N candidates (image-major).
+    self_columns = (rows[:, None] * num_tokens + token_ids).reshape(-1)  # BN
     with _autocast_off(device):
-        concepts = nearest_concept(tokens, clusterbook).view(-1)  # BN
+        concepts = nearest_concept(tokens, clusterbook).view(-1)  # GN
+        anchor_concepts = concepts[self_columns]  # BN
         with torch.no_grad():
             book = F.normalize(clusterbook.detach().to(device=device, dtype=dtype), dim=-1)  # K D
-            anchor_sim = book[concepts] @ book.T  # BN K: q_i · norm(clusterbook_k)
+            anchor_sim = book[anchor_concepts] @ book.T  # BN K: q_i · norm(clusterbook_k)
         anchors = F.normalize(student.to(dtype), dim=-1).reshape(batch * num_tokens, proj_dim)
-        targets = teacher.detach().to(dtype).reshape(batch * num_tokens, proj_dim)  # BN P
+        targets = teacher.detach().to(dtype).reshape(candidates * num_tokens, proj_dim)  # GN P
 
         terms, empty = _contrastive_term(
             anchors,
@@ -510,7 +597,7 @@ def concept_contrastive_terms(
             targets,
             concepts,
             batch,
-            True,
+            self_columns,
             temperature,
             pos_thresh,
             neg_thresh,
@@ -523,7 +610,7 @@ def concept_contrastive_terms(
                 bank.detach().to(device=device, dtype=dtype),
                 bank_concepts.to(device=device, dtype=torch.long),
                 batch,
-                False,
+                None,
                 temperature,
                 pos_thresh,
                 neg_thresh,
@@ -543,6 +630,7 @@ def concept_contrastive_loss(
     temperature: float = 0.07,
     pos_thresh: float = 0.3,
     neg_thresh: float = 0.1,
+    anchor_index: Tensor | None = None,
 ) -> Tensor:
     """Concept-wise InfoNCE of stage 2: the mean of :func:`concept_contrastive_terms`.
 
@@ -559,6 +647,8 @@ def concept_contrastive_loss(
         temperature: ``τ``.
         pos_thresh: Positive threshold.
         neg_thresh: Negative threshold.
+        anchor_index: Positions of the student images among the candidate images (see
+            :func:`concept_contrastive_terms`).
 
     Returns:
         Scalar loss.
@@ -576,5 +666,6 @@ def concept_contrastive_loss(
         temperature=temperature,
         pos_thresh=pos_thresh,
         neg_thresh=neg_thresh,
+        anchor_index=anchor_index,
     )
     return terms.mean()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cause_lightning.artifacts import MissingArtifactError
 from cause_lightning.data.datasets import find_images, open_image
 from cause_lightning.utils import get_logger
 from cause_lightning.visualize import (
@@ -51,7 +52,16 @@ def load_segmenter(pipeline: Pipeline) -> Segmenter:
     if exported.is_file():
         return Segmenter.load(exported, weights=weights)
     log.info("no %s yet: assembling the model from the stage artifacts", exported)
-    return Segmenter.from_artifacts(pipeline.root, cfg.head.name, weights=weights)
+    try:
+        return Segmenter.from_artifacts(pipeline.root, cfg.head.name, weights=weights)
+    except MissingArtifactError as err:
+        # Name every way to get a model, not only the stage that writes the first missing file.
+        raise MissingArtifactError(
+            f"stage=predict found no model for data={cfg.data.name} backbone={cfg.backbone.name} "
+            f"head={cfg.head.name}: no predict.segmenter=<file> was given, {exported} (written "
+            f"by stage=eval) does not exist, and {err}. Train with stage=all, import the "
+            "reference release with stage=import, or pass predict.segmenter=<segmenter.pt>"
+        ) from err
 
 
 def predict_images(pipeline: Pipeline) -> dict[str, Any]:
@@ -106,7 +116,8 @@ def predict_images(pipeline: Pipeline) -> dict[str, Any]:
             progress.update(task, advance=1, rate=f"{(i + 1) / elapsed:.1f}" if elapsed else "-")
     written: dict[str, Any] = {"predict/output_dir": str(output), "predict/count": len(paths)}
     if cfg.predict.contact_sheet and rows:
-        sheet = contact_sheet(rows, titles=[f"{e['title']}: image | segments" for e in entries[: len(rows)]])
+        titles = [f"{e['title']}: image | segments" for e in entries[: len(rows)]]
+        sheet = contact_sheet(rows, titles=titles)
         written["predict/contact_sheet"] = str(save_png(sheet, output / "contact_sheet.png"))
         written["predict/html"] = str(
             contact_sheet_html(entries, output / "index.html", captions=("overlay", "segments"))

@@ -85,5 +85,10 @@ def _configure_logging() -> None:
     package = logging.getLogger("cause_lightning")
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)
+    if logging.getLogger().handlers:
+        # Hydra's handlers already print and file Lightning's records: avoid printing them twice.
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            for handler in list(logging.getLogger(name).handlers):
+                logging.getLogger(name).removeHandler(handler)
     # The frozen backbone (and the eval-mode teacher parts) are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

@@ -198,6 +198,39 @@ class Pipeline:
             raise FileNotFoundError(f"ckpt_path={requested} does not exist")
         return str(requested)
 
+    def log_scaling(self, step: str, trainer: pl.Trainer) -> None:
+        """Log world size, batch sizes and the effective lr of a training step (rank 0, rule P13).
+
+        Raises:
+            ValueError: When ``method.scale_lr_with_world_size`` is on and the trainer's process
+                count differs from the one the learning rate was derived for.
+        """
+        derived = self.derived[step]
+        if int(trainer.world_size) != int(self.derived.world_size):
+            message = (
+                f"the trainer runs {trainer.world_size} processes but the config derived "
+                f"{self.derived.world_size} from trainer.devices/num_nodes: set trainer.devices "
+                "and trainer.num_nodes explicitly (e.g. under torchrun or srun)"
+            )
+            if self.cfg.method.scale_lr_with_world_size:
+                raise ValueError(message)
+            log.warning("%s; the logged global batch is wrong", message)
+        if not is_global_zero():
+            return
+        lrs = f"lr {derived.lr:g}" + (
+            f", cluster lr {derived.cluster_lr:g}" if "cluster_lr" in derived else ""
+        )
+        log.info(
+            "%s: world size %d, batch %d per device, global batch %d, effective %s "
+            "(method.scale_lr_with_world_size=%s)",
+            step,
+            int(self.derived.world_size),
+            int(derived.batch_size_per_device),
+            int(derived.global_batch_size),
+            lrs,
+            bool(self.cfg.method.scale_lr_with_world_size),
+        )
+
     def barrier(self, trainer: pl.Trainer) -> None:
         trainer.strategy.barrier()
 
@@ -273,8 +306,10 @@ class Pipeline:
             step_size=method.mediator.step_size,
             gamma=method.mediator.gamma,
             chunk_size=method.mediator.chunk_size,
+            seed=int(self.cfg.seed),
         )
         trainer = self.trainer("mediator", max_epochs=method.mediator.epochs)
+        self.log_scaling("mediator", trainer)
         data = self.datamodule("mediator", method.mediator.batch_size)
         trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("mediator"))
         path = self.root / "clusterbook.pt"
@@ -306,8 +341,11 @@ class Pipeline:
             neg_thresh=head_cfg.neg_thresh,
             bank_capacity=head_cfg.bank_capacity,
             bank_keep=head_cfg.bank_keep,
+            sync_bank=bool(head_cfg.sync_bank),
+            seed=int(self.cfg.seed),
         )
         trainer = self.trainer("head", max_epochs=head_cfg.epochs, clip=head_cfg.clip)
+        self.log_scaling("head", trainer)
         data = self.datamodule("head", head_cfg.batch_size)
         trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("head"))
         path = self.head_root / "head.pt"
@@ -344,8 +382,10 @@ class Pipeline:
             clip=probe_cfg.clip,
             head_dropout=probe_cfg.head_dropout,
             reference_leak=probe_cfg.reference_leak,
+            seed=int(self.cfg.seed),
         )
         trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
+        self.log_scaling("probe", trainer)
         data = self.datamodule("probe", probe_cfg.batch_size)
         trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("probe"))
         path = self.head_root / "probe.pt"

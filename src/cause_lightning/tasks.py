@@ -33,11 +33,21 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _class_names(cfg: DictConfig) -> list[str] | None:
-    from hydra.utils import get_class
+    """Class names of the configured dataset, or ``None`` when it does not name its classes."""
+    from hydra.utils import get_class, instantiate
 
+    expected = int(cfg.data.num_classes)
     names = getattr(get_class(cfg.data.module._target_), "class_names", None)
-    if isinstance(names, (list, tuple)) and len(names) == int(cfg.data.num_classes):
-        return list(names)
+    if not (isinstance(names, (list, tuple)) and len(names) == expected):
+        # Some data modules (mosaic, folder) set their names per instance; building one reads
+        # no data (that happens in prepare_data / setup).
+        try:
+            names = getattr(instantiate(cfg.data.module), "class_names", None)
+        except Exception as err:  # names are optional metadata: never fail the import on them
+            log.warning("class names of data=%s unavailable (%s)", cfg.data.name, err)
+            return None
+    if isinstance(names, (list, tuple)) and len(names) == expected:
+        return [str(name) for name in names]
     return None
 
 
@@ -66,15 +76,32 @@ def import_release(cfg: DictConfig) -> dict[str, Any]:
             f"the release head expects {bundle.dim}-d features but backbone={cfg.backbone.name} "
             f"gives {pipeline.backbone.embed_dim}: pick the backbone the release was trained on"
         )
+    resolution = int(pipeline.derived.resolution.test)
+    if bundle.head_type == "tr" and bundle.num_queries != int(pipeline.derived.num_queries):
+        # The TR position queries fix the token grid: eval would fail on the first batch.
+        patch = int(pipeline.backbone.patch_size)
+        side = math.isqrt(int(bundle.num_queries or 0))
+        hint = (
+            f"set data.recipe.resolution.test={side * patch} and "
+            f"data.recipe.resolution.train.tr={side * patch}"
+            if side * side == bundle.num_queries
+            else "check that the release belongs to this backbone"
+        )
+        raise ValueError(
+            f"the release TR head has {bundle.num_queries} position queries but "
+            f"data={cfg.data.name} tests at {resolution}px with patch {patch}, i.e. "
+            f"{int(pipeline.derived.num_queries)} tokens per image: {hint}"
+        )
     meta = pipeline.meta()
     paths = bundle.save(
         pipeline.root,
         backbone=cfg.backbone.name,
         backbone_weights=cfg.backbone.weights,
         backbone_kwargs=meta["backbone_kwargs"],
-        resolution=int(pipeline.derived.resolution.test),
+        resolution=resolution,
         class_names=_class_names(cfg),
         head_name=cfg.head.name,
+        patch_size=int(pipeline.backbone.patch_size),
     )
     log.info(
         "imported the reference release into %s; run stage=eval or stage=predict next",

@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 __all__ = ["DatasetNotFoundError", "SegDataModule", "default_palette"]
 
@@ -91,7 +91,7 @@ class DatasetNotFoundError(FileNotFoundError):
         if name:
             parts.append(
                 f"Prepare it with: python -m cause_lightning stage=prepare data={name} "
-                f"(and set data.root / paths.data_dir if the files live elsewhere)."
+                f"(or point paths.data_dir / data.module.root at the files)."
             )
         super().__init__("\n".join(parts))
 
@@ -112,6 +112,9 @@ class SegDataModule(L.LightningDataModule):
         limit_train: Use only this many training samples (a seeded random subset), or all when
             ``None``.
         seed: Seeds the training shuffle and the ``limit_train`` subset.
+        shuffle: Shuffle the training loader (seeded). ``False`` keeps the dataset order, so a
+            DDP run (sequential ``DistributedSampler``) sees the same global batches as one
+            process (docs/scaling.md).
     """
 
     name: str = "base"
@@ -129,10 +132,11 @@ class SegDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         limit_train: int | None = None,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if root is None:
-            raise ValueError(f"Data module '{self.name}' needs a root directory (data.root).")
+            raise ValueError(f"Data module '{self.name}' needs a root directory (data.module.root).")
         checks = (("train_res", train_res), ("test_res", test_res), ("batch_size", batch_size))
         for key, value in checks:
             if int(value) < 1:
@@ -149,6 +153,7 @@ class SegDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size else self.batch_size
         self.limit_train = None if limit_train is None else int(limit_train)
         self.seed = int(seed)
+        self.shuffle = bool(shuffle)
         self._palette: np.ndarray | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -263,10 +268,12 @@ class SegDataModule(L.LightningDataModule):
                 "(Lightning does this automatically)."
             )
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = self._distributed_sampler(dataset, split)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -274,9 +281,32 @@ class SegDataModule(L.LightningDataModule):
             generator=generator,
         )
 
+    def _distributed_sampler(self, dataset: Dataset, split: str) -> Sampler | None:
+        """The DDP samplers Lightning would not choose by itself (``None``: Lightning's default).
+
+        * train with ``shuffle=False``: a sequential ``DistributedSampler`` (Lightning shuffles
+          every training sampler it injects, whatever the loader's flag), so local sample ``j`` of
+          rank ``r`` is sample ``j * W + r`` of the dataset order;
+        * val/test: split without padding, so each image is scored once (Lightning's default
+          repeats images to even out the ranks, counting them twice in the confusion matrix).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or int(trainer.world_size) <= 1 or (split == "train" and self.shuffle):
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+        from torch.utils.data import DistributedSampler
+
+        kind = DistributedSampler if split == "train" else UnrepeatedDistributedSampler
+        return kind(
+            dataset,
+            num_replicas=int(trainer.world_size),
+            rank=int(trainer.global_rank),
+            shuffle=False,
+        )
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training loader."""
-        return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)
+        """Training loader, shuffled (seeded) unless ``shuffle=False``."""
+        return self._loader(self.train_dataset, "train", self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         """Validation loader (val split at ``test_res``)."""

@@ -1,18 +1,16 @@
 """Cityscapes-27 data module (``docs/protocol.md`` §1).
 
-Layout (the official Cityscapes archives ``leftImg8bit_trainvaltest.zip`` +
-``gtFine_trainvaltest.zip`` unpacked
-into one folder; STEGO's ``cityscapes.zip`` has the same tree)::
+Layout (the official archives ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip``
+unpacked into one folder; STEGO's ``cityscapes.zip`` has the same tree)::
 
     <data_dir>/cityscapes/
       leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
       gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
       cropped/cityscapes_five_crop_0.5/{img,label}/train/<i>.jpg|png
 
-Splits: all fine-annotated frames of ``train`` (2,975) and ``val`` (500). Labels: ``labelIds`` 7..33
-    ->
-``labelId - 7`` (27 classes, not the official 19 trainIds); everything else 255. Crops: ``five`` @
-0.5 (14,875).
+Splits: all fine-annotated frames of ``train`` (2,975) and ``val`` (500). Labels: ``labelIds``
+7..33 -> ``labelId - 7`` (27 classes, not the official 19 trainIds); everything else 255. Crops:
+``five`` @ 0.5 (14,875).
 
 Frame order is cities sorted by name, then files sorted by name. The reference numbered its crops in
 torchvision's unsorted directory order, which depends on the file system; the sorted order makes
@@ -40,8 +38,7 @@ class Cityscapes27DataModule(RealSegDataModule):
     """Cityscapes with the 27 classes of labelIds 7..33.
 
     Train: ``five`` @ 0.5 crops of the 2,975 train frames; val: the 500 val frames, nearest
-        shorter-side resize to
-    ``test_res`` then the central ``test_res`` square. Arguments as
+    shorter-side resize to ``test_res`` then the central ``test_res`` square. Arguments as
     :class:`~cause_lightning.data.real.RealSegDataModule`.
     """
 

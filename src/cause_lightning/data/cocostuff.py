@@ -26,7 +26,7 @@ import logging
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from cause_lightning.data.labels import get_label_spec
 from cause_lightning.data.real import RealSegDataModule, SourceList, read_list_file
@@ -99,6 +99,8 @@ class _CocoStuffDataModule(RealSegDataModule):
         crops: crop recipe; ``None`` = the variant's protocol recipe.
         strict_counts: compare list sizes with the published counts.
         expected_counts: explicit expected image counts per split (``{"train": n, "val": m}``).
+        **kwargs: further :class:`~cause_lightning.data.base.SegDataModule` arguments (e.g.
+            ``shuffle``).
     """
 
     dataset_dir: ClassVar[str] = "cocostuff"
@@ -121,6 +123,7 @@ class _CocoStuffDataModule(RealSegDataModule):
         crops: str | None = None,
         strict_counts: bool = True,
         expected_counts: Mapping[str, int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root=root,
@@ -134,6 +137,7 @@ class _CocoStuffDataModule(RealSegDataModule):
             crops=crops,
             strict_counts=strict_counts,
             expected_counts=expected_counts,
+            **kwargs,
         )
         if not train_list:
             raise ValueError(f"{self.name}: train_list must name a list file, e.g. {TRAIN_LIST!r}")

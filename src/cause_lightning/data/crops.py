@@ -40,6 +40,8 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +59,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+from torch.utils.data import Dataset
 
 from cause_lightning.data.datasets import open_image, open_label
+from cause_lightning.data.transforms import SegTransform
 
 __all__ = [
     "CROP_TOOL_VERSION",
@@ -67,6 +71,7 @@ __all__ = [
     "CropCacheMismatchError",
     "CropCacheSpec",
     "CropCacheStatus",
+    "CropDataset",
     "CropRecipe",
     "build_crop_cache",
     "cache_folder_name",
@@ -415,8 +420,8 @@ class CropCacheSpec:
             f"The crop cache {self.path} was made for a different configuration:\n  - "
             + "\n  - ".join(diffs)
             + "\nEither select the configuration the cache was made with (e.g. "
-            "data.module.train_list=...), "
-            f"or move the folder away (e.g. rename it to {self.path.name}.old) and rebuild it with "
+            "data.module.train_list=...), or move the folder away (e.g. rename it to "
+            f"{self.path.name}.old) and rebuild it with "
             f"`python -m cause_lightning stage=prepare data={self.dataset}`."
         )
 
@@ -440,8 +445,8 @@ def read_manifest(cache: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise CropCacheMismatchError(
-            f"{path} is unreadable ({err}); delete it and re-run stage=prepare to re-verify the "
-            "cache"
+            f"{path} is unreadable ({err}); delete it and re-run stage=prepare to verify the "
+            "cache again"
         ) from err
 
 
@@ -521,6 +526,50 @@ def inspect_crop_cache(spec: CropCacheSpec) -> CropCacheStatus:
     return status
 
 
+class CropDataset(Dataset):
+    """The crops of a cache as a dataset, with paths computed from the index.
+
+    A list of two million path pairs (COCO-81/171) would cost gigabytes in every DataLoader worker;
+    ``<cache>/img/train/<i>.jpg`` and ``<cache>/label/train/<i>.png`` are formatted on demand.
+
+    Args:
+        cache: the cache folder.
+        num_crops: number of crops (indices ``0 .. num_crops - 1``).
+        num_classes: C, to decode the stored ``class + 1`` labels.
+        transform: the protocol transform applied to image and label.
+
+    Returns from ``__getitem__``:
+        ``{"image": float32 [3,res,res], "label": long [res,res] (255 = ignore), "index": int}``.
+    """
+
+    def __init__(
+        self, cache: str | Path, num_crops: int, num_classes: int, transform: SegTransform
+    ) -> None:
+        self.img_dir = str(Path(cache) / "img" / "train")
+        self.label_dir = str(Path(cache) / "label" / "train")
+        self.num_crops = int(num_crops)
+        self.lut = crop_label_lut(num_classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.num_crops
+
+    def __repr__(self) -> str:
+        return f"CropDataset(n={self.num_crops}, cache={Path(self.img_dir).parents[1]})"
+
+    def paths(self, index: int) -> tuple[str, str]:
+        """``(image path, label path)`` of crop ``index``."""
+        return f"{self.img_dir}/{index}.jpg", f"{self.label_dir}/{index}.png"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num_crops:
+            raise IndexError(f"crop index {index} out of range 0..{self.num_crops - 1}")
+        image_path, label_path = self.paths(index)
+        label = self.lut[open_label(label_path)]  # H W class ids, 255 = ignore
+        image_t, label_t = self.transform(open_image(image_path), label)
+        return {"image": image_t, "label": label_t, "index": index}
+
+
 # ------------------------------------------------------------------------------------------ writing
 class _RateColumn(ProgressColumn):
     """Throughput in items per second."""
@@ -591,8 +640,7 @@ class _ImageJob:
 
 
 def _crop_one_image(job: _ImageJob) -> tuple[int, int, int]:
-    """Write the missing crops of one source image; returns ``(index, crops written, crops
-    kept)``."""
+    """Write the missing crops of one image; returns ``(index, crops written, crops kept)``."""
     img_dir, label_dir = _crop_dirs(Path(job.cache))
     cpi = job.recipe.crops_per_image
     first = job.index * cpi
@@ -672,8 +720,8 @@ def build_crop_cache(
     Raises:
         CropCacheMismatchError: if the cache's manifest describes other crops.
         ValueError: if ``samples`` does not match the spec's list length.
-        FileNotFoundError / CorruptImageError: if a source image or annotation is missing or
-        unreadable.
+        FileNotFoundError: if a source image or annotation is missing.
+        CorruptImageError: if one cannot be decoded.
     """
     if len(samples) != spec.list_lines:
         raise ValueError(
@@ -723,11 +771,20 @@ def build_crop_cache(
     with make_progress("images", enabled=progress) as bar:
         task = bar.add_task(f"crops {spec.path.name}", total=spec.list_lines)
         if num_workers > 0:
+            # spawn: the workers never inherit threads or locks of this process; an executor
+            # (unlike multiprocessing.Pool) fails with BrokenProcessPool when a worker dies.
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(num_workers) as pool:
-                for _, w, k in pool.imap_unordered(_crop_one_image, jobs, chunksize=8):
-                    written, kept = written + w, kept + k
-                    bar.advance(task)
+            try:
+                with ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+                    for _, w, k in pool.map(_crop_one_image, jobs, chunksize=16):
+                        written, kept = written + w, kept + k
+                        bar.advance(task)
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    f"a crop worker process died while writing {spec.path} (out of memory, or a "
+                    "main script that cannot be re-imported, e.g. code piped to python); run again "
+                    "with num_workers=0: the crops written so far are kept"
+                ) from err
         else:
             for job in jobs:
                 _, w, k = _crop_one_image(job)

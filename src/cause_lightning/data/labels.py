@@ -87,7 +87,7 @@ _CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LabelSpec:
     """Everything needed to decode and display one dataset's labels.
 
@@ -171,8 +171,7 @@ def _bit_palette(n: int) -> np.ndarray:
 
 
 def _spread_palette(n: int) -> np.ndarray:
-    """Distinct, deterministic colours for many classes (golden-ratio hue walk, two value
-    levels)."""
+    """Distinct, deterministic colours for many classes (golden-ratio hue walk)."""
     golden = 0.618033988749895
     colours = np.zeros((n, 3), dtype=np.uint8)
     for index in range(n):

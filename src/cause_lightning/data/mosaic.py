@@ -350,13 +350,16 @@ class MosaicDataModule(SegDataModule):
         num_val: Validation scenes (also the test split).
         image_size: Scene side in pixels.
         num_classes: Texture classes, 2 to ``len(MOSAIC_TEXTURES)`` (11).
-        seed: Generator seed (train and val use different streams) and the loader shuffle seed.
+        seed: Loader shuffle seed (the run seed).
+        data_seed: Scene generator seed (train and val use different streams); kept apart from
+            ``seed`` so that runs with different seeds evaluate on the same scenes.
         train_res: Training side after the protocol transform (default ``image_size``).
         test_res: Evaluation side (default ``image_size``).
         batch_size: Training batch size.
         num_workers: DataLoader workers.
         eval_batch_size: Val/test batch size.
         limit_train: Use only this many training scenes.
+        shuffle: Shuffle the training loader (see :class:`SegDataModule`).
 
     Raises:
         ValueError: On an unsupported ``num_classes`` or non-positive sizes.
@@ -379,12 +382,14 @@ class MosaicDataModule(SegDataModule):
         image_size: int = 192,
         num_classes: int = 6,
         seed: int = 0,
+        data_seed: int = 0,
         train_res: int | None = None,
         test_res: int | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
         limit_train: int | None = None,
+        shuffle: bool = True,
     ) -> None:
         if not 2 <= int(num_classes) <= len(MOSAIC_TEXTURES):
             raise ValueError(
@@ -405,6 +410,7 @@ class MosaicDataModule(SegDataModule):
             eval_batch_size=eval_batch_size,
             limit_train=limit_train,
             seed=seed,
+            shuffle=shuffle,
         )
         self.num_train = int(num_train)
         self.num_val = int(num_val)
@@ -414,7 +420,7 @@ class MosaicDataModule(SegDataModule):
         self.class_names = [t.name for t in specs]
         self.palette = np.array([t.colour for t in specs], dtype=np.uint8)
         self.params = mosaic_params(
-            self.num_train, self.num_val, self.image_size, self.num_classes, self.seed
+            self.num_train, self.num_val, self.image_size, self.num_classes, int(data_seed)
         )
         self.params_hash = _params_hash(self.params)
         self.generated_now = False

@@ -8,11 +8,10 @@ Layout (``VOCtrainval_11-May-2012.tar`` unpacked)::
       VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
       cropped/pascalvoc_super_crop_0/{img,label}/train/<i>.jpg|png
 
-Splits: ``Segmentation/train.txt`` (1,464 images, cut into ``super`` crops: 50 per image = 73,200)
-    and
-``Segmentation/val.txt`` (1,449). Labels: the palette index; values above 20 (the 255 boundaries)
-are ignored. Transform: both splits are squashed to ``res x res`` (nearest), not centre-cropped
-(§2.1).
+Splits: ``Segmentation/train.txt`` (1,464 images, cut into ``super`` crops: 50 per image =
+73,200) and ``Segmentation/val.txt`` (1,449). Labels: the palette index; values above 20 (the 255
+boundaries) are ignored. Transform: both splits are squashed to ``res x res`` (nearest), not
+centre-cropped (§2.1).
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""Dataset preparation: fetch or unpack, verify, write the training crops (``docs/protocol.md``
-§1.4, §3).
+"""Dataset preparation: fetch or unpack, verify, write the training crops (protocol.md §1.4, §3).
 
 :func:`prepare_dataset` is what ``python -m cause_lightning stage=prepare data=<name>`` runs. For
 each dataset it
@@ -92,6 +91,11 @@ class Archive:
     skip: tuple[str, ...] = ()
 
 
+_STUFFTHINGMAPS_URL = (
+    "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
+    "stuffthingmaps_trainval2017.zip"
+)
+
 ARCHIVES: dict[str, dict[str, Archive]] = {
     "cocostuff": {
         "train_images": Archive(
@@ -110,8 +114,7 @@ ARCHIVES: dict[str, dict[str, Archive]] = {
         ),
         "annotations": Archive(
             "stuffthingmaps_trainval2017.zip",
-            ""
-            "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
+            _STUFFTHINGMAPS_URL,
             "annotations",
             "0.7 GB",
             "annotations/{train2017,val2017}/<id>.png",
@@ -149,8 +152,7 @@ ARCHIVES: dict[str, dict[str, Archive]] = {
 
 # ------------------------------------------------------------------------------------------ network
 def _probe(url: str, timeout: float) -> bool:
-    """Whether ``url``'s host answers within ``timeout`` seconds (run in a thread: DNS cannot stall
-    us)."""
+    """Whether ``url``'s host answers within ``timeout`` s (in a thread, so DNS cannot stall us)."""
     result: list[bool] = []
 
     def attempt() -> None:
@@ -226,8 +228,8 @@ def download_file(url: str, dest: Path, *, timeout: float = 30.0, progress: bool
                 bar.advance(task, len(chunk) / 2**20)
     if total is not None and part.stat().st_size != total:
         raise OSError(
-            f"download of {url} ended at {part.stat().st_size:,} of {total:,} bytes; run again to "
-            "resume"
+            f"download of {url} ended at {part.stat().st_size:,} of {total:,} bytes; run again "
+            "to resume"
         )
     os.replace(part, dest)
     return dest
@@ -335,8 +337,8 @@ def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = No
     if module.layout_key == "cityscapes":
         lines.append(
             "Cityscapes needs a (free) account: log in at "
-            "https://www.cityscapes-dataset.com/downloads/ and "
-            "download these archives on any machine:"
+            "https://www.cityscapes-dataset.com/downloads/ and download these archives on any "
+            "machine:"
         )
     else:
         lines.append("Download these archives on a machine with internet access:")
@@ -348,8 +350,7 @@ def manual_steps(name: str, data_dir: str | Path, missing: list[str] | None = No
         lines.append(f"      unpacked into {target}/ it gives {arc.gives}")
     lines.append(
         f"Copy them into {dataset_dir / 'downloads'}/ (prepare unpacks them, resumably) or unpack "
-        "them yourself "
-        "as shown above."
+        "them yourself as shown above."
     )
     if module.layout_key == "cocostuff":
         lines.append(
@@ -453,7 +454,7 @@ def prepare_dataset(
     Args:
         name: ``cocostuff27``, ``coco81``, ``coco171``, ``cityscapes27`` or ``pascalvoc21``.
         data_dir: the data root (``paths.data_dir``); the dataset lives in
-            ``<data_dir>/<cocostuff|cityscapes| pascalvoc>/``.
+            ``<data_dir>/<cocostuff|cityscapes|pascalvoc>/``.
         download: ``None`` (default) downloads missing public archives when their host answers a
             quick probe; ``False`` never uses the network; ``True`` requires the download (fails
             when offline). Cityscapes is never downloaded (login).
@@ -468,10 +469,10 @@ def prepare_dataset(
         timeout: seconds for the connectivity probe and for each network read.
 
     Returns:
-        A report: ``{"name", "data_dir", "dataset_dir", "downloaded", "extracted", "lists_copied",
-            "train_list",
-        "val_list", "train_images", "val_images", "crop_recipe", "crop_cache", "crops", "status"}``
-        (``crops`` is the :func:`~cause_lightning.data.crops.build_crop_cache` report or ``None``).
+        A report with the keys ``name``, ``data_dir``, ``dataset_dir``, ``downloaded``,
+        ``extracted``, ``lists_copied``, ``train_list``, ``train_images``, ``train_list_sha256``,
+        ``val_list``, ``val_images``, ``crop_recipe``, ``crop_cache``, ``crops`` (the
+        :func:`~cause_lightning.data.crops.build_crop_cache` report, or ``None``) and ``status``.
 
     Raises:
         ValueError: on an unknown dataset name or an option the dataset does not take.
@@ -538,10 +539,17 @@ def prepare_dataset(
                         timeout,
                     )
             if online:
-                path = download_file(
-                    arc.url, dataset_dir / "downloads" / arc.filename, timeout=max(timeout, 30.0)
-                )
-                report["downloaded"].append(str(path))
+                try:
+                    path = download_file(
+                        arc.url,
+                        dataset_dir / "downloads" / arc.filename,
+                        timeout=max(timeout, 30.0),
+                        progress=progress,
+                    )
+                    report["downloaded"].append(str(path))
+                except OSError as err:  # the partial file stays for the next attempt
+                    log.warning("download of %s failed: %s", arc.url, err)
+                    reason = f"{reason}; download failed ({err}), run again to resume"
         if path is None:
             manual[component] = reason
             continue

@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 from cause_lightning.data.base import DatasetNotFoundError, SegDataModule
 from cause_lightning.data.crops import (
     CropCacheSpec,
+    CropDataset,
     cache_folder_name,
-    crop_label_lut,
     get_recipe,
     inspect_crop_cache,
     list_sha256,
@@ -241,6 +241,8 @@ class RealSegDataModule(SegDataModule):
             tiny trees).
         expected_counts: explicit expected image counts per split (``{"train": n, "val": m}``); they
             replace the published counts where given.
+        **kwargs: further :class:`~cause_lightning.data.base.SegDataModule` arguments (e.g.
+            ``shuffle``).
     """
 
     #: folder of the dataset under the data root
@@ -269,6 +271,7 @@ class RealSegDataModule(SegDataModule):
         crops: str | None = None,
         strict_counts: bool = True,
         expected_counts: Mapping[str, int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root=root,
@@ -279,6 +282,7 @@ class RealSegDataModule(SegDataModule):
             eval_batch_size=eval_batch_size,
             limit_train=limit_train,
             seed=seed,
+            **kwargs,
         )
         self.label_spec: LabelSpec = get_label_spec(self.name)
         self.palette = self.label_spec.palette
@@ -308,8 +312,8 @@ class RealSegDataModule(SegDataModule):
         title, config = _LAYOUT_TITLES[found[0]]
         return self.not_found(
             f"{path} holds a {title} tree ({found[1]}), not {self.title}. Use data={config} for "
-            "that tree, "
-            f"or point data.root (paths.data_dir) at the folder that contains {self.dataset_dir}/"
+            "that tree, or point data.root (paths.data_dir) at the folder that contains "
+            f"{self.dataset_dir}/"
         )
 
     @property
@@ -372,8 +376,10 @@ class RealSegDataModule(SegDataModule):
         raise NotImplementedError
 
     def expected_count(self, split: str, source: SourceList) -> int | None:
-        """The image count a split must have: explicit ``expected_counts``, else the published count
-        when ``strict_counts``, else ``None`` (not checked).
+        """The image count a split must have.
+
+        Explicit ``expected_counts`` win; otherwise the published count when ``strict_counts``,
+        else ``None`` (not checked).
 
         Args:
             split: ``"train"`` or ``"val"``.
@@ -434,8 +440,8 @@ class RealSegDataModule(SegDataModule):
             if source.published is not None and expected == source.published:
                 hint = (
                     f"{expected:,} is the published count of {source.name}: the list was altered "
-                    "or the "
-                    "download / unpacking is incomplete (strict_counts=false skips this check)"
+                    "or the download / unpacking is incomplete (strict_counts=false skips this "
+                    "check)"
                 )
             else:
                 hint = "check the list and the unpacked files, or pass the right expected_counts"
@@ -476,9 +482,8 @@ class RealSegDataModule(SegDataModule):
         if status.state == "unverified":
             log.warning(
                 "crop cache %s has all %d crops but no manifest.json (made by another tool?); "
-                "using it. "
-                "Run `python -m cause_lightning stage=prepare data=%s` once to verify it and "
-                "write the manifest.",
+                "using it. Run `python -m cause_lightning stage=prepare data=%s` once to verify "
+                "it and write the manifest.",
                 spec.path,
                 spec.num_crops,
                 self.name,
@@ -486,17 +491,15 @@ class RealSegDataModule(SegDataModule):
             return
         what = (
             f"training crops in {spec.path} ({self.recipe.name} recipe: "
-            f"{self.recipe.crops_per_image} per image "
-            f"x {spec.list_lines:,} images of {spec.source_list})"
+            f"{self.recipe.crops_per_image} per image x {spec.list_lines:,} images of "
+            f"{spec.source_list})"
         )
         if status.state == "missing":
             raise self.not_found(
                 f"no training crop cache at {spec.path}; the train split reads pre-computed crops "
                 f"({self.recipe.crops_per_image} per image x {spec.list_lines:,} images = "
-                f"{spec.num_crops:,} "
-                "crops, protocol.md §3)"
+                f"{spec.num_crops:,} crops, protocol.md §3)"
             )
-        hint = "an interrupted run leaves a partial cache; preparing again resumes it"
         raise DatasetCountError(
             what,
             status.found,
@@ -504,7 +507,7 @@ class RealSegDataModule(SegDataModule):
             name=self.name,
             root=self.root,
             layout=self.layout,
-            hint=hint,
+            hint="an interrupted run leaves a partial cache; preparing again resumes it",
         )
 
     def verify(self, splits: Sequence[str] | None = None) -> None:
@@ -538,7 +541,8 @@ class RealSegDataModule(SegDataModule):
             res: side of the transformed images.
 
         Returns:
-            A :class:`~cause_lightning.data.datasets.SegmentationDataset`.
+            A :class:`~cause_lightning.data.crops.CropDataset` (train) or a
+            :class:`~cause_lightning.data.datasets.SegmentationDataset` (val).
         """
         self.verify([split])
         transform = SegTransform(res, mode=self.transform_mode)
@@ -548,10 +552,7 @@ class RealSegDataModule(SegDataModule):
                 list(source.samples), transform, LutDecoder(self.label_spec.lut)
             )
         spec = self.crop_cache_spec()
-        img_dir, label_dir = spec.path / "img" / "train", spec.path / "label" / "train"
-        img_base, label_base = str(img_dir), str(label_dir)
-        samples = [(f"{img_base}/{i}.jpg", f"{label_base}/{i}.png") for i in range(spec.num_crops)]
-        return SegmentationDataset(samples, transform, LutDecoder(crop_label_lut(self.num_classes)))
+        return CropDataset(spec.path, spec.num_crops, self.num_classes, transform)
 
     def describe_extra(self) -> dict[str, Any]:
         """Lists, counts and the crop recipe (the protocol's reporting rule).

@@ -1,4 +1,11 @@
-"""Shared Lightning glue of the CAUSE stages: the frozen backbone and the loss guards."""
+"""Shared Lightning glue of the CAUSE stages: the frozen backbone, the loss guards and the
+rank-invariant randomness of data-parallel runs (docs/scaling.md).
+
+Under DDP with a sequential ``DistributedSampler``, local sample ``j`` of rank ``r`` is sample
+``j * W + r`` of the global batch (``W`` = world size). The random grid-sampling offsets of a step
+are drawn for the whole global batch from a generator seeded by ``(seed, global_step)`` on every
+rank, and each rank keeps its rows, so an image gets the same offsets whatever the world size.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,46 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["StageModule", "NonFiniteLossError", "upsample_to", "linear_probe_loss"]
+from cause_lightning.ops import grid_sample_index
+
+__all__ = [
+    "StageModule",
+    "NonFiniteLossError",
+    "upsample_to",
+    "linear_probe_loss",
+    "step_generator",
+    "GRID_STREAM",
+    "BANK_STREAM",
+]
+
+# Independent random streams of one training step (keys of `step_generator`).
+GRID_STREAM = 0
+BANK_STREAM = 1
+
+
+def step_generator(seed: int, step: int, stream: int, *extra: int) -> torch.Generator:
+    """A CPU generator determined by the run seed, the optimiser step and a stream id.
+
+    Every process of a data-parallel run builds the same generator for the same step, so draws
+    made for the global batch agree across ranks; a resumed run continues the same sequence.
+
+    Args:
+        seed: Run seed (``cfg.seed``).
+        step: Global optimiser step.
+        stream: Which draw of the step (``GRID_STREAM``, ``BANK_STREAM``).
+        *extra: Further keys (e.g. the rank, for deliberately rank-specific draws).
+
+    Returns:
+        A seeded ``torch.Generator`` on the CPU.
+    """
+    keys = [int(k) % 2**63 for k in (seed, stream, step, *extra)]
+    state = np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -27,10 +69,12 @@ class StageModule(pl.LightningModule):
 
     Args:
         backbone: Frozen feature extractor ``[B,3,H,W] -> [B,D,h,w]``.
+        seed: Seed of the per-step random draws (grid sampling, bank subsets).
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, seed: int = 0) -> None:
         super().__init__()
+        self.seed = int(seed)
         self.backbone = backbone
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
@@ -40,6 +84,49 @@ class StageModule(pl.LightningModule):
         super().train(mode)
         self.backbone.eval()
         return self
+
+    def world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the attached trainer, ``(1, 0)`` without one."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def grid_index(self, features: torch.Tensor, window: int) -> torch.Tensor:
+        """Grid-sampling offsets of this rank's images for the current step.
+
+        Drawn for the global batch (``B * W`` images) from :func:`step_generator`, rows
+        ``rank::W`` kept (local image ``j`` is global image ``j * W + rank``).
+
+        Args:
+            features: Local feature maps ``[B, C, h, w]``.
+            window: Grid-sampling window.
+
+        Returns:
+            Long offsets ``[B, (h // window) * (w // window)]`` on the features' device.
+        """
+        world, rank = self.world()
+        batch, _, height, width = features.shape
+        generator = step_generator(self.seed, self.global_step, GRID_STREAM)
+        index = grid_sample_index(batch * world, height, width, window, generator=generator)
+        return index[rank::world].to(features.device)  # B N
+
+    def gather_global(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-gather a per-rank batch ``[B, ...]`` into the global batch ``[B * W, ...]``.
+
+        Rows come out in global sample order (``j * W + r``), the order of a one-process run.
+        The result carries no gradient.
+        """
+        world, _ = self.world()
+        if world == 1:
+            return tensor
+        gathered = self.all_gather(tensor.detach().contiguous())  # W B ...
+        return gathered.transpose(0, 1).flatten(0, 1)  # (B W) ...
+
+    def global_rows(self, batch: int) -> torch.Tensor:
+        """Global-batch position of each local image: ``arange(B) * W + rank`` (long ``[B]``)."""
+        world, rank = self.world()
+        return torch.arange(batch, device=self.device) * world + rank
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:

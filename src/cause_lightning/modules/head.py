@@ -3,6 +3,14 @@
 The student head and projection learn; the teacher (EMA, 0.99) runs in training mode, as in the
 reference, and its sampled projections fill a per-concept bank after each step. The linear probe
 learns on the teacher's detached features, so labels never reach the head.
+
+Under DDP the reference keeps one bank per process and uses the process's own images as in-batch
+candidates (``sync_bank=False``). With ``sync_bank=True`` every rank all-gathers the step's sampled
+tokens and teacher projections in global sample order: the in-batch candidates of the local
+anchors are the global batch, and every rank appends the same global entries to an identical bank
+with an identically seeded draw. Each rank's loss is the mean of its ``B`` (or ``2B``) terms, and
+DDP's gradient average over equal shards is then the gradient of the mean over all terms: the
+result equals one process on the global batch (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -17,7 +25,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from cause_lightning.models import ConceptBank, LinearProbe, ProjectionHead, ema_update
-from cause_lightning.modules.base import StageModule, linear_probe_loss, upsample_to
+from cause_lightning.modules.base import (
+    BANK_STREAM,
+    StageModule,
+    linear_probe_loss,
+    step_generator,
+    upsample_to,
+)
 from cause_lightning.ops import concept_contrastive_terms, grid_sample_tokens, nearest_concept
 
 __all__ = ["HeadModule", "supervised_metrics"]
@@ -55,6 +69,10 @@ class HeadModule(StageModule):
         neg_thresh: Concept similarity below which a pair is negative.
         bank_capacity: Teacher projections kept per concept.
         bank_keep: Fraction of each concept's entries of a step appended to the bank.
+        sync_bank: Under DDP, use the global batch as in-batch candidates and keep one identical
+            bank on every rank (equal to one process on the global batch); ``False`` keeps the
+            reference's per-process bank and candidates.
+        seed: Seed of the per-step grid sampling and bank subset draws.
     """
 
     def __init__(
@@ -75,8 +93,10 @@ class HeadModule(StageModule):
         neg_thresh: float = 0.1,
         bank_capacity: int = 100,
         bank_keep: float = 0.5,
+        sync_bank: bool = False,
+        seed: int = 0,
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, seed=seed)
         self.save_hyperparameters(ignore=["backbone", "head_factory", "clusterbook"])
         dim = int(backbone.embed_dim)
         if clusterbook.ndim != 2 or clusterbook.shape[1] != dim:
@@ -102,7 +122,7 @@ class HeadModule(StageModule):
             keep_fraction=bank_keep,
         )
         self.val_linear = supervised_metrics(num_classes, "val/linear/")
-        self._pending_bank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_bank: tuple[torch.Tensor, torch.Tensor, torch.Generator] | None = None
 
     def _student_teacher(
         self, features: torch.Tensor
@@ -115,12 +135,14 @@ class HeadModule(StageModule):
                 teacher = self.head_ema(features)  # B R h w
                 teacher_proj = self.projection_ema(teacher)  # B P h w
             student_proj = self.projection(self.head(features))  # B P h w
-            tokens, index = grid_sample_tokens(features, window=window)  # B N D
+            index = self.grid_index(features, window)  # B N
+            tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
             student_tok, _ = grid_sample_tokens(student_proj, window=window, index=index)
             teacher_tok, _ = grid_sample_tokens(teacher_proj, window=window, index=index)
             return tokens, student_tok, teacher_tok, teacher
         # MLP heads are per token: sampling first is equal and much cheaper (method.md §5.4).
-        tokens, _ = grid_sample_tokens(features, window=window)  # B N D
+        index = self.grid_index(features, window)  # B N
+        tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
         grid = tokens.transpose(1, 2).unsqueeze(-1)  # B D N 1
         student_tok = self.projection(self.head(grid)).squeeze(-1).transpose(1, 2)  # B N P
         with torch.no_grad():
@@ -131,6 +153,18 @@ class HeadModule(StageModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
         tokens, student_tok, teacher_tok, teacher = self._student_teacher(features)
+        world, rank = self.world()
+        synced = bool(self.hparams.sync_bank) and world > 1
+        anchor_index = None
+        if synced:
+            # Candidates and bank entries of the global batch; the anchors stay local.
+            anchor_index = self.global_rows(tokens.shape[0])  # B
+            tokens = self.gather_global(tokens)  # (B W) N D
+            teacher_tok = self.gather_global(teacher_tok)  # (B W) N P
+        # A synced bank (and one process) draws its subset identically on every rank; separate
+        # per-process banks (reference) draw independently.
+        keys = (rank,) if world > 1 and not synced else ()
+        generator = step_generator(self.seed, self.global_step, BANK_STREAM, *keys)
         bank, bank_concepts = self.bank.view()
         terms, empty = concept_contrastive_terms(
             tokens,
@@ -142,6 +176,7 @@ class HeadModule(StageModule):
             temperature=self.hparams.temperature,
             pos_thresh=self.hparams.pos_thresh,
             neg_thresh=self.hparams.neg_thresh,
+            anchor_index=anchor_index,
         )
         loss_front = terms.mean()
         loss_linear = linear_probe_loss(
@@ -150,9 +185,9 @@ class HeadModule(StageModule):
         loss = loss_front + loss_linear
         self.check_finite(loss, loss_front=loss_front, loss_linear=loss_linear)
         with torch.no_grad():
-            concepts = nearest_concept(tokens, self.clusterbook)  # B N
-        self._pending_bank = (concepts.flatten(), teacher_tok.detach().flatten(0, 1))
-        batch_size = tokens.shape[0]
+            concepts = nearest_concept(tokens, self.clusterbook)  # B N (global batch if synced)
+        self._pending_bank = (concepts.flatten(), teacher_tok.detach().flatten(0, 1), generator)
+        batch_size = student_tok.shape[0]
         self.log("train/loss_front", loss_front, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_linear", loss_linear, batch_size=batch_size)
         self.log("train/empty_pos_terms", empty.sum().float(), batch_size=batch_size)
@@ -164,8 +199,8 @@ class HeadModule(StageModule):
         ema_update(self.head_ema, self.head, self.hparams.ema_decay)
         ema_update(self.projection_ema, self.projection, self.hparams.ema_decay)
         if self._pending_bank is not None:
-            concepts, projections = self._pending_bank
-            self.bank.update(concepts, projections)
+            concepts, projections, generator = self._pending_bank
+            self.bank.update(concepts, projections, generator=generator)
             self._pending_bank = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -1,4 +1,9 @@
-"""Stage 1 (mediator): learn the concept clusterbook by soft graph modularity (method.md §4)."""
+"""Stage 1 (mediator): learn the concept clusterbook by soft graph modularity (method.md §4).
+
+The loss is a mean over images and the grid offsets are drawn per global-batch position
+(:meth:`StageModule.grid_index`), so DDP's gradient average over equal shards equals the gradient
+of one process on the global batch (docs/scaling.md).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class MediatorModule(StageModule):
         step_size: StepLR step in epochs.
         gamma: StepLR decay.
         chunk_size: Concepts per chunk of the max-product (None = automatic).
+        seed: Seed of the per-step grid sampling.
     """
 
     def __init__(
@@ -37,8 +43,9 @@ class MediatorModule(StageModule):
         step_size: int = 1,
         gamma: float = 0.2,
         chunk_size: int | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, seed=seed)
         self.save_hyperparameters(ignore=["backbone"])
         dim = int(backbone.embed_dim)
         bound = 1.0 / num_concepts
@@ -46,7 +53,9 @@ class MediatorModule(StageModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
-        tokens, _ = grid_sample_tokens(features, window=self.hparams.window)  # B N D
+        window = self.hparams.window
+        index = self.grid_index(features, window)  # B N
+        tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
         loss = modularity_loss(
             tokens,
             self.clusterbook,

@@ -42,6 +42,7 @@ class ProbeModule(StageModule):
         clip: Grad-norm clip of the segment parameters (None = none).
         head_dropout: Keep the frozen head's dropout active while the centroids are fitted.
         reference_leak: Reproduce the released label leak into the head (labelled).
+        seed: Seed of the per-step grid sampling.
     """
 
     def __init__(
@@ -60,8 +61,9 @@ class ProbeModule(StageModule):
         clip: float | None = None,
         head_dropout: bool = True,
         reference_leak: bool = False,
+        seed: int = 0,
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, seed=seed)
         self.save_hyperparameters(ignore=["backbone", "head", "linear"])
         self.head = head.requires_grad_(reference_leak)
         self.linear = linear
@@ -84,7 +86,9 @@ class ProbeModule(StageModule):
         features = self.extract(batch["image"])  # B D h w
         with torch.set_grad_enabled(self.hparams.reference_leak):
             segment = self.head(features)  # B R h w
-        tokens, _ = grid_sample_tokens(segment.detach(), window=self.hparams.window)  # B N R
+        window = self.hparams.window
+        index = self.grid_index(segment, window)  # B N, the same offsets whatever the world size
+        tokens, _ = grid_sample_tokens(segment.detach(), window=window, index=index)  # B N R
         loss_cluster = modularity_loss(
             tokens, self.cluster.centroids, temperature=self.hparams.temperature
         )
