@@ -36,7 +36,9 @@ def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
         timeout=300,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -61,7 +63,9 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     assert result.returncode != 0
     result = cli("method.num_concepts=abc", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "num_concepts" in result.stderr
-    result = cli("stage=prepare", "data=cocostuff27", "stage.download=false", cwd=tmp_path, check=False)
+    result = cli(
+        "stage=prepare", "data=cocostuff27", "stage.download=false", cwd=tmp_path, check=False
+    )
     assert result.returncode != 0
     assert "cocostuff" in (result.stderr + result.stdout)
 
@@ -76,7 +80,17 @@ def test_packaged_config_is_found_after_a_wheel_install(tmp_path: Path) -> None:
     )
     wheel = next(wheel_dir.glob("*.whl"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
         check=True,
         timeout=240,
     )

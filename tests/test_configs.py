@@ -28,7 +28,18 @@ def resolve_target(target: str) -> object:
 
 @pytest.mark.parametrize(
     "group",
-    ["stage", "data", "backbone", "head", "method", "trainer", "logger", "callbacks", "debug", "paths"],
+    [
+        "stage",
+        "data",
+        "backbone",
+        "head",
+        "method",
+        "trainer",
+        "logger",
+        "callbacks",
+        "debug",
+        "paths",
+    ],
 )
 def test_every_option_composes(compose, group: str) -> None:
     names = options(group)

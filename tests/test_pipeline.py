@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cause_lightning.artifacts import ArtifactError, MissingArtifactError, load_artifact, save_artifact
+from cause_lightning.artifacts import (
+    ArtifactError,
+    MissingArtifactError,
+    load_artifact,
+    save_artifact,
+)
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
 
@@ -45,7 +50,9 @@ def tiny(compose, shared_data_dir: Path):
 def test_stages_chain_through_artifacts(tiny, tmp_path: Path, head: str) -> None:
     for stage in ("mediator", "head", "probe"):
         results = run(tiny(f"stage={stage}", f"head={head}"))
-        assert Path(results[f"artifacts/{'clusterbook' if stage == 'mediator' else stage}"]).is_file()
+        assert Path(
+            results[f"artifacts/{'clusterbook' if stage == 'mediator' else stage}"]
+        ).is_file()
     root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
     clusterbook = load_artifact(root / "clusterbook.pt", "clusterbook", "mediator")
     assert clusterbook["clusterbook"].shape == (32, 64)
@@ -53,8 +60,13 @@ def test_stages_chain_through_artifacts(tiny, tmp_path: Path, head: str) -> None
     assert head_record["meta"]["head_type"] == head
     assert head_record["meta"]["config"]["head"]["name"] == head  # resolved config inside
     results = run(tiny("stage=eval", f"head={head}", "method.eval.variants=[raw,flip]"))
-    for key in ("test/cluster/raw/mIoU", "test/cluster/flip/pAcc", "test/linear/raw/mIoU",
-                "test/baseline/kmeans/mIoU", "test/baseline/majority/pAcc"):
+    for key in (
+        "test/cluster/raw/mIoU",
+        "test/cluster/flip/pAcc",
+        "test/linear/raw/mIoU",
+        "test/baseline/kmeans/mIoU",
+        "test/baseline/majority/pAcc",
+    ):
         assert 0.0 <= results[key] <= 1.0, key
     report = json.loads((root / head / "metrics.json").read_text())
     assert report["unsupervised"] and report["record_variant"] == "flip"
@@ -83,7 +95,11 @@ def test_clusterbook_of_another_backbone_is_rejected(tiny, tmp_path: Path) -> No
     save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 48), "meta": {}})
     with pytest.raises(ArtifactError, match="width"):
         run(tiny("stage=head"))
-    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 64), "meta": {"backbone": "dino_vits8"}})
+    save_artifact(
+        path,
+        "clusterbook",
+        {"clusterbook": torch.zeros(32, 64), "meta": {"backbone": "dino_vits8"}},
+    )
     with pytest.raises(ArtifactError, match="backbone"):
         run(tiny("stage=head"))
 

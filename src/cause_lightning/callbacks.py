@@ -16,7 +16,9 @@ class ThroughputProgressBar(RichProgressBar):
     """Rich progress bar that also shows images per second of the running loop.
 
     The throughput is measured per process from the batch sizes seen since the loop started, so
-    it is the backbone-bound figure users compare across machines.
+    it is the backbone-bound figure users compare across machines. Training shows it among the
+    metrics; the test loop (evaluation, including the CRF) shows it in the bar's description,
+    because Rich draws the metrics column only while fitting.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -31,6 +33,12 @@ class ThroughputProgressBar(RichProgressBar):
     def _count(self, batch: Any) -> None:
         if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
             self._images += int(batch["image"].shape[0])
+
+    def _rate(self) -> str | None:
+        elapsed = time.perf_counter() - self._start
+        if not self._images or elapsed <= 0:
+            return None
+        return f"{self._images / elapsed:.1f}"
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -49,15 +57,20 @@ class ThroughputProgressBar(RichProgressBar):
     ) -> None:  # type: ignore[override]
         self._count(batch)
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        rate = self._rate()
+        if self.is_enabled and self.progress is not None and self.test_progress_bar_id is not None:
+            if rate is not None:
+                description = f"{self.test_description} ({rate} img/s)"
+                self.progress.update(self.test_progress_bar_id, description=description)
 
     def get_metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, int | str | float | dict[str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        elapsed = time.perf_counter() - self._start
-        if self._images and elapsed > 0:
-            metrics["img/s"] = f"{self._images / elapsed:.1f}"
+        rate = self._rate()
+        if rate is not None:
+            metrics["img/s"] = rate
         return metrics
 
 

@@ -227,8 +227,8 @@ def _crf_task(
 
 
 def _default_start_method() -> str:
-    # forkserver forks workers from a clean server process: no inherited torch threads/locks, and no
-    # re-import of the parent's modules per worker (spawn re-imports them). Windows only has spawn.
+    # Never fork a parent that holds torch threads. forkserver forks workers from a clean server
+    # (a little cheaper than spawn's fresh interpreter); Windows only has spawn.
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -238,8 +238,12 @@ class CRFRunner:
     With ``num_workers > 0`` the pool is created on first use and reused across calls. If a batch
     is not finished ``timeout`` seconds after submission, the pending work is cancelled, the
     workers are terminated (never waited on), and :class:`TimeoutError` is raised; the next call
-    starts a fresh pool. The first pooled call also pays worker start-up (about 0.1-1 s). The
-    serial path cannot be interrupted and ignores ``timeout``.
+    starts a fresh pool. The serial path cannot be interrupted and ignores ``timeout``.
+
+    The first pooled call also pays worker start-up: about 0.3 s, plus, when the parent was
+    started from a script path (not ``python -m ...``), the time each worker needs to re-import
+    that script's top-level imports (multiprocessing does this for spawn and forkserver alike).
+    The timeout covers that start-up, so keep it generous.
 
     Args:
         num_workers: 0 for in-process execution, otherwise the number of worker processes.

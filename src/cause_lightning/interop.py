@@ -150,6 +150,9 @@ class OfficialBundle:
             },
             "imported_from": {k: str(v) for k, v in self.source.items()},
             "reference_release": True,
+            # The released heads were fine-tuned with the stage-3 label leak (method.md §6.3):
+            # every number measured with them inherits it, so reports label them accordingly.
+            "reference_leak": True,
         }
         clusterbook_path = root / "clusterbook.pt"
         if clusterbook_path.exists():

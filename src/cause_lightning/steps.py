@@ -29,6 +29,7 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.config import derive, to_plain
 from cause_lightning.models import LinearProbe, build_head
+from cause_lightning.tracking import instantiate_logger, publish_step
 from cause_lightning.utils import get_logger, instantiate_group, is_global_zero
 
 __all__ = ["Pipeline", "STEPS"]
@@ -98,6 +99,14 @@ class Pipeline:
             OmegaConf.to_yaml(self.cfg, resolve=True)
         )
 
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The ``build_backbone`` keywords of the config beyond name and weights."""
+        return {
+            k: v
+            for k, v in to_plain(self.cfg.backbone).items()
+            if k not in ("_target_", "name", "weights")
+        }
+
     def meta(self, **extra: Any) -> dict[str, Any]:
         """Metadata stored in every artifact (plain values only)."""
         cfg = self.cfg
@@ -105,11 +114,7 @@ class Pipeline:
         return {
             "backbone": cfg.backbone.name,
             "backbone_weights": cfg.backbone.weights,
-            "backbone_kwargs": {
-                k: v
-                for k, v in to_plain(cfg.backbone).items()
-                if k not in ("_target_", "name", "weights")
-            },
+            "backbone_kwargs": self.backbone_kwargs(),
             "dim": int(backbone.embed_dim),
             "patch_size": int(backbone.patch_size),
             "data": cfg.data.name,
@@ -172,7 +177,7 @@ class Pipeline:
                     "job_type": step,
                     "config": to_plain(self.cfg),
                 }
-            loggers.append(instantiate(node, **overrides))
+            loggers.append(instantiate_logger(node, **overrides))
         return loggers
 
     def checkpoint_dir(self, step: str) -> Path:
@@ -251,6 +256,23 @@ class Pipeline:
                     f"{path} was made with {key}={meta[key]!r} but this run has {key}={value!r}: "
                     f"re-run stage={PRODUCER[kind]} for this configuration (or set artifact_tag)"
                 )
+        # Same name and width can still mean other features (the 12-head DINO ViT-S of the
+        # release has the 6-head model's shapes), so the architecture overrides must match too.
+        stored, current = meta.get("backbone_kwargs"), self.backbone_kwargs()
+        if isinstance(stored, dict):
+            differ = sorted(
+                k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
+            )
+            if differ:
+                wanted = ", ".join(
+                    f"+backbone.{k}={stored[k]}" if k in stored else f"no backbone.{k}"
+                    for k in differ
+                )
+                raise ArtifactError(
+                    f"{path} was made with backbone options {stored} but this run has {current} "
+                    f"(differing: {', '.join(differ)}): pass the same options ({wanted}) or "
+                    f"re-run stage={PRODUCER[kind]} for this configuration"
+                )
         return record
 
     def clusterbook(self) -> torch.Tensor:
@@ -290,7 +312,16 @@ class Pipeline:
                 self.cfg.backbone.name,
                 self.cfg.head.name,
             )
-            results.update(getattr(self, f"step_{step}")())
+            # Every step starts from the run seed once the backbone exists, so its initial weights
+            # do not depend on what ran before it in this process (stage=all vs one stage, or a
+            # DDP strategy that re-seeds when a fit starts).
+            _ = self.backbone
+            pl.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
+            step_results = getattr(self, f"step_{step}")()
+            results.update(step_results)
+            # W&B: the step's artifacts and report, then close its run (rank 0, W&B loggers only).
+            trainer = self.trainers[-1] if self.trainers else None
+            publish_step(trainer, step, step_results, str(self.cfg.experiment_name))
         return results
 
     def step_mediator(self) -> dict[str, Any]:
@@ -392,7 +423,10 @@ class Pipeline:
         if trainer.is_global_zero:
             meta = {
                 **record["meta"],
-                "reference_leak": bool(probe_cfg.reference_leak),
+                # A head imported from the release carries the leak whatever this stage does.
+                "reference_leak": bool(
+                    probe_cfg.reference_leak or record["meta"].get("reference_leak", False)
+                ),
                 "config": to_plain(self.cfg),
             }
             save_artifact(path, "probe", {**module.export(), "meta": meta})

@@ -28,6 +28,8 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         cfg.paths.data_dir,
         download=cfg.stage.get("download"),
         train_list=module.get("train_list"),
+        num_workers=int(module.get("num_workers", 0) or 0),
+        strict_counts=bool(module.get("strict_counts", True)),
     )
     return {"prepare": report}
 
@@ -117,8 +119,9 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
         sweep_dir: A Hydra multirun directory (``<sweep>/<job number>/...``).
 
     Returns:
-        Rows with ``job``, ``overrides``, ``status`` (``ok`` / ``failed`` / ``missing``),
-        ``error`` and every ``test/...`` metric of the job's ``results.json``.
+        Rows with ``job``, ``overrides`` (all of the job's), ``varied`` (those not shared by
+        every job), ``status`` (``ok`` / ``failed`` / ``missing``), ``error`` and every
+        ``test/...`` metric of the job's ``results.json``.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -137,7 +140,11 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
             if overrides_file.is_file()
             else []
         )
-        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(map(str, overrides))}
+        row: dict[str, Any] = {
+            "job": job.name,
+            "overrides": " ".join(map(str, overrides)),
+            "_override_list": [str(o) for o in overrides],
+        }
         failure = job / "failure.json"
         results_file = job / "results.json"
         if failure.is_file():
@@ -150,7 +157,29 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
         else:
             row.update(status="missing", error="no results.json (job still running or killed)")
         rows.append(row)
+    # The overrides every job shares say nothing about the sweep: keep the ones that vary.
+    shared = set.intersection(*(set(r["_override_list"]) for r in rows))
+    for row in rows:
+        varied = [o for o in row.pop("_override_list") if o not in shared]
+        row["varied"] = " ".join(varied)
     return rows
+
+
+def _summary_metric(rows: list[dict[str, Any]], requested: str) -> str:
+    """``requested`` when some job reports it, else the best available cluster-probe variant.
+
+    Without pydensecrf the CRF variants are skipped, so the default ``.../flip_crf/mIoU`` may be
+    absent; the fallback follows the report's order (flip_crf, flip, crf, raw).
+    """
+    available = {k for row in rows for k in row if k.startswith("test/")}
+    if requested in available or not available:
+        return requested
+    for variant in ("flip_crf", "flip", "crf", "raw"):
+        candidate = f"test/cluster/{variant}/mIoU"
+        if candidate in available:
+            log.warning("no job reports %s; ranking jobs by %s", requested, candidate)
+            return candidate
+    return requested
 
 
 def summarize(cfg: DictConfig) -> dict[str, Any]:
@@ -161,13 +190,13 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("sweep_dir"):
         raise ValueError("stage=summarize needs sweep_dir=<multirun directory>")
     rows = collect_sweep(cfg.sweep_dir)
-    metric = str(cfg.summary_metric)
+    metric = _summary_metric(rows, str(cfg.summary_metric))
     metric_keys = sorted({k for row in rows for k in row if k.startswith("test/")})
     scored = [
         r for r in rows if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])
     ]
     best = max(scored, key=lambda r: r[metric]) if scored else None
-    columns = ["job", "status", "overrides", *metric_keys, "error"]
+    columns = ["job", "status", "varied", *metric_keys, "error", "overrides"]
     out = Path(cfg.sweep_dir) / "summary.csv"
 
     def write(tmp: str) -> None:
@@ -179,7 +208,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     atomic_write(out, write)
     table = Table(title=f"sweep {cfg.sweep_dir} (best by {metric})")
     shown = [m for m in metric_keys if m.endswith("mIoU")] or metric_keys
-    for column in ["job", "status", "overrides", *shown]:
+    for column in ["job", "status", "varied", *shown]:
         table.add_column(column.replace("test/", ""))
     for row in rows:
         values = [
@@ -189,7 +218,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
         table.add_row(
             row["job"],
             status,
-            row["overrides"],
+            row["varied"],
             *values,
             style="bold green" if row is best else None,
         )
@@ -197,6 +226,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     return {
         "summary/csv": str(out),
         "summary/best_job": best["job"] if best else None,
+        "summary/metric": metric,
         "objective": best[metric] if best else None,
         "summary/failed": [r["job"] for r in rows if r["status"] != "ok"],
     }

@@ -136,7 +136,7 @@ class SegDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if root is None:
-            raise ValueError(f"Data module '{self.name}' needs a root directory (data.module.root).")
+            raise ValueError(f"Data module '{self.name}' needs a root (data.module.root).")
         checks = (("train_res", train_res), ("test_res", test_res), ("batch_size", batch_size))
         for key, value in checks:
             if int(value) < 1:

@@ -1,4 +1,4 @@
-"""Plain ``nn.Module`` building blocks: frozen backbones, CAUSE heads, probes and the concept bank."""
+"""Plain ``nn.Module`` building blocks: frozen backbones, CAUSE heads, probes, concept bank."""
 
 from cause_lightning.models.backbones import FrozenBackbone, build_backbone, list_backbones
 from cause_lightning.models.bank import ConceptBank

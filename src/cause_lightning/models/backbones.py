@@ -72,6 +72,8 @@ class FrozenBackbone(nn.Module):
         embed_dim: Feature width D.
         patch_size: Patch size p.
         num_prefix_tokens: Class and register tokens of the token sequence.
+        build_kwargs: Keyword overrides given to ``build_backbone`` (without ``weights`` and
+            ``device``), so that ``build_backbone(name, weights, **build_kwargs)`` rebuilds it.
     """
 
     def __init__(self, name: str, embed_dim: int, patch_size: int, num_prefix_tokens: int = 0):
@@ -80,6 +82,7 @@ class FrozenBackbone(nn.Module):
         self.embed_dim = int(embed_dim)
         self.patch_size = int(patch_size)
         self.num_prefix_tokens = int(num_prefix_tokens)
+        self.build_kwargs: dict[str, Any] = {}
 
     def freeze(self) -> FrozenBackbone:
         """Disable gradients on every parameter and switch to eval mode.
@@ -314,80 +317,77 @@ def _vit(width: str, patch: int, **extra: Any) -> dict[str, Any]:
     return arch
 
 
-for _w, _p, _file, _tag in (
-    ("s", 8, "dino_deitsmall8_pretrain.pth", "timm/vit_small_patch8_224.dino"),
-    ("s", 16, "dino_deitsmall16_pretrain.pth", "timm/vit_small_patch16_224.dino"),
-    ("b", 8, "dino_vitbase8_pretrain.pth", "timm/vit_base_patch8_224.dino"),
-    ("b", 16, "dino_vitbase16_pretrain.pth", "timm/vit_base_patch16_224.dino"),
-):
-    _register(
-        BackboneSpec(
-            name=f"dino_vit{_w}{_p}",
-            family="dino",
-            arch=_vit(_w, _p),
-            img_size=224,
-            reader="dino",
-            pos_embed="dino",
-            upstream_file=_file,
-            hub_tag=_tag,
-            description=f"DINO ViT-{_w.upper()}/{_p}",
-        )
-    )
-for _reg in (False, True):
-    for _w, _size in (("s", "small"), ("b", "base"), ("l", "large")):
-        _suffix = "_reg" if _reg else ""
+def _register_vits() -> None:
+    """Register the upstream ViTs of docs/method.md §2.2."""
+    for width, patch, upstream, tag in (
+        ("s", 8, "dino_deitsmall8_pretrain.pth", "timm/vit_small_patch8_224.dino"),
+        ("s", 16, "dino_deitsmall16_pretrain.pth", "timm/vit_small_patch16_224.dino"),
+        ("b", 8, "dino_vitbase8_pretrain.pth", "timm/vit_base_patch8_224.dino"),
+        ("b", 16, "dino_vitbase16_pretrain.pth", "timm/vit_base_patch16_224.dino"),
+    ):
         _register(
             BackboneSpec(
-                name=f"dinov2_vit{_w}14{_suffix}",
-                family="dinov2",
-                arch=_vit(_w, 14, init_values=1e-5, reg_tokens=4 if _reg else 0),
-                img_size=518,
-                reader="dinov2",
-                pos_embed="dinov2",
-                upstream_file=f"dinov2_vit{_w}14{'_reg4' if _reg else ''}_pretrain.pth",
-                hub_tag=f"timm/vit_{_size}_patch14_{'reg4_' if _reg else ''}dinov2.lvd142m",
-                description=f"DINOv2 ViT-{_w.upper()}/14" + (" with 4 registers" if _reg else ""),
+                name=f"dino_vit{width}{patch}",
+                family="dino",
+                arch=_vit(width, patch),
+                img_size=224,
+                reader="dino",
+                pos_embed="dino",
+                upstream_file=upstream,
+                hub_tag=tag,
+                description=f"DINO ViT-{width.upper()}/{patch}",
             )
         )
-_register(
-    BackboneSpec(
-        name="ibot_vitb16",
-        family="ibot",
-        arch=_vit("b", 16),
-        reader="ibot",
-        pos_embed="dino",
-        upstream_file="checkpoint_teacher.pth (iBOT ViT-B/16)",
-        description="iBOT ViT-B/16",
-    )
-)
-_register(
-    BackboneSpec(
-        name="msn_vits16",
-        family="msn",
-        arch=_vit("s", 16),
-        reader="msn",
-        pos_embed="msn",
-        upstream_file="vits16_800ep.pth.tar (MSN ViT-S/16)",
-        description="MSN ViT-S/16",
-    )
-)
-_register(
-    BackboneSpec(
-        name="mae_vitb16",
-        family="mae",
-        arch=_vit("b", 16),
-        reader="mae",
-        pos_embed="dino",
-        upstream_file="mae_pretrain_vit_base.pth",
-        hub_tag="timm/vit_base_patch16_224.mae",
-        description="MAE ViT-B/16",
-    )
-)
+    for registers in (False, True):
+        for width, size in (("s", "small"), ("b", "base"), ("l", "large")):
+            reg4 = "reg4_" if registers else ""
+            _register(
+                BackboneSpec(
+                    name=f"dinov2_vit{width}14" + ("_reg" if registers else ""),
+                    family="dinov2",
+                    arch=_vit(width, 14, init_values=1e-5, reg_tokens=4 if registers else 0),
+                    img_size=518,
+                    reader="dinov2",
+                    pos_embed="dinov2",
+                    upstream_file=f"dinov2_vit{width}14_{reg4}pretrain.pth",
+                    hub_tag=f"timm/vit_{size}_patch14_{reg4}dinov2.lvd142m",
+                    description=f"DINOv2 ViT-{width.upper()}/14"
+                    + (" with 4 registers" if registers else ""),
+                )
+            )
+    for name, family, width, upstream, tag in (
+        ("ibot_vitb16", "ibot", "b", "iBOT ViT-B/16 checkpoint_teacher.pth", None),
+        ("msn_vits16", "msn", "s", "MSN ViT-S/16 release checkpoint (vits16_800ep.pth.tar)", None),
+        ("mae_vitb16", "mae", "b", "mae_pretrain_vit_base.pth", "timm/vit_base_patch16_224.mae"),
+    ):
+        _register(
+            BackboneSpec(
+                name=name,
+                family=family,
+                arch=_vit(width, 16),
+                img_size=224,
+                reader=family,
+                pos_embed="msn" if family == "msn" else "dino",
+                upstream_file=upstream,
+                hub_tag=tag,
+                description=f"{family.upper()} ViT-{width.upper()}/16",
+            )
+        )
+
+
+_register_vits()
 
 
 def _build_filterbank(name: str, **kw: Any) -> FrozenBackbone:
     from cause_lightning.models.filterbank import FilterBankBackbone
 
+    # ViT keywords left at None by a shared config mean "default" and do not apply here.
+    kw = {k: v for k, v in kw.items() if v is not None and k != "device"}
+    unknown = sorted(set(kw) - {"context"})
+    if unknown:
+        raise ValueError(
+            f"unknown keyword(s) for backbone {name!r}: {unknown}; accepted: ['context']"
+        )
     return FilterBankBackbone(name=name, **kw)
 
 
@@ -603,10 +603,16 @@ class ViTBackbone(FrozenBackbone):
 # --------------------------------------------------------------------------------------------------
 
 _HUB_TAG = re.compile(r"^(hf-hub:|hf_hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_SUFFIXES = {".pth", ".pt", ".safetensors", ".tar", ".bin", ".ckpt", ".npz"}
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
 def _is_hub_tag(weights: str) -> bool:
+    if weights.startswith(("hf-hub:", "hf_hub:")):
+        return bool(_HUB_TAG.match(weights))
+    # A missing local file ("weights/dino.pth") must read as a missing file, not as a hub repo.
+    if weights.startswith(("/", ".", "~")) or Path(weights).suffix.lower() in _WEIGHT_SUFFIXES:
+        return False
     return bool(_HUB_TAG.match(weights))
 
 
@@ -679,14 +685,20 @@ def build_backbone(
         RuntimeError: When a hub tag is given offline.
     """
     spec = get_backbone_spec(name)
+    if weights is not None and not os.fspath(weights):
+        weights = None  # an empty config value means "no file"
     if spec.builder is not None:
         if weights is not None:
             raise ValueError(f"backbone {name!r} has no weights; pass weights=None")
-        return spec.builder(name, **kw)
+        model = spec.builder(name, **kw)
+        model.build_kwargs = {k: v for k, v in kw.items() if v is not None and k != "device"}
+        return model
 
-    scheme = kw.pop("pos_embed_interpolation", "reference")
+    build_kwargs = {k: v for k, v in kw.items() if v is not None and k != "device"}
+    scheme = kw.pop("pos_embed_interpolation", None)
     scheme = spec.pos_embed if scheme in (None, "reference") else scheme
-    img_size = int(kw.pop("img_size", spec.img_size))
+    img_size = kw.pop("img_size", None)
+    img_size = spec.img_size if img_size is None else int(img_size)
     device = kw.pop("device", None)
     arch = dict(spec.arch)
     unknown = sorted(k for k in kw if k not in _ARCH_OVERRIDES)
@@ -707,6 +719,7 @@ def build_backbone(
             model = ViTBackbone(name, spec.family, arch, img_size, scheme, device=device)
     else:
         model = ViTBackbone(name, spec.family, arch, img_size, scheme, device=device)
+    model.build_kwargs = build_kwargs
     if model.reference_bug_compatible:
         logger.warning(
             "backbone %s built with 12 attention heads: the reference's bug-compatible DINO ViT-S "

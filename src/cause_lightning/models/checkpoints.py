@@ -184,7 +184,19 @@ def read_file(path: str | os.PathLike[str]) -> Mapping[str, object]:
             obj: object = load_file(str(path), device="cpu")
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(
+                f"could not read weights file {path}: it is truncated or not a PyTorch checkpoint "
+                f"({exc}). Download it again and check its size."
+            ) from exc
+        raise CheckpointError(
+            f"{path} holds pickled Python objects besides tensors (e.g. the argparse Namespace of "
+            "a training checkpoint), which weights_only loading refuses. If you trust the file, "
+            "extract the backbone state dict once with torch.load(..., weights_only=False), save "
+            "it with torch.save(state_dict, 'backbone.pth') and pass that file."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
             f"could not read weights file {path}: it is truncated or not a PyTorch/safetensors "
             f"checkpoint ({type(exc).__name__}: {exc}). Download it again and check its size."
@@ -333,15 +345,16 @@ def read_checkpoint(
     raw = obj if container == "raw" else obj[container]
 
     state_dict: dict[str, torch.Tensor] = {}
+    strip = fmt.strip_prefix if container == fmt.container and container != "raw" else ""
     for key, value in raw.items():  # type: ignore[union-attr]
         key = str(key)
-        if fmt.strip_prefix:
+        if strip:
             if not key.startswith(fmt.strip_prefix):
                 raise CheckpointError(
                     f"{path_str}: key {key!r} lacks the {fmt.strip_prefix!r} prefix that {family} "
                     f"checkpoints carry in ckpt[{fmt.container!r}]; is this a {family} file?"
                 )
-            key = key[len(fmt.strip_prefix) :]
+            key = key[len(strip) :]
         state_dict[key] = value  # type: ignore[assignment]
     for old, new in fmt.rename:
         if old in state_dict:
@@ -392,15 +405,19 @@ def _width_name(width: int) -> str:
 
 
 def _mismatch_cause(key: str, expected: torch.Size, found: torch.Size, model_name: str) -> str:
-    if key == "patch_embed.proj.weight" and len(found) == 4 and found[-2:] != expected[-2:]:
+    is_patch_weight = key == "patch_embed.proj.weight" and len(found) == 4 == len(expected)
+    if is_patch_weight and found[0] == expected[0] and found[-2:] != expected[-2:]:
         return (
             f"the file has patch size {found[-1]}, {model_name} has patch size {expected[-1]}: "
             "wrong backbone name for this file"
         )
-    if len(found) and len(expected) and found[-1] != expected[-1]:
+    # Width is the first axis of the patch projection and the last axis of everything else.
+    axis = 0 if is_patch_weight else -1
+    if len(found) and len(expected) and found[axis] != expected[axis]:
+        got, want = found[axis], expected[axis]
         return (
-            f"the file is a {_width_name(found[-1])} ({found[-1]} wide) model, {model_name} is a "
-            f"{_width_name(expected[-1])} ({expected[-1]} wide): wrong backbone name for this file"
+            f"the file is a {_width_name(got)} ({got} wide) model, {model_name} is a "
+            f"{_width_name(want)} ({want} wide): wrong backbone name for this file"
         )
     if key == "reg_token":
         return "the file has a different number of register tokens: use the matching _reg name"
@@ -446,6 +463,8 @@ def load_backbone_weights(
             depth_hint = (
                 f" The file has {len(file_blocks)} blocks, {model_name} has {len(model_blocks)}."
             )
+        if "reg_token" in unexpected:
+            depth_hint += " The file has register tokens: use the matching *_reg backbone name."
         raise CheckpointError(
             f"{where}: {len(unexpected)} keys are not part of the {model_name} backbone and not in "
             f"the {family} allow-list: {_short_list(unexpected)}.{depth_hint} The file probably "
@@ -455,10 +474,13 @@ def load_backbone_weights(
     declared = [k for k in missing if _matches(k, fmt.missing_ok)]
     undeclared = [k for k in missing if k not in declared]
     if undeclared:
+        hint = ""
+        if "reg_token" in undeclared:
+            hint = " The file has no register tokens: use the backbone name without _reg."
         raise CheckpointError(
             f"{where}: {len(undeclared)} {model_name} backbone keys are missing from the file: "
             f"{_short_list(undeclared)}. Loading would leave them random; the file is incomplete "
-            "or belongs to a different model (check the backbone name)."
+            f"or belongs to a different model (check the backbone name).{hint}"
         )
     if declared:
         logger.warning(

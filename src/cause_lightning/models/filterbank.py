@@ -1,42 +1,117 @@
-"""The parameter-free default backbone: colour statistics plus an oriented filter bank per patch.
+"""The parameter-free default backbone: colour statistics and texture descriptors per 8x8 patch.
 
-No pretrained ViT weights can be had offline (docs/environment.md §4), and random ViT features are no better
-than the trivial answer (§4.1), so the embedded default backbone is a hand-made patch descriptor with the
-``FrozenBackbone`` interface (patch 8, ``[B, D, H/8, W/8]``). Per 8x8 patch it holds:
+No pretrained ViT weights can be had offline (docs/environment.md §4) and random ViT features are no
+better than the trivial answer (§4.1), so the embedded default backbone is a fixed patch descriptor
+with the ``FrozenBackbone`` interface (patch 8, ``[B, D, H/8, W/8]`` on ImageNet-normalised input).
+Per patch it computes three groups of channels:
 
 * colour: mean and standard deviation of the de-normalised RGB, the log-opponent chromaticity
-  ``log R - log G`` and ``log R + log G - 2 log B`` (unchanged by a brightness gain), and log luminance;
-* texture: Gabor quadrature energy on log luminance (so a brightness gain cancels) at 4 octaves (a
-  pyramid of 2x average pools) and 6 orientations, summarised per octave by rotation-invariant numbers:
-  log mean energy, the amplitudes of the orientation harmonics 1-3 relative to the mean (anisotropy; a
-  90-degree rotation or a flip leaves them unchanged) and the log standard deviation of log luminance;
-* context: the same colour and texture statistics averaged over the 3x3 neighbourhood of patches, so a
-  texture whose period exceeds one patch is still recognisable.
+  ``log R - log G`` and ``log R + log G - 2 log B`` (unchanged by a brightness gain), and log
+  luminance;
+* oriented filter bank: zero-mean Gabor quadrature pairs (6 orientations) on log luminance at 4
+  octaves of a 2x average-pool pyramid; their energy ``sqrt(even**2 + odd**2)`` is averaged per
+  patch and summarised per octave by the log mean energy and the orientation anisotropy (amplitude
+  of the first orientation harmonic over the mean; unchanged by 90-degree rotations and flips);
+* local binary patterns: histograms of rotation-invariant uniform LBP codes (8 neighbours, 10 codes;
+  a neighbour counts when it is brighter than the centre by 3 % in log luminance) at radius 1 on the
+  full image and on the 2x pooled image. Comparisons make them independent of brightness and
+  contrast; they separate fine textures (grass, gravel) that energy statistics confuse.
 
-Every channel is standardised with fixed constants (measured once on scikit-image pictures, see
-``feature_statistics``), and the colour and texture groups are scaled to comparable total variance, so
-Euclidean and cosine distances weigh them alike. Nothing is learned and nothing depends on the batch.
+Each patch channel is also averaged over its 3x3 patch neighbourhood ("context"), which makes
+textures whose period exceeds a patch recognisable; the descriptor is ``[patch channels, context
+channels]``. Every channel is standardised with fixed constants (measured once with
+``feature_statistics(calibration_batches())`` on unlabelled mosaics of scikit-image's textures,
+with the embedded dataset's colour jitter, so that different textures point in different
+directions: mean cosine about 0.07 between and 0.45 within textures) and multiplied by a fixed group weight: the context LBP and
+chromaticity channels carry most of the weight, the per-patch channels less (they localise
+boundaries but are noisy). The vector is centred on the calibration mean, so cosine similarity is
+meaningful. Nothing is learned and nothing depends on the batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from cause_lightning.models.backbones import FrozenBackbone
 
-__all__ = ["FEATURE_NAMES", "FilterBankBackbone", "feature_statistics"]
+__all__ = [
+    "FEATURE_NAMES",
+    "FilterBankBackbone",
+    "calibration_batches",
+    "feature_statistics",
+]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _PATCH = 8
 _LEVELS = 4
 _ORIENTATIONS = 6
+_LBP_LEVELS = 2
+_LBP_CODES = 10  # riu2 codes 0..8 (uniform, number of brighter neighbours) and 9 (non-uniform)
+_LBP_THRESHOLD = 0.03  # in log luminance: 3 % brighter
 _LOG_EPS = 0.04  # keeps log luminance finite in black regions (about 10/255)
 _ENERGY_EPS = 1e-3
+
+# (group name, channel names); the order is the order of the patch channels.
+_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("rgb", ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b")),
+    ("chroma", ("opp_rg", "opp_yb")),
+    ("luminance", ("log_lum",)),
+    (
+        "gabor",
+        tuple(f"gabor{lv}_log_energy" for lv in range(_LEVELS))
+        + tuple(f"gabor{lv}_anisotropy" for lv in range(_LEVELS)),
+    ),
+    ("lbp0", tuple(f"lbp0_code{c}" for c in range(_LBP_CODES))),
+    ("lbp1", tuple(f"lbp1_code{c}" for c in range(_LBP_CODES))),
+)
+_PATCH_NAMES = tuple(name for _, names in _GROUPS for name in names)
+FEATURE_NAMES: tuple[str, ...] = _PATCH_NAMES + tuple(f"ctx_{n}" for n in _PATCH_NAMES)
+
+# Weight of each group after per-channel standardisation (each group is also divided by the square
+# root of its channel count, so a weight is the group's share of the squared norm). Chosen on
+# texture mosaics: LBP and chromaticity separate textures and tinted regions; brightness and the raw
+# RGB statistics change with per-image jitter, so they count less.
+_CONTEXT_WEIGHTS = {
+    "rgb": 0.3,
+    "chroma": 1.0,
+    "luminance": 0.3,
+    "gabor": 0.3,
+    "lbp0": 1.0,
+    "lbp1": 0.5,
+}
+_PATCH_WEIGHT = 0.2  # per-patch channels relative to their context counterparts
+
+# fmt: off
+# Per-channel standardisation constants (FEATURE_NAMES order), measured with
+# ``feature_statistics(calibration_batches())``; fixed so that features never depend on the batch.
+_FEATURE_MEAN: tuple[float, ...] = (
+    0.502653, 0.393144, 0.305279, 0.0735664, 0.0684084, 0.0588465, 0.191876, 0.703536, -0.881014,
+    -3.25141, -3.03562, -2.79414, -2.55619, 0.166786, 0.213487, 0.248581, 0.266092, 0.265993,
+    0.14631, 0.0926466, 0.111319, 0.0970383, 0.043457, 0.0254869, 0.0295153, 0.0152111, 0.173023,
+    0.270573, 0.134762, 0.0882988, 0.103001, 0.0994263, 0.0444107, 0.0293846, 0.0375938, 0.0194168,
+    0.173134, 0.502653, 0.393144, 0.305279, 0.0735664, 0.0684084, 0.0588465, 0.191876, 0.703536,
+    -0.881014, -3.25141, -3.03562, -2.79414, -2.55619, 0.166786, 0.213487, 0.248581, 0.266092,
+    0.265993, 0.14631, 0.0926466, 0.111319, 0.0970383, 0.043457, 0.0254869, 0.0295153, 0.0152111,
+    0.173023, 0.270573, 0.134762, 0.0882988, 0.103001, 0.0994263, 0.0444107, 0.0293846, 0.0375938,
+    0.0194168, 0.173134,
+)
+_FEATURE_STD: tuple[float, ...] = (
+    0.235911, 0.170264, 0.171753, 0.0679612, 0.0580098, 0.0506867, 0.357482, 0.650116, 0.493193,
+    0.892188, 0.97675, 0.971312, 0.916616, 0.100972, 0.114499, 0.115657, 0.115776, 0.175266,
+    0.0634223, 0.0509189, 0.0833743, 0.0850623, 0.0402684, 0.0263587, 0.0304337, 0.0206376,
+    0.090425, 0.228542, 0.0989963, 0.0811684, 0.106153, 0.103724, 0.0623463, 0.0480787, 0.05382,
+    0.0347288, 0.129699, 0.208421, 0.144642, 0.150625, 0.0381553, 0.0370894, 0.030298, 0.327016,
+    0.592555, 0.421405, 0.692455, 0.746199, 0.793302, 0.836394, 0.0552567, 0.063601, 0.0681203,
+    0.0761642, 0.139088, 0.0364044, 0.0296346, 0.052878, 0.0562095, 0.0250658, 0.0158483,
+    0.0203908, 0.0145887, 0.0647338, 0.168684, 0.046071, 0.0369583, 0.0563967, 0.0554574,
+    0.0308569, 0.0235342, 0.0274442, 0.0177325, 0.0808204,
+)
+# fmt: on
 
 
 def _gabor_bank(orientations: int, sigma: float = 1.2, wavelength: float = 4.0) -> torch.Tensor:
@@ -44,38 +119,24 @@ def _gabor_bank(orientations: int, sigma: float = 1.2, wavelength: float = 4.0) 
     radius = math.ceil(3 * sigma)
     coords = torch.arange(-radius, radius + 1, dtype=torch.float64)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    envelope = torch.exp(-(xx**2 + yy**2) / (2 * sigma**2))
     kernels = []
-    for part in ("even", "odd"):
+    for wave in (torch.cos, torch.sin):
         for i in range(orientations):
             theta = math.pi * i / orientations
             u = xx * math.cos(theta) + yy * math.sin(theta)
-            envelope = torch.exp(-(xx**2 + yy**2) / (2 * sigma**2))
-            wave = torch.cos if part == "even" else torch.sin
             kernel = envelope * wave(2 * math.pi * u / wavelength)
-            kernel = kernel - envelope * kernel.sum() / envelope.sum()  # no response to flat regions
-            kernel = kernel / kernel.abs().sum()
-            kernels.append(kernel)
+            kernel = kernel - envelope * kernel.sum() / envelope.sum()  # flat regions give 0
+            kernels.append(kernel / kernel.abs().sum())
     return torch.stack(kernels)[:, None].float()  # 2O 1 k k
 
 
-def _feature_names() -> list[str]:
-    colour = ["mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "opp_rg", "opp_yb", "log_lum"]
-    texture = []
-    for level in range(_LEVELS):
-        texture += [f"l{level}_{n}" for n in ("log_energy", "harm1", "harm2", "harm3")]
-        if level < _LEVELS - 1:  # the coarsest level has one pixel per patch: no spread
-            texture.append(f"l{level}_log_std")
-    patch = colour + texture
-    return patch + [f"ctx_{n}" for n in patch]
-
-
-FEATURE_NAMES: tuple[str, ...] = tuple(_feature_names())
-_NUM_COLOUR = 9
-
-# Per-channel standardisation constants, measured with ``feature_statistics`` on scikit-image pictures
-# (see ``_calibration_images``); fixed so that features never depend on the batch.
-_FEATURE_MEAN: tuple[float, ...] | None = None
-_FEATURE_STD: tuple[float, ...] | None = None
+def _group_weights(context: bool) -> torch.Tensor:
+    weights = []
+    for scale in (_PATCH_WEIGHT, 1.0) if context else (_PATCH_WEIGHT,):
+        for group, names in _GROUPS:
+            weights += [scale * _CONTEXT_WEIGHTS[group] / math.sqrt(len(names))] * len(names)
+    return torch.tensor(weights)
 
 
 class FilterBankBackbone(FrozenBackbone):
@@ -83,49 +144,66 @@ class FilterBankBackbone(FrozenBackbone):
 
     Args:
         name: Registry name.
-        colour_weight: Relative weight of the colour group (per-image jitter of colour makes it less
-            reliable than texture; 1 = equal total variance with the texture group).
-        context: Whether the 3x3-patch context channels are included.
+        context: Whether the 3x3-patch context channels are appended (default; ``False`` halves
+            ``embed_dim``).
 
     Attributes:
         name: Registry name.
-        embed_dim: Feature width (``len(FEATURE_NAMES)`` with context).
+        embed_dim: Feature width (``len(FEATURE_NAMES)`` = 74 with context, 37 without).
         patch_size: 8.
         num_prefix_tokens: 0.
     """
 
-    def __init__(self, name: str = "filterbank", colour_weight: float = 1.0, context: bool = True):
-        dim = len(FEATURE_NAMES) if context else len(FEATURE_NAMES) // 2
-        super().__init__(name, dim, _PATCH, num_prefix_tokens=0)
+    def __init__(self, name: str = "filterbank", context: bool = True):
+        num_patch = len(_PATCH_NAMES)
+        super().__init__(name, 2 * num_patch if context else num_patch, _PATCH, 0)
         self.context = bool(context)
-        self.colour_weight = float(colour_weight)
         self.register_buffer("gabor", _gabor_bank(_ORIENTATIONS), persistent=False)
-        mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False
+        )
         angles = torch.arange(_ORIENTATIONS) * (2 * math.pi / _ORIENTATIONS)
-        harmonics = torch.arange(1, 4)[:, None] * angles[None]  # 3 O
-        self.register_buffer("harm_cos", torch.cos(harmonics), persistent=False)
-        self.register_buffer("harm_sin", torch.sin(harmonics), persistent=False)
-        half = len(FEATURE_NAMES) // 2
-        if _FEATURE_MEAN is not None and _FEATURE_STD is not None:
-            f_mean = torch.tensor(_FEATURE_MEAN)
-            f_std = torch.tensor(_FEATURE_STD)
-        else:
-            f_mean = torch.zeros(len(FEATURE_NAMES))
-            f_std = torch.ones(len(FEATURE_NAMES))
-        weight = torch.ones(len(FEATURE_NAMES))
-        texture = half - _NUM_COLOUR
-        # Equal total variance per group, whatever the channel counts.
-        for offset in (0, half):
-            weight[offset : offset + _NUM_COLOUR] = self.colour_weight / math.sqrt(_NUM_COLOUR)
-            weight[offset + _NUM_COLOUR : offset + half] = 1.0 / math.sqrt(texture)
+        self.register_buffer("harm_cos", torch.cos(angles).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("harm_sin", torch.sin(angles).view(1, -1, 1, 1), persistent=False)
+        f_mean, f_std = torch.tensor(_FEATURE_MEAN), torch.tensor(_FEATURE_STD)
         if not self.context:
-            f_mean, f_std, weight = f_mean[:half], f_std[:half], weight[:half]
+            f_mean, f_std = f_mean[:num_patch], f_std[:num_patch]
+        scale = _group_weights(self.context) / f_std.clamp_min(1e-6)
         self.register_buffer("feature_mean", f_mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("feature_scale", (weight / f_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("feature_scale", scale.view(1, -1, 1, 1), persistent=False)
         self.freeze()
+
+    def _lbp_histogram(self, log_lum: torch.Tensor, pool: int) -> torch.Tensor:
+        """Per-patch histogram of riu2 LBP codes ``[B, 10, h, w]`` of a ``[B, 1, H', W']`` image."""
+        batch, _, height, width = log_lum.shape
+        padded = F.pad(log_lum, (1, 1, 1, 1), mode="replicate")
+        threshold = log_lum + _LBP_THRESHOLD
+        ring = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))  # circular order
+        ones = torch.zeros_like(log_lum, dtype=torch.uint8)  # B 1 H' W'
+        transitions = torch.zeros_like(ones)
+        first = previous = None
+        for dy, dx in ring:
+            bit = padded[:, :, dy : dy + height, dx : dx + width] >= threshold  # B 1 H' W'
+            ones += bit
+            if previous is None:
+                first = bit
+            else:
+                transitions += bit != previous
+            previous = bit
+        transitions += previous != first
+        code = torch.where(transitions <= 2, ones, torch.full_like(ones, _LBP_CODES - 1))
+        # Histogram per patch by one scatter (cheaper than a 10-channel one-hot map).
+        h, w = height // pool, width // pool
+        rows = torch.arange(height, device=code.device) // pool
+        cols = torch.arange(width, device=code.device) // pool
+        cell = (rows[:, None] * w + cols[None, :]).view(1, -1)  # 1 H'W'
+        index = code.view(batch, -1).long() * (h * w) + cell  # B H'W'
+        counts = torch.zeros(batch, _LBP_CODES * h * w, device=code.device)
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+        return counts.view(batch, _LBP_CODES, h, w) / (pool * pool)  # B 10 h w
 
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
         """Unstandardised descriptor channels (``FEATURE_NAMES`` order).
@@ -134,57 +212,93 @@ class FilterBankBackbone(FrozenBackbone):
             images: ``[B, 3, H, W]`` ImageNet-normalised, sides multiples of 8.
 
         Returns:
-            ``[B, len(FEATURE_NAMES), H/8, W/8]`` (patch channels, then context channels).
+            ``[B, C, H/8, W/8]``: the patch channels, then (with ``context``) their 3x3 averages.
         """
-        rgb = (images.float() * self.pixel_std + self.pixel_mean).clamp(0.0, 1.0)  # B 3 H W
-        pool = partial_pool = _PATCH
-        mean_rgb = F.avg_pool2d(rgb, pool)  # B 3 h w
-        sq_rgb = F.avg_pool2d(rgb * rgb, pool)
-        std_rgb = (sq_rgb - mean_rgb**2).clamp_min(0.0).sqrt()  # B 3 h w
+        # Buffers may have been cast with the module (.half()); the descriptor is computed in fp32.
+        rgb = (images.float() * self.pixel_std.float() + self.pixel_mean.float()).clamp(0.0, 1.0)
+        mean_rgb = F.avg_pool2d(rgb, _PATCH)  # B 3 h w
+        std_rgb = (F.avg_pool2d(rgb * rgb, _PATCH) - mean_rgb**2).clamp_min(0.0).sqrt()
         log_rgb = torch.log(mean_rgb + _LOG_EPS)  # B 3 h w
         opp_rg = log_rgb[:, 0:1] - log_rgb[:, 1:2]
         opp_yb = log_rgb[:, 0:1] + log_rgb[:, 1:2] - 2 * log_rgb[:, 2:3]
         lum = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]  # B 1 H W
-        log_lum_patch = torch.log(F.avg_pool2d(lum, pool) + _LOG_EPS)
-        colour = [mean_rgb, std_rgb, opp_rg, opp_yb, log_lum_patch]
+        log_lum = torch.log(lum + _LOG_EPS)  # a brightness gain becomes an offset
+        log_lum_patch = torch.log(F.avg_pool2d(lum, _PATCH) + _LOG_EPS)
 
-        texture = []
-        level_image = torch.log(lum + _LOG_EPS)  # B 1 H W; a brightness gain becomes an offset
-        pad = self.gabor.shape[-1] // 2
+        gabor = self.gabor.float()
+        harm_cos, harm_sin = self.harm_cos.float(), self.harm_sin.float()
+        pad = gabor.shape[-1] // 2
+        level_image = log_lum
+        log_energy, anisotropy = [], []
         for level in range(_LEVELS):
             if level:
                 level_image = F.avg_pool2d(level_image, 2)
             padded = F.pad(level_image, (pad, pad, pad, pad), mode="replicate")
-            response = F.conv2d(padded, self.gabor)  # B 2O H' W'
+            response = F.conv2d(padded, gabor)  # B 2O H' W'
             even, odd = response[:, :_ORIENTATIONS], response[:, _ORIENTATIONS:]
             energy = (even**2 + odd**2).sqrt()  # B O H' W'
-            size = partial_pool // (2**level)
-            if size > 1:
-                energy = F.avg_pool2d(energy, size)  # B O h w
-                mean_l = F.avg_pool2d(level_image, size)
-                sq_l = F.avg_pool2d(level_image**2, size)
-            else:
-                mean_l, sq_l = level_image, level_image**2
-            total = energy.mean(dim=1, keepdim=True) + _ENERGY_EPS  # B 1 h w
-            re = torch.einsum("ko,bohw->bkhw", self.harm_cos, energy)  # B 3 h w
-            im = torch.einsum("ko,bohw->bkhw", self.harm_sin, energy)
-            harm = (re**2 + im**2).sqrt() / (_ORIENTATIONS * total)  # B 3 h w
-            texture += [torch.log(total), harm]
-            if level < _LEVELS - 1:
-                log_std = 0.5 * torch.log((sq_l - mean_l**2).clamp_min(0.0) + _ENERGY_EPS**2)
-                texture.append(log_std)
-        patch = torch.cat(colour + texture, dim=1)  # B C h w
+            pool = _PATCH >> level
+            if pool > 1:
+                energy = F.avg_pool2d(energy, pool)  # B O h w
+            mean_energy = energy.mean(dim=1, keepdim=True) + _ENERGY_EPS  # B 1 h w
+            re = (energy * harm_cos).sum(dim=1, keepdim=True)
+            im = (energy * harm_sin).sum(dim=1, keepdim=True)
+            log_energy.append(torch.log(mean_energy))
+            anisotropy.append((re**2 + im**2).sqrt() / (_ORIENTATIONS * mean_energy))
+
+        lbp = [
+            self._lbp_histogram(log_lum if lv == 0 else F.avg_pool2d(log_lum, 2**lv), _PATCH >> lv)
+            for lv in range(_LBP_LEVELS)
+        ]
+        patch = torch.cat(
+            [mean_rgb, std_rgb, opp_rg, opp_yb, log_lum_patch, *log_energy, *anisotropy, *lbp],
+            dim=1,
+        )  # B C h w
         if not self.context:
             return patch
-        ctx = F.avg_pool2d(
-            F.pad(patch, (1, 1, 1, 1), mode="replicate"), 3, stride=1
-        )  # B C h w; 3x3 patches
-        return torch.cat([patch, ctx], dim=1)
+        context = F.avg_pool2d(F.pad(patch, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return torch.cat([patch, context], dim=1)  # B 2C h w
 
     def extract(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        features = self.raw_features(images)
-        features = (features - self.feature_mean) * self.feature_scale  # B D h w
-        return features.to(images.dtype) if images.is_floating_point() else features
+        features = self.raw_features(images)  # B D h w
+        features = (features - self.feature_mean.float()) * self.feature_scale.float()
+        return features.to(images.dtype)
+
+
+def calibration_batches(
+    size: int = 128, batches: int = 8, batch_size: int = 8, seed: int = 12345
+) -> Iterator[torch.Tensor]:
+    """Unlabelled texture-mosaic scenes of scikit-image's pictures (for the fixed constants).
+
+    The scenes come from the embedded dataset's generator (all of its textures, with its colour
+    and brightness jitter) under a seed of their own, so the constants describe the textures the
+    descriptor is meant for without touching any dataset's images or labels.
+
+    Args:
+        size: Scene side (a multiple of 8).
+        batches: Number of batches.
+        batch_size: Scenes per batch.
+        seed: Generator seed.
+
+    Yields:
+        ``[batch_size, 3, size, size]`` ImageNet-normalised batches.
+    """
+    import numpy as np
+
+    # Lazy: the data package is needed only to re-measure the constants, never at run time.
+    from cause_lightning.data.mosaic import MOSAIC_TEXTURES, _texture_bank, generate_scene
+
+    bank = _texture_bank(len(MOSAIC_TEXTURES), size)
+    rng = np.random.default_rng(seed)
+    mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+    for _ in range(batches):
+        scenes = []
+        for _ in range(batch_size):
+            image, _ = generate_scene(bank, size, rng)
+            tensor = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1) / 255.0)
+            scenes.append((tensor - mean) / std)
+        yield torch.stack(scenes)
 
 
 def feature_statistics(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:

@@ -3,8 +3,9 @@ rank-invariant randomness of data-parallel runs (docs/scaling.md).
 
 Under DDP with a sequential ``DistributedSampler``, local sample ``j`` of rank ``r`` is sample
 ``j * W + r`` of the global batch (``W`` = world size). The random grid-sampling offsets of a step
-are drawn for the whole global batch from a generator seeded by ``(seed, global_step)`` on every
-rank, and each rank keeps its rows, so an image gets the same offsets whatever the world size.
+are drawn for the whole global batch from a generator seeded by ``(seed, global_step, batch_idx)``
+on every rank, and each rank keeps its rows, so an image gets the same offsets whatever the world
+size. (``batch_idx`` keeps the micro-batches of an accumulated step apart.)
 """
 
 from __future__ import annotations
@@ -35,22 +36,22 @@ GRID_STREAM = 0
 BANK_STREAM = 1
 
 
-def step_generator(seed: int, step: int, stream: int, *extra: int) -> torch.Generator:
-    """A CPU generator determined by the run seed, the optimiser step and a stream id.
+def step_generator(seed: int, stream: int, *keys: int) -> torch.Generator:
+    """A CPU generator determined by the run seed, a stream id and the position in training.
 
-    Every process of a data-parallel run builds the same generator for the same step, so draws
+    Every process of a data-parallel run builds the same generator for the same keys, so draws
     made for the global batch agree across ranks; a resumed run continues the same sequence.
 
     Args:
         seed: Run seed (``cfg.seed``).
-        step: Global optimiser step.
         stream: Which draw of the step (``GRID_STREAM``, ``BANK_STREAM``).
-        *extra: Further keys (e.g. the rank, for deliberately rank-specific draws).
+        *keys: Position keys: the global optimiser step and the batch index, then optional extras
+            (e.g. the rank, for deliberately rank-specific draws).
 
     Returns:
         A seeded ``torch.Generator`` on the CPU.
     """
-    keys = [int(k) % 2**63 for k in (seed, stream, step, *extra)]
+    keys = [int(k) % 2**63 for k in (seed, stream, *keys)]
     state = np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
@@ -92,7 +93,7 @@ class StageModule(pl.LightningModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
-    def grid_index(self, features: torch.Tensor, window: int) -> torch.Tensor:
+    def grid_index(self, features: torch.Tensor, window: int, batch_idx: int) -> torch.Tensor:
         """Grid-sampling offsets of this rank's images for the current step.
 
         Drawn for the global batch (``B * W`` images) from :func:`step_generator`, rows
@@ -101,13 +102,14 @@ class StageModule(pl.LightningModule):
         Args:
             features: Local feature maps ``[B, C, h, w]``.
             window: Grid-sampling window.
+            batch_idx: Index of the batch in the epoch (as passed to ``training_step``).
 
         Returns:
             Long offsets ``[B, (h // window) * (w // window)]`` on the features' device.
         """
         world, rank = self.world()
         batch, _, height, width = features.shape
-        generator = step_generator(self.seed, self.global_step, GRID_STREAM)
+        generator = step_generator(self.seed, GRID_STREAM, self.global_step, batch_idx)
         index = grid_sample_index(batch * world, height, width, window, generator=generator)
         return index[rank::world].to(features.device)  # B N
 

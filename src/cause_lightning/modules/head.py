@@ -125,7 +125,7 @@ class HeadModule(StageModule):
         self._pending_bank: tuple[torch.Tensor, torch.Tensor, torch.Generator] | None = None
 
     def _student_teacher(
-        self, features: torch.Tensor
+        self, features: torch.Tensor, batch_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sampled tokens, student and teacher projections, and the teacher's full grid."""
         window = self.hparams.window
@@ -135,13 +135,13 @@ class HeadModule(StageModule):
                 teacher = self.head_ema(features)  # B R h w
                 teacher_proj = self.projection_ema(teacher)  # B P h w
             student_proj = self.projection(self.head(features))  # B P h w
-            index = self.grid_index(features, window)  # B N
+            index = self.grid_index(features, window, batch_idx)  # B N
             tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
             student_tok, _ = grid_sample_tokens(student_proj, window=window, index=index)
             teacher_tok, _ = grid_sample_tokens(teacher_proj, window=window, index=index)
             return tokens, student_tok, teacher_tok, teacher
         # MLP heads are per token: sampling first is equal and much cheaper (method.md §5.4).
-        index = self.grid_index(features, window)  # B N
+        index = self.grid_index(features, window, batch_idx)  # B N
         tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
         grid = tokens.transpose(1, 2).unsqueeze(-1)  # B D N 1
         student_tok = self.projection(self.head(grid)).squeeze(-1).transpose(1, 2)  # B N P
@@ -152,7 +152,7 @@ class HeadModule(StageModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
-        tokens, student_tok, teacher_tok, teacher = self._student_teacher(features)
+        tokens, student_tok, teacher_tok, teacher = self._student_teacher(features, batch_idx)
         world, rank = self.world()
         synced = bool(self.hparams.sync_bank) and world > 1
         anchor_index = None
@@ -164,7 +164,7 @@ class HeadModule(StageModule):
         # A synced bank (and one process) draws its subset identically on every rank; separate
         # per-process banks (reference) draw independently.
         keys = (rank,) if world > 1 and not synced else ()
-        generator = step_generator(self.seed, self.global_step, BANK_STREAM, *keys)
+        generator = step_generator(self.seed, BANK_STREAM, self.global_step, batch_idx, *keys)
         bank, bank_concepts = self.bank.view()
         terms, empty = concept_contrastive_terms(
             tokens,

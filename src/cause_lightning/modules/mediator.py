@@ -54,7 +54,7 @@ class MediatorModule(StageModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
         window = self.hparams.window
-        index = self.grid_index(features, window)  # B N
+        index = self.grid_index(features, window, batch_idx)  # B N
         tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
         loss = modularity_loss(
             tokens,

@@ -82,12 +82,17 @@ class ProbeModule(StageModule):
         self.head.train(mode and (self.hparams.head_dropout or self.hparams.reference_leak))
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning starts fitting with the modes the modules were built in (it never calls
+        # train()), so the head-dropout option is applied here.
+        self.train(True)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
         with torch.set_grad_enabled(self.hparams.reference_leak):
             segment = self.head(features)  # B R h w
         window = self.hparams.window
-        index = self.grid_index(segment, window)  # B N, the same offsets whatever the world size
+        index = self.grid_index(segment, window, batch_idx)  # B N, whatever the world size
         tokens, _ = grid_sample_tokens(segment.detach(), window=window, index=index)  # B N R
         loss_cluster = modularity_loss(
             tokens, self.cluster.centroids, temperature=self.hparams.temperature

@@ -1,0 +1,111 @@
+"""Hydra sweeps: the ``+sweep=<name>`` presets compose, and a CLI multirun with a failing job is
+summarised by ``stage=summarize`` (failed job reported, best job picked, others unaffected)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from cause_lightning.__main__ import config_dir
+from cause_lightning.run import run
+
+SWEEPS = sorted(p.stem for p in (Path(config_dir()) / "sweep").glob("*.yaml"))
+
+TINY = [
+    "backbone=tiny_vit",
+    "head=mlp",
+    "data.module.num_train=8",
+    "data.module.num_val=4",
+    "data.module.image_size=64",
+    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
+    "method.head.projection_dim=32",
+    "method.mediator.batch_size=4",
+    "method.head.batch_size=4",
+    "method.head.epochs=1",
+    "method.probe.batch_size=4",
+    "method.eval.batch_size=4",
+    "method.eval.save_images=1",
+    "method.eval.variants=[raw,flip]",
+    "method.eval.baselines=false",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+    "+trainer.enable_checkpointing=false",
+]
+
+
+def test_every_sweep_preset_composes_as_a_multirun(compose) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    assert {"backbones_heads", "num_concepts", "thresholds", "temperature"} <= set(SWEEPS)
+    for name in SWEEPS:
+        compose(f"+sweep={name}")
+        hydra_cfg = HydraConfig.get()
+        assert hydra_cfg.mode == RunMode.MULTIRUN, name
+        params = OmegaConf.to_container(hydra_cfg.sweeper.params)
+        assert params, f"sweep {name} has no hydra.sweeper.params"
+        for key, values in params.items():
+            choices = str(values).split(",")
+            assert len(choices) > 1, f"{name}: {key} sweeps a single value"
+            tags = set()
+            for value in choices:  # every value is a valid override of the real config
+                cfg = compose(f"+sweep={name}", f"{key}={value}")
+                tags.add(cfg.artifact_tag)
+            if name != "backbones_heads":  # those jobs differ by artifact directory already
+                assert len(tags) == len(choices), f"{name}: jobs would share artifacts ({tags})"
+
+
+@pytest.mark.slow
+def test_cli_sweep_reports_the_failed_job_and_the_best_one(
+    compose, tmp_path: Path, shared_data_dir: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "cause_lightning",
+        "+sweep=num_concepts",
+        "method.num_concepts=16,32,0",  # K = 0 fails at run time (the clusterbook init)
+        *TINY,
+        f"data.module.root={shared_data_dir / 'mosaic'}",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2"]
+    scores = {}
+    for job in ("0", "1"):
+        results = json.loads((sweep_dir / job / "results.json").read_text())
+        scores[job] = results["test/cluster/flip/mIoU"]
+        assert not (sweep_dir / job / "failure.json").exists()
+    failure = json.loads((sweep_dir / "2" / "failure.json").read_text())
+    assert failure["error"] and "Traceback" in failure["traceback"]
+    # Each job trained into its own artifact directory (artifact_tag of the preset).
+    for tag in ("k16", "k32"):
+        assert (
+            tmp_path / "artifacts" / "mosaic" / f"tiny_vit-{tag}" / "mlp" / "probe.pt"
+        ).is_file()
+
+    summary = run(compose("stage=summarize", f"sweep_dir={sweep_dir}"))
+    best = max(scores, key=scores.get)
+    assert summary["summary/best_job"] == best
+    assert summary["summary/metric"] == "test/cluster/flip/mIoU"  # no CRF: best variant present
+    assert summary["objective"] == pytest.approx(scores[best])
+    assert summary["summary/failed"] == ["2"]
+    with open(summary["summary/csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    assert [r["varied"] for r in rows] == [f"method.num_concepts={k}" for k in (16, 32, 0)]
+    assert rows[2]["error"] == failure["error"]

@@ -1,0 +1,293 @@
+"""Experiment tracking: W&B offline runs (one per step, images, table, artifacts), CSV, TensorBoard,
+and the throughput shown by the progress bar.
+
+The W&B run files are read back with a small reader of their record log (the LevelDB log format
+W&B uses: 32 KiB blocks of checksummed FULL/FIRST/MIDDLE/LAST fragments after a 7-byte header)
+and the ``wandb.proto`` record definitions, so the assertions see exactly what ``wandb sync``
+would upload.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cause_lightning.run import run
+from cause_lightning.tracking import confusion_image
+
+TINY = [
+    "backbone=tiny_vit",
+    "head=mlp",
+    "data.module.num_train=8",
+    "data.module.num_val=4",
+    "data.module.image_size=64",
+    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
+    "method.num_concepts=16",
+    "method.head.projection_dim=32",
+    "method.mediator.batch_size=4",
+    "method.head.batch_size=4",
+    "method.head.epochs=1",
+    "method.probe.batch_size=4",
+    "method.eval.batch_size=4",
+    "method.eval.save_images=2",
+    "method.eval.variants=[raw,flip]",
+    "callbacks=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "+trainer.enable_checkpointing=false",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+]
+
+
+@pytest.fixture
+def tiny(compose, shared_data_dir: Path):
+    def _tiny(*overrides: str):
+        return compose(*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", *overrides)
+
+    return _tiny
+
+
+# --------------------------------------------------------------------------------------------------
+# reading W&B run files
+# --------------------------------------------------------------------------------------------------
+
+_BLOCK = 32768
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    data = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1, f"{path} is not a W&B run file"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        left = _BLOCK - position % _BLOCK
+        if left < 7:  # block trailer: padding
+            position += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 1:  # FULL
+            yield chunk
+        elif kind == 2:  # FIRST
+            pending = chunk
+        elif kind == 3:  # MIDDLE
+            pending += chunk
+        elif kind == 4:  # LAST
+            yield pending + chunk
+            pending = b""
+
+
+def read_run(directory: Path) -> dict[str, Any]:
+    """Name, group, job type, config keys, history items, artifacts and exit code of a run."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (run_file,) = directory.glob("*.wandb")
+    out: dict[str, Any] = {"history": {}, "artifacts": [], "config": set(), "exit": None}
+    for raw in _records(run_file):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=record.run.display_name, group=record.run.run_group)
+            out["job_type"] = record.run.job_type
+            out["config"] |= {item.key for item in record.run.config.update}
+        elif kind == "config":
+            out["config"] |= {item.key for item in record.config.update}
+        elif kind == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                out["history"][key] = json.loads(item.value_json)
+        elif kind == "artifact":
+            out["artifacts"].append((record.artifact.type, record.artifact.name))
+        elif kind == "exit":
+            out["exit"] = record.exit.exit_code
+    return out
+
+
+def offline_runs(save_dir: Path, expected: int, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The offline runs by job type, once ``expected`` runs have their exit record on disk.
+
+    ``wandb.finish`` returns when the run is closed; the W&B service process may still be
+    flushing the file, so the reader waits (bounded) for the records to land.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [read_run(d) for d in sorted((save_dir / "wandb").glob("offline-run-*"))]
+        complete = [r for r in runs if "job_type" in r and r["exit"] is not None]
+        if len(complete) >= expected or time.monotonic() > deadline:
+            return {r.get("job_type", "?"): r for r in runs}
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_confusion_image_is_the_row_normalised_matched_matrix() -> None:
+    # 3 classes x 4 clusters; cluster 3 unmatched (dropped), clusters map to classes 2, 0, 1.
+    confusion = np.array([[0, 6, 2, 5], [3, 1, 0, 0], [1, 0, 7, 0]])
+    assignment = [2, 0, 1, -1]
+    image = confusion_image(confusion, assignment, ["a", "b", "c"], cell=12)
+    matched = np.zeros((3, 3))
+    for k, c in enumerate(assignment):
+        if c >= 0:
+            matched[:, c] += confusion[:, k]
+    expected = matched / matched.sum(1, keepdims=True)
+    height, width, _ = image.shape
+    top, left = height - 36, width - 36
+    assert top == 12 and left > 0  # header row and a label column
+    centres = image[top + 6 :: 12, left + 6 :: 12]  # 3 3 3: one pixel per cell
+    recovered = (255 - centres[..., 0].astype(float)) / 255  # red channel: 255 - v * 255
+    np.testing.assert_allclose(recovered, expected, atol=1 / 255)
+    np.testing.assert_array_equal(centres[..., 2], 255)  # blue stays full
+    assert (image[:top] < 128).any() and (image[top:, :left] < 128).any()  # text drawn
+
+
+@pytest.mark.slow
+def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save_dir = tmp_path / "wandb_runs"
+    results = run(tiny("stage=all", "logger=wandb", f"logger.wandb.save_dir={save_dir}"))
+    assert wandb.run is None
+    assert results["test/cluster/raw/mIoU"] >= 0
+    runs = offline_runs(save_dir, expected=4)
+    assert set(runs) == {"mediator", "head", "probe", "eval"}  # one run per step
+    for step, record in runs.items():
+        assert record["name"] == f"mosaic_tiny_vit_mlp-{step}"
+        assert record["group"] == "mosaic_tiny_vit_mlp"
+        assert record["exit"] == 0  # finished
+        assert {"method", "data", "backbone", "seed"} <= record["config"]
+    assert "train/modularity" in runs["mediator"]["history"]
+    assert {"train/loss_front", "train/empty_pos_terms"} <= set(runs["head"]["history"])
+    assert ("clusterbook", "mosaic_tiny_vit_mlp-clusterbook") in runs["mediator"]["artifacts"]
+    assert ("head", "mosaic_tiny_vit_mlp-head") in runs["head"]["artifacts"]
+    assert ("probe", "mosaic_tiny_vit_mlp-probe") in runs["probe"]["artifacts"]
+    evaluation = runs["eval"]
+    assert ("segmenter", "mosaic_tiny_vit_mlp-segmenter") in evaluation["artifacts"]
+    history = evaluation["history"]
+    assert 0 <= history["test/cluster/flip/mIoU"] <= 1
+    assert history["eval/contact_sheet/_type"] == "image-file"
+    assert history["eval/confusion_matrix/_type"] == "image-file"
+    assert history["eval/examples/count"] == 2
+    assert history["eval/per_class_iou/_type"] == "table-file"
+    assert history["eval/per_class_iou/nrows"] == 6  # one row per class
+    assert history["eval/per_class_iou/ncols"] == 3  # class, raw IoU, flip IoU
+    (eval_dir,) = [
+        d for d in (save_dir / "wandb").glob("offline-run-*") if (d / "files" / "media").is_dir()
+    ]
+    table_file = eval_dir / "files" / history["eval/per_class_iou/path"]
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["class", "cluster/flip IoU", "cluster/raw IoU"]
+    report = json.loads(Path(results["artifacts/metrics"]).read_text())
+    ious = report["details"]["details/cluster/flip/per_class_iou"]
+    assert [row[0] for row in table["data"]] == report["class_names"]
+    np.testing.assert_allclose([row[1] for row in table["data"]], ious, equal_nan=True)
+    assert (eval_dir / "files" / history["eval/confusion_matrix/path"]).is_file()
+
+
+@pytest.mark.slow
+def test_wandb_run_is_finished_when_a_step_fails(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save_dir = tmp_path / "wandb_runs"
+    cfg = tiny(
+        "stage=mediator",
+        "logger=wandb",
+        f"logger.wandb.save_dir={save_dir}",
+        "method.mediator.lr=-1",
+    )
+    with pytest.raises(ValueError, match="Invalid learning rate"):  # raised once fitting started
+        run(cfg)
+    assert wandb.run is None
+    runs = offline_runs(save_dir, expected=1)
+    assert set(runs) == {"mediator"} and runs["mediator"]["exit"] == 1
+
+
+def test_csv_logger_writes_slash_named_metrics(tiny, tmp_path: Path) -> None:
+    run(tiny("stage=mediator", "logger=csv"))
+    (metrics,) = (tmp_path / "out" / "csv").glob("version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "train/modularity" in header
+
+
+def test_tensorboard_logger_or_a_clear_missing_package_error(tiny, tmp_path: Path) -> None:
+    installed = any(importlib.util.find_spec(n) for n in ("tensorboard", "tensorboardX"))
+    cfg = tiny("stage=mediator", "logger=tensorboard")
+    if not installed:
+        with pytest.raises(ModuleNotFoundError, match="pip install tensorboard.*logger=csv"):
+            run(cfg)
+        return
+    run(cfg)
+    assert list((tmp_path / "out" / "tensorboard").glob("version_*/events.out.tfevents.*"))
+
+
+def test_throughput_progress_bar_reports_images_per_second() -> None:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from cause_lightning.callbacks import ThroughputProgressBar
+
+    class Toy(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return (self.weight - batch["image"].mean()) ** 2
+
+        def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+            return None
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([self.weight], lr=0.1)
+
+    bar = ThroughputProgressBar()
+    seen: dict[str, Any] = {}
+    train_end, test_end = bar.on_train_batch_end, bar.on_test_batch_end
+
+    def on_train_batch_end(trainer, module, *args: Any) -> None:
+        train_end(trainer, module, *args)
+        seen["train"] = bar.get_metrics(trainer, module)
+
+    def on_test_batch_end(*args: Any) -> None:
+        test_end(*args)
+        seen["test"] = bar.progress.tasks[bar.test_progress_bar_id].description
+
+    bar.on_train_batch_end = on_train_batch_end  # type: ignore[method-assign]
+    bar.on_test_batch_end = on_test_batch_end  # type: ignore[method-assign]
+    loader = DataLoader([{"image": torch.randn(3, 4, 4)} for _ in range(6)], batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Toy(), loader)
+    trainer.test(trainer.lightning_module, loader, verbose=False)
+    assert float(seen["train"]["img/s"]) > 0
+    assert seen["test"].startswith("Testing (") and seen["test"].endswith(" img/s)")
