@@ -23,7 +23,6 @@ TINY = [
     "data.module.num_val=4",
     "data.module.image_size=64",
     "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
-    "data.module.batch_size=4",
     "method.num_concepts=32",
     "method.head.projection_dim=32",
     "method.mediator.batch_size=4",

@@ -40,7 +40,6 @@ TINY = [
     "data.module.num_val=4",
     "data.module.image_size=64",
     f"data.recipe.resolution={{train:{{tr:{RES},mlp:{RES}}},test:{RES}}}",
-    "data.module.batch_size=4",
     "method.num_concepts=32",
     "method.head.projection_dim=32",
     "method.mediator.batch_size=4",

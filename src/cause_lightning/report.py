@@ -143,6 +143,8 @@ def _export_segmenter(
     meta = pipeline.meta()
     clusterbook_path = pipeline.root / "clusterbook.pt"
     clusterbook = pipeline.clusterbook() if clusterbook_path.is_file() else None
+    if clusterbook is not None:  # an imported release keeps its own concept count
+        meta["num_concepts"] = int(clusterbook.shape[0])
     segmenter = Segmenter(
         pipeline.backbone,
         module.head,
@@ -184,7 +186,10 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         table.add_column(column, justify="left" if column in ("probe", "variant") else "right")
     rows = sorted({k.rsplit("/", 1)[0] for k in metrics})
     order = {"cluster": 0, "baseline": 1, "linear": 2}
-    rows.sort(key=lambda r: (order.get(r.split("/")[1], 9), r))
+    variant_order = {v: i for i, v in enumerate(("raw", "flip", "crf", "flip_crf"))}
+    rows.sort(
+        key=lambda r: (order.get(r.split("/")[1], 9), variant_order.get(r.split("/")[2], 9), r)
+    )
     for row in rows:
         _, probe, variant = row.split("/", 2)
         label = {

@@ -87,8 +87,10 @@ def _configure_logging() -> None:
         package.setLevel(logging.INFO)
     if logging.getLogger().handlers:
         # Hydra's handlers already print and file Lightning's records: avoid printing them twice.
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            for handler in list(logging.getLogger(name).handlers):
-                logging.getLogger(name).removeHandler(handler)
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lightning_logger = logging.getLogger(name)
+            for handler in list(lightning_logger.handlers):
+                lightning_logger.removeHandler(handler)
+            lightning_logger.propagate = True
     # The frozen backbone (and the eval-mode teacher parts) are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

@@ -90,6 +90,7 @@ class FolderDataModule(SegDataModule):
         limit_train: Use only this many training images.
         seed: Shuffle / subset seed.
         mode: ``"crop"`` (shorter-side resize + centre crop) or ``"squash"``.
+        shuffle: Shuffle the training loader (see :class:`SegDataModule`).
 
     Raises:
         ValueError: On a bad ``num_classes`` / ``class_names`` / ``mode``.
@@ -114,6 +115,7 @@ class FolderDataModule(SegDataModule):
         limit_train: int | None = None,
         seed: int = 0,
         mode: str = "crop",
+        shuffle: bool = True,
     ) -> None:
         super().__init__(
             root=root,
@@ -124,6 +126,7 @@ class FolderDataModule(SegDataModule):
             eval_batch_size=eval_batch_size,
             limit_train=limit_train,
             seed=seed,
+            shuffle=shuffle,
         )
         if int(num_classes) < 1 or int(num_classes) > 255:
             raise ValueError(f"folder num_classes must be in [1, 255], got {num_classes}.")
