@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from cause_lightning.interop import OfficialBundle, import_official
 from cause_lightning.models.heads import MLPHead, TRHead
+from release_files import write_release
 
 D, Q, C, R, K, P = 32, 16, 5, 90, 2048, 2048
 GRID = 4  # sqrt(Q)
@@ -24,78 +26,9 @@ GRID = 4  # sqrt(Q)
 # ------------------------------------------------------------------------------ fake release files
 
 
-def _rand(g: torch.Generator, *shape: int, scale: float = 0.2, offset: float = 0.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=g) * scale + offset
-
-
-def _head_state(
-    g: torch.Generator, kind: str, prefix: str, d: int, q: int
-) -> dict[str, torch.Tensor]:
-    """Keys and shapes of method.md §10.1 / §10.2 for one head (prefix head. or head_ema.)."""
-    sd: dict[str, torch.Tensor] = {}
-    if kind == "tr":
-        sd[prefix + "query_pos"] = _rand(g, q, d, scale=1.0)
-        for attn in ("self_attn", "multihead_attn"):
-            sd[f"{prefix}tr.{attn}.in_proj_weight"] = _rand(g, 3 * d, d)
-            sd[f"{prefix}tr.{attn}.in_proj_bias"] = _rand(g, 3 * d, scale=0.1)
-            sd[f"{prefix}tr.{attn}.out_proj.weight"] = _rand(g, d, d)
-            sd[f"{prefix}tr.{attn}.out_proj.bias"] = _rand(g, d, scale=0.1)
-        sd[f"{prefix}tr.linear1.weight"] = _rand(g, 2048, d)
-        sd[f"{prefix}tr.linear1.bias"] = _rand(g, 2048, scale=0.1)
-        sd[f"{prefix}tr.linear2.weight"] = _rand(g, d, 2048, scale=0.03)
-        sd[f"{prefix}tr.linear2.bias"] = _rand(g, d, scale=0.1)
-        for n in (1, 2, 3):
-            sd[f"{prefix}tr.norm{n}.weight"] = _rand(g, d, scale=0.1, offset=1.0)
-            sd[f"{prefix}tr.norm{n}.bias"] = _rand(g, d, scale=0.1)
-        proj = prefix + "tr."
-    else:
-        proj = prefix
-    sd[proj + "f1.weight"] = _rand(g, R, d, 1, 1)
-    sd[proj + "f1.bias"] = _rand(g, R, scale=0.1)
-    sd[proj + "f2.0.weight"] = _rand(g, d, d, 1, 1)
-    sd[proj + "f2.0.bias"] = _rand(g, d, scale=0.1)
-    sd[proj + "f2.2.weight"] = _rand(g, R, d, 1, 1)
-    sd[proj + "f2.2.bias"] = _rand(g, R, scale=0.1)
-    return sd
-
-
-def _segment_state(
-    kind: str, seed: int = 0, d: int = D, q: int = Q, c: int = C
-) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sd = _head_state(g, kind, "head.", d, q)
-    sd |= _head_state(g, kind, "head_ema.", d, q)
-    for name in ("projection_head", "projection_head_ema"):
-        sd[f"{name}.f.weight"] = _rand(g, P, R, 1, 1)
-        sd[f"{name}.f.bias"] = _rand(g, P, scale=0.1)
-    sd["linear.f.weight"] = _rand(g, c, R, 1, 1)
-    sd["linear.f.bias"] = _rand(g, c, scale=0.1)
-    return sd
-
-
-def _write_release(
-    root: Path, kind: str, *, seed: int = 0, d: int = D, q: int = Q, c: int = C, book_shape=None
-) -> dict:
-    """Write segment_<kind>.pth, cluster_<kind>.pth, modular.npy; return paths and contents."""
-    root.mkdir(parents=True, exist_ok=True)
-    seg = _segment_state(kind, seed, d, q, c)
-    assert len(seg) == (56 if kind == "tr" else 18)  # docs/method.md §10.1
-    rng = np.random.default_rng(seed)
-    book = rng.standard_normal(book_shape or (K, d)).astype(np.float32)
-    g = torch.Generator().manual_seed(seed + 100)
-    cluster = {
-        "codebook": torch.from_numpy(book.copy()),
-        "cluster_probe": _rand(g, c, R, scale=1.0),
-    }
-    paths = {
-        "segment": root / f"segment_{kind}.pth",
-        "cluster": root / f"cluster_{kind}.pth",
-        "clusterbook": root / "modular.npy",
-    }
-    torch.save(seg, paths["segment"])
-    torch.save(cluster, paths["cluster"])
-    np.save(paths["clusterbook"], book)
-    return {"paths": paths, "segment": seg, "cluster": cluster, "book": book}
+def _write_release(root: Path, kind: str, **kw: Any) -> dict:
+    """The release files at this module's sizes (D, Q, C) unless overridden."""
+    return write_release(root, kind, **{"d": D, "q": Q, "c": C, **kw})
 
 
 # -------------------------------------------------------------------- functional reference forward
