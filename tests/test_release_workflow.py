@@ -262,6 +262,8 @@ def _outputs(output: Path, kind: str) -> dict[str, Path]:
 def test_import_writes_the_release_as_stage_artifacts(workflow: dict) -> None:
     root, release = workflow["root"], workflow["release"]
     assert workflow["imported"]["artifacts/head"] == str(root / "tr" / "head.pt")
+    # the import already exports a self-contained segmenter (eval adds the assignment later)
+    assert workflow["imported"]["artifacts/segmenter"] == str(root / "tr" / "segmenter.pt")
     book = load_artifact(root / "clusterbook.pt", "clusterbook", "mediator")
     torch.testing.assert_close(book["clusterbook"], torch.from_numpy(release["book"]))
     head = load_artifact(root / "tr" / "head.pt", "head", "head")
@@ -440,7 +442,7 @@ def test_mlp_release_predicts_right_after_import(
     assert (meta["head_type"], meta["num_queries"], meta["num_concepts"]) == ("mlp", None, K)
     sizes = write_odd_images(tmp_path / "images")
     output = tmp_path / "predictions"
-    # No stage=eval: the model comes from the imported artifacts, without a class assignment.
+    # No stage=eval: the import's own segmenter.pt, without a class assignment.
     results = run(
         compose(
             *common,
@@ -449,8 +451,8 @@ def test_mlp_release_predicts_right_after_import(
             f"predict.output_dir={output}",
         )
     )
-    assert results["predict/count"] == 3 and not (root / "mlp" / "segmenter.pt").exists()
-    segmenter = Segmenter.from_artifacts(root, "mlp")
+    assert results["predict/count"] == 3
+    segmenter = Segmenter.load(root / "mlp" / "segmenter.pt")
     assert segmenter.assignment is None and segmenter.class_names == MOSAIC_NAMES
     for stem, path in _outputs(output, "labels").items():
         label = np.asarray(Image.open(path))

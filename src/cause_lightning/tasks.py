@@ -105,6 +105,13 @@ def import_release(cfg: DictConfig) -> dict[str, Any]:
         head_name=cfg.head.name,
         patch_size=int(pipeline.backbone.patch_size),
     )
+    # A self-contained model right away (and no stale segmenter.pt of an earlier run left behind);
+    # stage=eval rewrites it with the cluster -> class assignment.
+    from cause_lightning.segmenter import Segmenter
+
+    segmenter = Segmenter.from_artifacts(pipeline.root, cfg.head.name, backbone=pipeline.backbone)
+    paths["segmenter"] = pipeline.head_root / "segmenter.pt"
+    segmenter.save(paths["segmenter"])
     log.info(
         "imported the reference release into %s; run stage=eval or stage=predict next",
         pipeline.root,
