@@ -63,8 +63,9 @@ class NonFiniteLossError(FloatingPointError):
 class StageModule(pl.LightningModule):
     """Base of every stage module: holds the frozen backbone and keeps it out of checkpoints.
 
-    Lightning switches the whole module to training mode when a fit loop starts; :meth:`train`
-    puts the backbone straight back into eval mode. The backbone's weights are not written to
+    The backbone is put in eval mode here and :meth:`train` keeps it there whenever the module
+    is switched (Lightning restores the recorded mode of every submodule around its loops, so the
+    frozen parts never run in training mode). The backbone's weights are not written to
     Lightning checkpoints (they are the user's upstream file and can be large); they are
     restored from the module itself when a checkpoint is loaded.
 
