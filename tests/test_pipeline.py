@@ -113,3 +113,18 @@ def test_head_for_another_class_count_is_rejected(tiny) -> None:
 def test_nan_loss_stops_with_step_and_cause(tiny) -> None:
     with pytest.raises(NonFiniteLossError, match="global step"):
         run(tiny("stage=mediator", "method.mediator.lr=inf", "trainer.limit_train_batches=3"))
+
+
+def test_interrupted_stage_resumes_from_last_checkpoint(compose, shared_data_dir: Path) -> None:
+    overrides = [o for o in TINY if not o.startswith("callbacks=")]
+    overrides += [f"data.module.root={shared_data_dir / 'mosaic'}", "stage=mediator"]
+    run(compose(*overrides, "method.mediator.epochs=1"))
+    root = Path(compose(*overrides).paths.artifact_dir) / "mosaic" / "tiny_vit"
+    last = root / "checkpoints" / "mediator" / "last.ckpt"
+    first = torch.load(last, map_location="cpu")  # default weights_only: no pickled objects
+    assert first["global_step"] == 2 and not any(
+        k.startswith("backbone.") for k in first["state_dict"]
+    )
+    run(compose(*overrides, "method.mediator.epochs=2", "ckpt_path=last"))
+    second = torch.load(last, map_location="cpu")
+    assert second["global_step"] == 4 and second["epoch"] > first["epoch"]

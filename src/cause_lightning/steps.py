@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning import __version__
@@ -145,6 +145,9 @@ class Pipeline:
         self, step: str, max_epochs: int | None = None, clip: float | None = None
     ) -> pl.Trainer:
         callbacks = instantiate_group(self.cfg.get("callbacks"))
+        if self.cfg.trainer.get("enable_progress_bar") is False:
+            # Lightning refuses a progress-bar callback on a trainer without one.
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(self.checkpoint_dir(step))
