@@ -76,7 +76,8 @@ def main() -> None:
         bank.update(fill, torch.randn(8192, args.projection, device=device))
     bank_view, bank_concepts = bank.view()
     metric = UnsupervisedSegmentationMetrics(args.classes).to(device)
-    preds = torch.randint(args.classes, (args.batch, args.resolution, args.resolution), device=device)
+    size = (args.batch, args.resolution, args.resolution)
+    preds = torch.randint(args.classes, size, device=device)
     labels = torch.randint(args.classes, preds.shape, device=device)
 
     def backbone_step() -> None:
