@@ -31,12 +31,12 @@ test-all: $(STAMP) ## Every test
 	$(PYTEST) -q $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 format: $(STAMP) ## Format the code with ruff
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 pipeline: $(STAMP) ## Run mediator, head, probe, eval as separate stages (pass ARGS="data=... backbone=...")
 	for stage in mediator head probe eval; do \
