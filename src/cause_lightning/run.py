@@ -68,6 +68,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+class _DropAdvertisement(logging.Filter):
+    """Drops Lightning's product tip, printed once per trainer (four times in stage=all)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def _write_results(cfg: DictConfig, results: dict[str, Any]) -> None:
     """Save the results of the run in its output directory (rank 0), for sweep summaries."""
     from pathlib import Path
@@ -92,5 +99,8 @@ def _configure_logging() -> None:
             for handler in list(lightning_logger.handlers):
                 lightning_logger.removeHandler(handler)
             lightning_logger.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisement) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvertisement())
     # The frozen backbone (and the eval-mode teacher parts) are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
