@@ -818,3 +818,24 @@ def test_ops_device_agnostic(device: str) -> None:
     sampled, index = grid_sample_tokens(features.to(device))
     assert sampled.device.type == device and index.device.type == device
     torch.testing.assert_close(sampled.cpu(), literal_grid_sample(features, 4, index.cpu()))
+
+
+def test_contrastive_half_precision_products_stay_close_to_float32() -> None:
+    torch.manual_seed(3)
+    tokens, clusterbook = torch.randn(3, 12, 8), torch.randn(10, 8)
+    teacher, bank = torch.randn(3, 12, 16), torch.randn(40, 16)
+    bank_concepts = torch.randint(10, (40,))
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        student = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(0))
+        student.requires_grad_(True)
+        loss = concept_contrastive_loss(
+            tokens, student, teacher, clusterbook, bank, bank_concepts, matmul_dtype=dtype
+        )
+        loss.backward()
+        results[dtype] = (loss.detach(), student.grad)
+    (exact, exact_grad), (half, half_grad) = results[None], results[torch.bfloat16]
+    assert half.dtype == torch.float32  # only the products are in half precision
+    assert not torch.equal(exact, half)  # the dtype is really used
+    torch.testing.assert_close(half, exact, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(half_grad, exact_grad, rtol=5e-2, atol=5e-3)

@@ -128,3 +128,11 @@ def test_interrupted_stage_resumes_from_last_checkpoint(compose, shared_data_dir
     run(compose(*overrides, "method.mediator.epochs=2", "ckpt_path=last"))
     second = torch.load(last, map_location="cpu")
     assert second["global_step"] == 4 and second["epoch"] > first["epoch"]
+
+
+def test_mixed_precision_head_stage(tiny, tmp_path: Path) -> None:
+    run(tiny("stage=mediator"))
+    run(tiny("stage=head", "head=mlp", "trainer.precision=bf16-mixed"))
+    record = load_artifact(tmp_path / "artifacts/mosaic/tiny_vit/mlp/head.pt", "head", "head")
+    assert all(v.dtype == torch.float32 for v in record["head_state"].values())
+    assert all(torch.isfinite(v).all() for v in record["head_state"].values())

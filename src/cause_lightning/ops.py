@@ -361,6 +361,7 @@ def _contrastive_rows(
     self_columns: Tensor | None,
     pos_thresh: float,
     neg_thresh: float,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-anchor sum of ``L_ij`` over positives and the positive count, for a block of anchors.
 
@@ -373,11 +374,17 @@ def _contrastive_rows(
         self_columns: Column of each anchor's own teacher copy ``[R]``, or ``None`` (bank).
         pos_thresh: Positive threshold (``s > pos_thresh``).
         neg_thresh: Negative threshold (``s < neg_thresh``).
+        matmul_dtype: Dtype of the anchor x candidate product (``None``: the compute dtype).
 
     Returns:
         ``(loss_sum [R], positive_count [R])``.
     """
-    logits = (anchors @ candidates.T).mul_(candidate_scale)  # R C
+    if matmul_dtype is None:
+        logits = anchors @ candidates.T  # R C
+    else:
+        # Mixed precision: the product in half precision, everything after it in float32.
+        logits = (anchors.to(matmul_dtype) @ candidates.to(matmul_dtype).T).to(anchors.dtype)
+    logits = logits.mul_(candidate_scale)  # R C
     with torch.no_grad():
         shift = logits.amax(dim=1, keepdim=True)  # R 1: row max over ALL candidates
     logits = logits.sub_(shift)  # R C; in place: the shift is a constant, mm keeps no output
@@ -409,6 +416,7 @@ def _contrastive_term(
     temperature: float,
     pos_thresh: float,
     neg_thresh: float,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-image mean over positive pairs of one term (in-batch or bank), chunked over anchors.
 
@@ -440,6 +448,7 @@ def _contrastive_term(
             None if self_columns is None else self_columns[start:stop],  # R
             pos_thresh,
             neg_thresh,
+            matmul_dtype,
         )
         fn: Callable[..., tuple[Tensor, Tensor]] = _contrastive_rows
         if recompute:
@@ -468,6 +477,7 @@ def concept_contrastive_terms(
     pos_thresh: float = 0.3,
     neg_thresh: float = 0.1,
     anchor_index: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-image terms of the concept-wise InfoNCE of stage 2 (method §5.6).
 
@@ -499,6 +509,9 @@ def concept_contrastive_terms(
         neg_thresh: Concept similarity below which a pair is negative.
         anchor_index: Long ``[B]`` position of each student image among the ``G`` images of
             ``tokens`` / ``teacher``, or ``None`` when ``student`` covers them all in order.
+        matmul_dtype: Dtype of the student x teacher / bank products only (e.g. ``float16``
+            under mixed precision, as the reference's AMP runs them); ``None`` keeps them in the
+            float32 compute dtype. Thresholds, shifts and log-sum-exps stay in float32.
 
     Returns:
         ``(terms, empty)``: ``terms`` float ``[B]`` (no bank, or ``M == 0``) or ``[2B]`` (in-batch
@@ -601,6 +614,7 @@ def concept_contrastive_terms(
             temperature,
             pos_thresh,
             neg_thresh,
+            matmul_dtype,
         )
         if use_bank:
             assert bank is not None and bank_concepts is not None
@@ -614,6 +628,7 @@ def concept_contrastive_terms(
                 temperature,
                 pos_thresh,
                 neg_thresh,
+                matmul_dtype,
             )
             terms = torch.cat([terms, bank_terms])  # 2B
             empty = torch.cat([empty, bank_empty])  # 2B
@@ -631,6 +646,7 @@ def concept_contrastive_loss(
     pos_thresh: float = 0.3,
     neg_thresh: float = 0.1,
     anchor_index: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Concept-wise InfoNCE of stage 2: the mean of :func:`concept_contrastive_terms`.
 
@@ -649,6 +665,7 @@ def concept_contrastive_loss(
         neg_thresh: Negative threshold.
         anchor_index: Positions of the student images among the candidate images (see
             :func:`concept_contrastive_terms`).
+        matmul_dtype: Dtype of the projection products (see :func:`concept_contrastive_terms`).
 
     Returns:
         Scalar loss.
@@ -667,5 +684,6 @@ def concept_contrastive_loss(
         pos_thresh=pos_thresh,
         neg_thresh=neg_thresh,
         anchor_index=anchor_index,
+        matmul_dtype=matmul_dtype,
     )
     return terms.mean()

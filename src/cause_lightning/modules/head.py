@@ -150,6 +150,12 @@ class HeadModule(StageModule):
             teacher = self.head_ema(features)  # B R h w, separate full-grid pass for the probe
         return tokens, student_tok, teacher_tok, teacher
 
+    def _matmul_dtype(self) -> torch.dtype | None:
+        """Half-precision projection products under a mixed-precision trainer (as the reference's
+        AMP runs them): the bank term is the largest matmul of the stage."""
+        precision = str(self._trainer.precision) if self._trainer is not None else ""
+        return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
         tokens, student_tok, teacher_tok, teacher = self._student_teacher(features, batch_idx)
@@ -177,6 +183,7 @@ class HeadModule(StageModule):
             pos_thresh=self.hparams.pos_thresh,
             neg_thresh=self.hparams.neg_thresh,
             anchor_index=anchor_index,
+            matmul_dtype=self._matmul_dtype(),
         )
         loss_front = terms.mean()
         loss_linear = linear_probe_loss(
