@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import TINY
+
 # Set before anything imports wandb / huggingface_hub, and inherited by CLI subprocesses.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,6 +61,16 @@ def compose(tmp_path: Path) -> Iterator[Callable[..., object]]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def tiny(compose: Callable[..., object], shared_data_dir: Path) -> Callable[..., object]:
+    """Compose a small, fast run (``tests/tiny.py``) on the session's mosaic data."""
+
+    def _tiny(*overrides: str, base: list[str] = TINY) -> object:
+        return compose(*base, f"data.module.root={shared_data_dir / 'mosaic'}", *overrides)
+
+    return _tiny
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tiny import TINY_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "backbone=tiny_vit",
-    "data.module.num_train=8",
-    "data.module.num_val=4",
-    "data.module.image_size=64",
-    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
+    *TINY_DATA,
     "method.num_concepts=32",
-    "method.head.projection_dim=32",
     "method.eval.variants=[raw,flip]",
     "callbacks=none",
     "debug=limit",
@@ -59,7 +56,7 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     result = cli("stage=probe", *TINY, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "stage=head" in result.stderr  # names the stage to run first
-    result = cli("stage=eval", "data=cocostuff27", *TINY[:1], cwd=tmp_path, check=False)
+    result = cli("stage=eval", "data=cocostuff27", "backbone=tiny_vit", cwd=tmp_path, check=False)
     assert result.returncode != 0
     result = cli("method.num_concepts=abc", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "num_concepts" in result.stderr

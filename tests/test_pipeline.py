@@ -16,33 +16,7 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
-
-TINY = [
-    "backbone=tiny_vit",
-    "data.module.num_train=8",
-    "data.module.num_val=4",
-    "data.module.image_size=64",
-    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
-    "method.num_concepts=32",
-    "method.head.projection_dim=32",
-    "method.mediator.batch_size=4",
-    "method.head.batch_size=4",
-    "method.probe.batch_size=4",
-    "method.eval.batch_size=4",
-    "method.eval.save_images=2",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-]
-
-
-@pytest.fixture
-def tiny(compose, shared_data_dir: Path):
-    def _tiny(*overrides: str):
-        return compose(*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", *overrides)
-
-    return _tiny
+from tiny import TINY
 
 
 @pytest.mark.parametrize("head", ["tr", "mlp"])
@@ -115,17 +89,16 @@ def test_nan_loss_stops_with_step_and_cause(tiny) -> None:
         run(tiny("stage=mediator", "method.mediator.lr=inf", "trainer.limit_train_batches=3"))
 
 
-def test_interrupted_stage_resumes_from_last_checkpoint(compose, shared_data_dir: Path) -> None:
-    overrides = [o for o in TINY if not o.startswith("callbacks=")]
-    overrides += [f"data.module.root={shared_data_dir / 'mosaic'}", "stage=mediator"]
-    run(compose(*overrides, "method.mediator.epochs=1"))
-    root = Path(compose(*overrides).paths.artifact_dir) / "mosaic" / "tiny_vit"
+def test_interrupted_stage_resumes_from_last_checkpoint(tiny, tmp_path: Path) -> None:
+    with_checkpoints = [o for o in TINY if not o.startswith("callbacks=")]
+    run(tiny("stage=mediator", "method.mediator.epochs=1", base=with_checkpoints))
+    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
     last = root / "checkpoints" / "mediator" / "last.ckpt"
     first = torch.load(last, map_location="cpu")  # default weights_only: no pickled objects
     assert first["global_step"] == 2 and not any(
         k.startswith("backbone.") for k in first["state_dict"]
     )
-    run(compose(*overrides, "method.mediator.epochs=2", "ckpt_path=last"))
+    run(tiny("stage=mediator", "method.mediator.epochs=2", "ckpt_path=last", base=with_checkpoints))
     second = torch.load(last, map_location="cpu")
     assert second["global_step"] == 4 and second["epoch"] > first["epoch"]
 

@@ -29,30 +29,11 @@ from cause_lightning.models import build_backbone
 from cause_lightning.run import run
 from cause_lightning.segmenter import Segmenter
 from release_files import write_release as write_release_files
+from tiny import TINY
 
 D, Q, C, R, K, P = 64, 64, 6, 90, 2048, 2048
 RES = 64
 MOSAIC_NAMES = ["brick", "grass", "gravel", "wood", "fur", "tissue"]
-
-# Small in-process runs (the same settings as tests/test_pipeline.py).
-TINY = [
-    "backbone=tiny_vit",
-    "data.module.num_train=8",
-    "data.module.num_val=4",
-    "data.module.image_size=64",
-    f"data.recipe.resolution={{train:{{tr:{RES},mlp:{RES}}},test:{RES}}}",
-    "method.num_concepts=32",
-    "method.head.projection_dim=32",
-    "method.mediator.batch_size=4",
-    "method.head.batch_size=4",
-    "method.probe.batch_size=4",
-    "method.eval.batch_size=4",
-    "method.eval.save_images=2",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-]
 
 
 def write_release(root: Path, kind: str = "tr", **kw: Any) -> dict[str, Any]:

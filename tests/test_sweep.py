@@ -15,27 +15,19 @@ from omegaconf import OmegaConf
 
 from cause_lightning.__main__ import config_dir
 from cause_lightning.run import run
+from tiny import QUIET, TINY_BATCHES, TINY_DATA
 
 SWEEPS = sorted(p.stem for p in (Path(config_dir()) / "sweep").glob("*.yaml"))
 
 TINY = [
-    "backbone=tiny_vit",
+    *TINY_DATA,
+    *TINY_BATCHES,
+    *QUIET,
     "head=mlp",
-    "data.module.num_train=8",
-    "data.module.num_val=4",
-    "data.module.image_size=64",
-    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
-    "method.head.projection_dim=32",
-    "method.mediator.batch_size=4",
-    "method.head.batch_size=4",
     "method.head.epochs=1",
-    "method.probe.batch_size=4",
-    "method.eval.batch_size=4",
     "method.eval.save_images=1",
     "method.eval.variants=[raw,flip]",
     "method.eval.baselines=false",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
     "+trainer.enable_checkpointing=false",
 ]
 

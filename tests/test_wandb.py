@@ -9,6 +9,7 @@ would upload.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import struct
@@ -22,25 +23,17 @@ import pytest
 
 from cause_lightning.run import run
 from cause_lightning.tracking import confusion_image
+from tiny import QUIET, TINY_BATCHES, TINY_DATA
 
 TINY = [
-    "backbone=tiny_vit",
+    *TINY_DATA,
+    *TINY_BATCHES,
+    *QUIET,
     "head=mlp",
-    "data.module.num_train=8",
-    "data.module.num_val=4",
-    "data.module.image_size=64",
-    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
     "method.num_concepts=16",
-    "method.head.projection_dim=32",
-    "method.mediator.batch_size=4",
-    "method.head.batch_size=4",
     "method.head.epochs=1",
-    "method.probe.batch_size=4",
-    "method.eval.batch_size=4",
     "method.eval.save_images=2",
     "method.eval.variants=[raw,flip]",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
     "+trainer.enable_checkpointing=false",
     "+trainer.limit_train_batches=2",
@@ -49,11 +42,8 @@ TINY = [
 
 
 @pytest.fixture
-def tiny(compose, shared_data_dir: Path):
-    def _tiny(*overrides: str):
-        return compose(*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", *overrides)
-
-    return _tiny
+def tiny(tiny):  # the conftest fixture, on this module's settings
+    return functools.partial(tiny, base=TINY)
 
 
 # --------------------------------------------------------------------------------------------------

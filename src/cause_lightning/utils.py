@@ -11,9 +11,22 @@ from omegaconf import DictConfig
 __all__ = ["get_logger", "instantiate_group", "finish_wandb", "is_global_zero"]
 
 
+class _RankZeroFilter(logging.Filter):
+    """Keeps records below WARNING on global rank 0 only, so DDP runs log each message once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or is_global_zero()
+
+
+_RANK_ZERO = _RankZeroFilter()
+
+
 def get_logger(name: str = "cause_lightning") -> logging.Logger:
-    """The project's logger; messages from non-zero ranks are dropped by :func:`is_global_zero`."""
-    return logging.getLogger(name)
+    """A project logger whose info and debug messages come from global rank 0 only."""
+    logger = logging.getLogger(name)
+    if _RANK_ZERO not in logger.filters:
+        logger.addFilter(_RANK_ZERO)
+    return logger
 
 
 def is_global_zero() -> bool:
@@ -24,13 +37,11 @@ def is_global_zero() -> bool:
     return True
 
 
-def instantiate_group(group: DictConfig | None, **overrides: Any) -> list[Any]:
-    """Instantiate every ``_target_`` node of a config group mapping (callbacks, loggers).
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` node of a config group mapping (e.g. callbacks).
 
     Args:
         group: A mapping of name -> node, or None.
-        **overrides: Keyword arguments passed to every instantiated object whose constructor
-            accepts them (``None`` values are skipped).
 
     Returns:
         The instantiated objects in config order.
