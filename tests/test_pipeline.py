@@ -44,6 +44,9 @@ def test_stages_chain_through_artifacts(tiny, tmp_path: Path, head: str) -> None
     report = json.loads((root / head / "metrics.json").read_text())
     assert report["unsupervised"] and report["record_variant"] == "flip"
     assert len(report["details"]["details/cluster/flip/per_class_iou"]) == 6
+    used = report["clusters_used"]
+    assert set(used) >= {"cluster/raw", "cluster/flip", "baseline/kmeans", "baseline/majority"}
+    assert used["baseline/majority"] == 1 and all(1 <= n <= 6 for n in used.values())
     assert (root / head / "segmenter.pt").is_file()
     assert (tmp_path / "out" / "predictions" / "contact_sheet.png").is_file()
     assert (tmp_path / "out" / "config_resolved.yaml").is_file()

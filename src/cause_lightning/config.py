@@ -81,6 +81,7 @@ class EvalStageConfig:
     crf_timeout: float = 600.0
     baselines: bool = True
     kmeans_iters: int = 30
+    kmeans_restarts: int = 10
     kmeans_max_tokens: int = 200_000
     save_images: int = 16
 

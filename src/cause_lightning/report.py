@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from cause_lightning.modules.evaluate import EvalModule
     from cause_lightning.steps import Pipeline
 
-__all__ = ["write_report", "RECORD_VARIANT"]
+__all__ = ["write_report", "RECORD_VARIANT", "clusters_used"]
 
 log = get_logger(__name__)
 
@@ -80,6 +80,7 @@ def write_report(pipeline: Pipeline, module: EvalModule, data: Any, leak: bool) 
         "published": _plain(cfg.get("published")),
         "metrics": {k: v for k, v in results.items() if k.startswith("test/")},
         "details": {k: v for k, v in results.items() if k.startswith("details/")},
+        "clusters_used": clusters_used(results),
     }
     written: dict[str, Any] = {}
     for directory in (pipeline.head_root, pipeline.output_dir):
@@ -90,6 +91,26 @@ def write_report(pipeline: Pipeline, module: EvalModule, data: Any, leak: bool) 
     written["artifacts/segmenter"] = str(segmenter_path)
     print_table(report, class_names)
     return written
+
+
+def clusters_used(results: dict[str, Any]) -> dict[str, int]:
+    """Clusters that predict at least one labelled pixel, per scored row (from its confusion).
+
+    A modularity-trained cluster probe can leave centroids that win no pixel: two classes then
+    share one cluster and the unmatched class scores IoU 0. The count makes that visible.
+
+    Args:
+        results: ``EvalModule.results`` (``details/<probe>/<variant>/confusion`` entries).
+
+    Returns:
+        ``{"<probe>/<variant>": used}`` for every row with a confusion matrix.
+    """
+    used = {}
+    for key, confusion in results.items():
+        if key.startswith("details/") and key.endswith("/confusion"):
+            counts = np.asarray(confusion).sum(axis=0)  # per cluster
+            used[key[len("details/") : -len("/confusion")]] = int((counts > 0).sum())
+    return used
 
 
 def _describe(data: Any) -> dict[str, Any]:
@@ -210,6 +231,19 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
     console = Console()
     console.print(table)
     variant = report["record_variant"]
+    used = report.get("clusters_used", {})
+    if f"cluster/{variant}" in used:
+        line = f"clusters predicting any pixel: cluster probe {used[f'cluster/{variant}']}"
+        if "baseline/kmeans" in used:
+            line += f", k-means {used['baseline/kmeans']}"
+        console.print(f"{line} (of {report['num_clusters']})")
+        if used[f"cluster/{variant}"] < report["num_clusters"]:
+            log.warning(
+                "the cluster probe leaves %d of %d centroids without a pixel: the modularity "
+                "training merged classes (their IoU is 0); docs/method.md §6.1",
+                report["num_clusters"] - used[f"cluster/{variant}"],
+                report["num_clusters"],
+            )
     ious = report["details"].get(f"details/cluster/{variant}/per_class_iou")
     if ious:
         per_class = Table(title=f"per-class IoU (cluster, {variant})")

@@ -463,6 +463,7 @@ class Pipeline:
             crf_runner=crf_runner,
             baselines=eval_cfg.baselines,
             kmeans_iters=eval_cfg.kmeans_iters,
+            kmeans_restarts=eval_cfg.kmeans_restarts,
             kmeans_max_tokens=eval_cfg.kmeans_max_tokens,
             save_images=eval_cfg.save_images,
             seed=int(self.cfg.seed),

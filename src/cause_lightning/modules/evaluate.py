@@ -60,6 +60,7 @@ class EvalModule(StageModule):
             when CRF variants are not requested.
         baselines: Also compute the k-means and majority baselines.
         kmeans_iters: Lloyd iterations of the k-means baseline.
+        kmeans_restarts: k-means++ seedings of the baseline; the best objective is kept.
         kmeans_max_tokens: Tokens sampled from the evaluated images to fit k-means.
         save_images: Number of images whose predictions are kept for the report.
         seed: Seed of the k-means token sampling and seeding.
@@ -77,6 +78,7 @@ class EvalModule(StageModule):
         crf_runner: Any = None,
         baselines: bool = True,
         kmeans_iters: int = 30,
+        kmeans_restarts: int = 10,
         kmeans_max_tokens: int = 200_000,
         save_images: int = 16,
         seed: int = 0,
@@ -102,6 +104,7 @@ class EvalModule(StageModule):
             raise ValueError("CRF variants requested without a CRF runner")
         self.baselines = baselines
         self.kmeans_iters = kmeans_iters
+        self.kmeans_restarts = kmeans_restarts
         self.kmeans_max_tokens = kmeans_max_tokens
         self.save_images = save_images
         self.seed = seed
@@ -231,7 +234,11 @@ class EvalModule(StageModule):
             samples = torch.cat([g[: int(n)] for g, n in zip(gathered, counts)]).cpu()
         self._token_samples.clear()
         self.kmeans_centroids = spherical_kmeans(
-            samples, self.num_classes, iterations=self.kmeans_iters, seed=self.seed
+            samples,
+            self.num_classes,
+            iterations=self.kmeans_iters,
+            seed=self.seed,
+            restarts=self.kmeans_restarts,
         )
 
     def _finish_metrics(self, metrics: dict[str, Any]) -> None:
