@@ -394,8 +394,16 @@ def test_predict_image_accepts_arrays_and_paths(backbone, tmp_path):
     assert np.array_equal(seg.predict_image(np.asarray(img)), expected)
     img.save(tmp_path / "x.png")
     assert np.array_equal(seg.predict_image(tmp_path / "x.png"), expected)
+    # Transparency is composited on black, as the datasets and the predict stage load images,
+    # whatever form the RGBA picture comes in.
     rgba = _random_pil(41, 29, "RGBA")
-    assert np.array_equal(seg.predict_image(rgba), seg.predict_image(rgba.convert("RGB")))
+    on_black = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    composited = seg.predict_image(on_black.convert("RGB"))
+    assert not np.array_equal(composited, seg.predict_image(rgba.convert("RGB")))
+    assert np.array_equal(seg.predict_image(rgba), composited)
+    assert np.array_equal(seg.predict_image(np.asarray(rgba)), composited)
+    rgba.save(tmp_path / "rgba.png")
+    assert np.array_equal(seg.predict_image(tmp_path / "rgba.png"), composited)
     gray = _random_pil(41, 29, "L")
     assert np.array_equal(seg.predict_image(np.asarray(gray)), seg.predict_image(gray))
     with pytest.raises(TypeError, match="PIL image"):

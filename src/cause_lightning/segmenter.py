@@ -142,15 +142,25 @@ def _infer_head_kwargs(head: nn.Module, head_type: str) -> dict[str, Any]:
 
 
 def _to_pil_rgb(image: Image.Image | np.ndarray | str | os.PathLike[str]) -> Image.Image:
-    """Open / convert any supported input to an RGB PIL image (alpha dropped, gray replicated)."""
+    """Open / convert any supported input to an RGB PIL image, as the datasets load images.
+
+    Transparent areas are composited on black and grayscale is replicated (``ensure_rgb``), so
+    an RGBA picture gives the same pixels here, in the predict stage and in evaluation.
+    """
+    # Lazy: the data package is only needed for this conversion.
+    from cause_lightning.data.transforms import ensure_rgb
+
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
             im.load()
-            return im.convert("RGB")
+            return ensure_rgb(im)
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 4:
+            rgb, alpha = to_rgb_uint8(image), to_rgb_uint8(image[:, :, 3])[:, :, :1]
+            return ensure_rgb(Image.fromarray(np.concatenate([rgb, alpha], axis=2), mode="RGBA"))
         return Image.fromarray(to_rgb_uint8(image))
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return ensure_rgb(image)
     raise TypeError(
         f"predict_image expects a PIL image, a numpy array [H, W(, 3|4)] or a path, got "
         f"{type(image).__name__}; for a normalised tensor batch call the segmenter directly"
@@ -598,8 +608,9 @@ class Segmenter(nn.Module):
           logits are averaged where they overlap, then argmax / CRF, and the result is resized
           back.
 
-        RGBA / LA / P images lose their alpha channel; grayscale is replicated to RGB. No EXIF
-        rotation is applied, so the mask matches ``image.size``.
+        Transparent areas of RGBA / LA / P images are composited on black (as the datasets and the
+        predict stage load them); grayscale is replicated to RGB. No EXIF rotation is applied, so
+        the mask matches ``image.size``.
 
         Args:
             image: PIL image, ``uint8`` array ``[H, W]`` / ``[H, W, 3|4]``, or an image path.
