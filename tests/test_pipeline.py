@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,14 @@ def test_stage_all_runs_every_step(tiny, tmp_path: Path) -> None:
     results = run(tiny("stage=all", "method.eval.variants=[raw]", "method.eval.baselines=false"))
     assert {"artifacts/clusterbook", "artifacts/head", "artifacts/probe"} <= set(results)
     assert "test/cluster/raw/mIoU" in results and results["objective"] is None
+
+
+def test_mediator_stage_does_not_warn_about_its_unused_val_loader(tiny) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tiny("stage=mediator"))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "validation_step" in m], messages
 
 
 def test_stage_before_its_prerequisite_names_the_stage(tiny) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -345,7 +346,10 @@ class Pipeline:
         trainer = self.trainer("mediator", max_epochs=method.mediator.epochs)
         self.log_scaling("mediator", trainer)
         data = self.datamodule("mediator", method.mediator.batch_size)
-        trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("mediator"))
+        with warnings.catch_warnings():
+            # The shared datamodule offers a val loader; stage 1 has nothing to validate.
+            warnings.filterwarnings("ignore", message=r".*val_dataloader.*validation_step")
+            trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("mediator"))
         path = self.root / "clusterbook.pt"
         if trainer.is_global_zero:
             save_artifact(path, "clusterbook", {**module.export(), "meta": self.meta()})
