@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import TINY
+from tiny import TINY, compose_config
 
 # Set before anything imports wandb / huggingface_hub, and inherited by CLI subprocesses.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -29,11 +29,8 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def compose(tmp_path: Path) -> Iterator[Callable[..., object]]:
     """Compose the project config with overrides; every path points into ``tmp_path``."""
-    from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
     from cause_lightning.__main__ import config_dir
     from cause_lightning.config import register_configs
@@ -43,21 +40,7 @@ def compose(tmp_path: Path) -> Iterator[Callable[..., object]]:
     initialize_config_dir(config_dir=config_dir(), version_base="1.3")
 
     def _compose(*overrides: str, paths: Path | None = None) -> object:
-        base = paths or tmp_path
-        cfg = hydra_compose(
-            "config",
-            overrides=[
-                f"paths.root_dir={base}",
-                f"paths.data_dir={base / 'data'}",
-                f"paths.output_dir={base / 'out'}",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+        return compose_config(paths or tmp_path, *overrides)
 
     yield _compose
     GlobalHydra.instance().clear()

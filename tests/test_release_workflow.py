@@ -29,7 +29,7 @@ from cause_lightning.models import build_backbone
 from cause_lightning.run import run
 from cause_lightning.segmenter import Segmenter
 from release_files import write_release as write_release_files
-from tiny import TINY
+from tiny import TINY, compose_config
 
 D, Q, C, R, K, P = 64, 64, 6, 90, 2048, 2048
 RES = 64
@@ -134,27 +134,8 @@ def hungarian_scores(confusion: np.ndarray) -> tuple[float, float, np.ndarray]:
 
 
 def _compose(base: Path, data_root: Path, *overrides: str) -> Any:
-    """Compose the project config (Hydra must be initialised) with every path under ``base``."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    cfg = compose(
-        "config",
-        overrides=[
-            f"paths.root_dir={base}",
-            f"paths.data_dir={base / 'data'}",
-            f"paths.output_dir={base / 'out'}",
-            *TINY,
-            f"data.module.root={data_root}",
-            *overrides,
-        ],
-        return_hydra_config=True,
-    )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    """The tiny-run config with every path under ``base`` and the shared mosaic at ``data_root``."""
+    return compose_config(base, *TINY, f"data.module.root={data_root}", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -147,15 +147,21 @@ def test_confusion_image_is_the_row_normalised_matched_matrix() -> None:
     assert (image[:top] < 128).any() and (image[top:, :left] < 128).any()  # text drawn
 
 
+@pytest.fixture
+def wandb_offline_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B in offline mode (no network), quiet; returns the runs' save directory."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path / "wandb_runs"
+
+
 @pytest.mark.slow
 def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
-    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny, wandb_offline_dir: Path
 ) -> None:
     import wandb
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    save_dir = tmp_path / "wandb_runs"
+    save_dir = wandb_offline_dir
     results = run(tiny("stage=all", "logger=wandb", f"logger.wandb.save_dir={save_dir}"))
     assert wandb.run is None
     assert results["test/cluster/raw/mIoU"] >= 0
@@ -195,14 +201,10 @@ def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
 
 
 @pytest.mark.slow
-def test_wandb_run_is_finished_when_a_step_fails(
-    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wandb_run_is_finished_when_a_step_fails(tiny, wandb_offline_dir: Path) -> None:
     import wandb
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    save_dir = tmp_path / "wandb_runs"
+    save_dir = wandb_offline_dir
     cfg = tiny(
         "stage=mediator",
         "logger=wandb",

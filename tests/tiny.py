@@ -1,6 +1,37 @@
-"""Override lists for small, fast runs of the pipeline (tiny_vit, 8 + 4 mosaic scenes at 64 px)."""
+"""Override lists for small, fast runs of the pipeline (tiny_vit, 8 + 4 mosaic scenes at 64 px),
+and the config composition every in-process test run goes through."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def compose_config(base: Path, *overrides: str) -> Any:
+    """Compose the project config (Hydra must be initialised) with every path under ``base``.
+
+    The Hydra config is registered (so ``hydra:`` interpolations resolve) and then removed, as
+    ``@hydra.main`` does for the job.
+    """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cfg = compose(
+        "config",
+        overrides=[
+            f"paths.root_dir={base}",
+            f"paths.data_dir={base / 'data'}",
+            f"paths.output_dir={base / 'out'}",
+            *overrides,
+        ],
+        return_hydra_config=True,
+    )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
 
 # Backbone, data and widths: enough for every stage to run in a second or two.
 TINY_DATA = [

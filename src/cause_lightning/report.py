@@ -231,19 +231,17 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
     console = Console()
     console.print(table)
     variant = report["record_variant"]
-    used = report.get("clusters_used", {})
-    if f"cluster/{variant}" in used:
-        line = f"clusters predicting any pixel: cluster probe {used[f'cluster/{variant}']}"
-        if "baseline/kmeans" in used:
-            line += f", k-means {used['baseline/kmeans']}"
-        console.print(f"{line} (of {report['num_clusters']})")
-        if used[f"cluster/{variant}"] < report["num_clusters"]:
-            log.warning(
-                "the cluster probe leaves %d of %d centroids without a pixel: the modularity "
-                "training merged classes (their IoU is 0); docs/method.md §6.1",
-                report["num_clusters"] - used[f"cluster/{variant}"],
-                report["num_clusters"],
-            )
+    used, total = report["clusters_used"], report["num_clusters"]
+    probe_used = used[f"cluster/{variant}"]
+    kmeans = f", k-means {used['baseline/kmeans']}" if "baseline/kmeans" in used else ""
+    console.print(f"clusters predicting any pixel: cluster probe {probe_used}{kmeans} (of {total})")
+    if probe_used < total:
+        log.warning(
+            "the cluster probe leaves %d of %d centroids without a pixel: the modularity "
+            "training merged classes (their IoU is 0); docs/method.md §6.1",
+            total - probe_used,
+            total,
+        )
     ious = report["details"].get(f"details/cluster/{variant}/per_class_iou")
     if ious:
         per_class = Table(title=f"per-class IoU (cluster, {variant})")
