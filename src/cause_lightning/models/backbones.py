@@ -5,7 +5,8 @@ after the final LayerNorm, as a grid ``[B, D, H/p, W/p]`` (class and register to
 row-major). The ViTs are timm ``VisionTransformer`` modules under DINO key names; the forward pass
 is written here so that the position table is interpolated exactly as the reference does (method.md
 §2.4). DINO ViT-S has 6 heads; ``num_heads=12`` gives the reference's bug-compatible variant
-(method.md §2.5).
+(method.md §2.5). The DINOv3 ViTs (RoPE, 4 storage tokens) are timm ``Eva`` modules, built in
+``models.dinov3``.
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ class FrozenBackbone(nn.Module):
         p = self.patch_size
         if height <= 0 or width <= 0 or height % p or width % p:
             fit_h, fit_w = max(p, height // p * p), max(p, width // p * p)
+            weights = getattr(self, "weights", None)
+            source = f" (weights {weights})" if weights else ""
             raise ValueError(
-                f"{self.name}: input size {height}x{width} (HxW) is not a multiple of the "
-                f"patch size {p}; resize or crop it, e.g. to {fit_h}x{fit_w}"
+                f"{self.name}{source}: input size {height}x{width} (HxW) is not a multiple of "
+                f"the patch size {p}; resize or crop it, e.g. to {fit_h}x{fit_w}"
             )
         return height // p, width // p
 
@@ -266,7 +269,7 @@ class BackboneSpec:
 
     Attributes:
         name: Registry name.
-        family: ``dino``, ``dinov2``, ``ibot``, ``msn``, ``mae`` or ``builtin``.
+        family: ``dino``, ``dinov2``, ``dinov3``, ``ibot``, ``msn``, ``mae`` or ``builtin``.
         arch: timm ``VisionTransformer`` architecture: ``embed_dim``, ``depth``, ``num_heads``,
             ``patch_size``, ``mlp_ratio``, ``reg_tokens``, ``init_values`` (LayerScale; ``None`` =
             off). LayerNorm eps 1e-6 and qkv bias are common to all.
@@ -275,6 +278,8 @@ class BackboneSpec:
         pos_embed: Reference interpolation scheme (see ``interpolate_pos_embed``).
         upstream_file: Name of the upstream release file, for messages.
         hub_tag: A timm hub tag with the same weights (``None`` when timm has none).
+        timm_name: DINOv3 only: the bias-free timm model (``vit_*_patch16_dinov3``); ``_qkvb``
+            is appended when the weights carry a non-zero q/v bias.
         builder: For non-ViT entries, a factory ``(name, **kw) -> FrozenBackbone``.
         needs_weights: Whether ``weights=None`` deserves a loud warning.
         description: One line for listings.
@@ -288,6 +293,7 @@ class BackboneSpec:
     pos_embed: str = "dino"
     upstream_file: str = ""
     hub_tag: str | None = None
+    timm_name: str | None = None
     builder: Callable[..., FrozenBackbone] | None = None
     needs_weights: bool = True
     description: str = ""
@@ -371,6 +377,29 @@ def _register_vits() -> None:
                 upstream_file=upstream,
                 hub_tag=tag,
                 description=f"{family.upper()} ViT-{width.upper()}/16",
+            )
+        )
+
+    for width, size, upstream, mlp in (
+        ("s", "small", "vits16", "gelu"),
+        ("sp", "small_plus", "vits16plus", "swiglu"),
+        ("b", "base", "vitb16", "gelu"),
+        ("l", "large", "vitl16", "gelu"),
+    ):
+        title = {"sp": "S+"}.get(width, width.upper())
+        _register(
+            BackboneSpec(
+                name=f"dinov3_vit{width}16",
+                family="dinov3",
+                arch=_vit(width[0], 16, init_values=1e-5, reg_tokens=4, mlp=mlp),
+                img_size=224,
+                reader="dinov3",
+                pos_embed="rope",
+                upstream_file=f"dinov3_{upstream}_pretrain_lvd1689m-<hash>.pth",
+                # The _qkvb files hold the bias where the release has one; zeros are dropped.
+                hub_tag=f"timm/vit_{size}_patch16_dinov3_qkvb.lvd1689m",
+                timm_name=f"vit_{size}_patch16_dinov3",
+                description=f"DINOv3 ViT-{title}/16 (RoPE, 4 storage tokens)",
             )
         )
 
@@ -658,6 +687,30 @@ def _fetch_hub_weights(tag: str, spec: BackboneSpec) -> str:
 _ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "reg_tokens")
 
 
+def _resolve_weights(weights: str, spec: BackboneSpec) -> str:
+    """A local file as is, a hub tag downloaded (online only); anything else is an error."""
+    if Path(weights).expanduser().exists():
+        return str(Path(weights).expanduser())
+    if _is_hub_tag(weights):
+        return _fetch_hub_weights(weights, spec)
+    raise FileNotFoundError(
+        f"weights file not found: {weights!r} (backbone {spec.name}); pass an existing local "
+        f"file (e.g. {spec.upstream_file or 'the upstream release file'}) or a hub tag such as "
+        f"{spec.hub_tag or 'timm/<model>'} when online"
+    )
+
+
+def _warn_random(spec: BackboneSpec) -> None:
+    source = spec.upstream_file or "the upstream release file"
+    logger.warning(
+        "!!! backbone %s has RANDOM weights: its features are meaningless and every metric "
+        "will be near chance. Pass backbone.weights=<local file> (e.g. %s%s). !!!",
+        spec.name,
+        source,
+        f", or the timm file of {spec.hub_tag}" if spec.hub_tag else "",
+    )
+
+
 def build_backbone(
     name: str, weights: str | os.PathLike[str] | None = None, **kw: Any
 ) -> FrozenBackbone:
@@ -673,7 +726,9 @@ def build_backbone(
             bug-compatible variant), ``embed_dim``, ``depth``, ``mlp_ratio``, ``patch_size``,
             ``reg_tokens``, ``img_size`` (pretraining resolution), ``pos_embed_interpolation``
             (``"reference"``, the default: the family's scheme; ``"timm"``; or a scheme name),
-            ``device``. ``filterbank`` takes its own keywords.
+            ``device``. ``dinov3_*`` take ``embed_dim``, ``depth``, ``num_heads``,
+            ``rope_periods`` (see ``models.dinov3``) and ``device``. ``filterbank`` takes its own
+            keywords.
 
     Returns:
         A ``FrozenBackbone`` in eval mode with ``requires_grad=False`` everywhere.
@@ -695,6 +750,17 @@ def build_backbone(
         return model
 
     build_kwargs = {k: v for k, v in kw.items() if v is not None and k != "device"}
+    if spec.family == "dinov3":
+        from cause_lightning.models.dinov3 import build_dinov3
+
+        path = None if weights is None else _resolve_weights(os.fspath(weights), spec)
+        if path is None:
+            _warn_random(spec)
+        model = build_dinov3(spec, path, **kw)
+        model.build_kwargs = build_kwargs
+        if path is not None and os.fspath(weights) != path:
+            model.weights = os.fspath(weights)
+        return model
     scheme = kw.pop("pos_embed_interpolation", None)
     scheme = spec.pos_embed if scheme in (None, "reference") else scheme
     img_size = kw.pop("img_size", None)
@@ -730,27 +796,11 @@ def build_backbone(
 
     if weights is None:
         if spec.needs_weights:
-            source = spec.upstream_file or "the upstream release file"
-            logger.warning(
-                "!!! backbone %s has RANDOM weights: its features are meaningless and every metric "
-                "will be near chance. Pass backbone.weights=<local file> (e.g. %s%s). !!!",
-                name,
-                source,
-                f", or the timm file of {spec.hub_tag}" if spec.hub_tag else "",
-            )
+            _warn_random(spec)
         return model
 
     weights_str = os.fspath(weights)
-    if Path(weights_str).expanduser().exists():
-        path = str(Path(weights_str).expanduser())
-    elif _is_hub_tag(weights_str):
-        path = _fetch_hub_weights(weights_str, spec)
-    else:
-        raise FileNotFoundError(
-            f"weights file not found: {weights_str!r} (backbone {name}); pass an existing local "
-            f"file (e.g. {spec.upstream_file or 'the upstream release file'}) or a hub tag such as "
-            f"{spec.hub_tag or 'timm/<model>'} when online"
-        )
+    path = _resolve_weights(weights_str, spec)
     if str(device) == "meta":
         raise ValueError(f"cannot load weights into backbone {name!r} built on the meta device")
     report = model.load_weights(path, spec.reader)

@@ -8,6 +8,8 @@ Every supported family stores the backbone under DINO/timm key names, in a diffe
 * iBOT: ``ckpt["state_dict"]``;
 * MSN: ``ckpt["target_encoder"]``, every key prefixed ``module.``;
 * MAE: ``ckpt["model"]`` (with ``decoder_*`` keys when the decoder was saved);
+* DINOv3: the state dict itself, in its own layout (RoPE instead of a position table, storage
+  tokens, a masked qkv bias), converted here to timm's ``Eva`` names (``_dinov3_to_timm``);
 * timm: a ``model.safetensors`` file, any family.
 
 A file is read on the CPU with ``torch.load(weights_only=True)`` (or ``safetensors``), its container
@@ -36,6 +38,7 @@ __all__ = [
     "CHECKPOINT_FORMATS",
     "CheckpointError",
     "CheckpointFormat",
+    "DINOV3_LAYOUT",
     "LoadReport",
     "detect_container",
     "load_backbone_weights",
@@ -118,6 +121,13 @@ CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
         accepts_raw=True,
         example="mae_pretrain_vit_base.pth",
     ),
+    "dinov3": CheckpointFormat(
+        family="dinov3",
+        container=None,
+        extra_keys=("mask_token",),
+        layer_scale=None,  # timm's Eva names the gammas gamma_1/gamma_2: checked by layout instead
+        example="dinov3_vitb16_pretrain_lvd1689m-<hash>.pth",
+    ),
     "timm": CheckpointFormat(
         family="timm",
         container=None,
@@ -126,6 +136,15 @@ CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
         example="model.safetensors",
     ),
 }
+
+# What a DINOv3 file holds (method.md §2.3), for error messages.
+DINOV3_LAYOUT = (
+    "a raw state dict with cls_token [1,1,D], storage_tokens [1,4,D], mask_token [1,D], "
+    "patch_embed.proj.weight [D,3,16,16], rope_embed.periods [D/heads/4], "
+    "blocks.N.{norm1, attn.qkv (+ bias_mask), attn.proj, ls1.gamma, norm2, mlp.fc1/fc2 "
+    "(S+: mlp.w1/w2/w3), ls2.gamma}, norm; no pos_embed (or timm's model.safetensors of a "
+    "vit_*_patch16_dinov3 model)"
+)
 
 # Top-level keys that identify a container, and the family that uses it.
 _CONTAINER_FAMILY = {"target_encoder": "msn", "model": "mae", "state_dict": "ibot"}
@@ -295,6 +314,114 @@ def _pos_table_with_class_entry(state_dict: dict[str, torch.Tensor], notes: list
         notes.append("timm no_embed_class position table given a zero class entry")
 
 
+def _is_dinov3_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """DINOv3 upstream or timm ``Eva`` layout: RoPE (no ``pos_embed``), storage/LayerScale keys."""
+    if "pos_embed" in state_dict:
+        return False
+    return (
+        "storage_tokens" in state_dict
+        or "rope_embed.periods" in state_dict
+        or any(k.endswith(".gamma_1") for k in state_dict)
+    )
+
+
+def _check_dinov3_family(state_dict: Mapping[str, torch.Tensor], family: str, path: str) -> None:
+    """Refuse a DINOv3 file for another family and the other way round, naming both layouts."""
+    dinov3 = _is_dinov3_layout(state_dict)
+    if family != "dinov3" and dinov3:
+        raise CheckpointError(
+            f"{path} is a DINOv3 checkpoint (RoPE, storage tokens, no pos_embed table), but the "
+            f"backbone name is a {family} model; use a dinov3_* backbone name for this file "
+            f"(dinov3_vits16, dinov3_vitsp16, dinov3_vitb16, dinov3_vitl16)"
+        )
+    if family == "dinov3" and not dinov3:
+        kind = "learned position table pos_embed" if "pos_embed" in state_dict else "no RoPE keys"
+        raise CheckpointError(
+            f"{path} is not a DINOv3 checkpoint ({kind}); a dinov3_* backbone expects "
+            f"{DINOV3_LAYOUT}. A DINO/DINOv2 file needs a dino_*/dinov2_* backbone name."
+        )
+    if family == "dinov3" and not ({"storage_tokens", "reg_token"} & set(state_dict)):
+        raise CheckpointError(
+            f"{path} has no storage tokens (storage_tokens [1,4,D]); every released DINOv3 ViT "
+            f"carries 4, and the dinov3_* backbones expect {DINOV3_LAYOUT}"
+        )
+
+
+_DINOV3_RENAMES = (
+    (".ls1.gamma", ".gamma_1"),
+    (".ls2.gamma", ".gamma_2"),
+    (".mlp.w1.", ".mlp.fc1_g."),
+    (".mlp.w2.", ".mlp.fc1_x."),
+    (".mlp.w3.", ".mlp.fc2."),
+)
+
+
+def _dinov3_qv_bias(
+    bias: torch.Tensor, mask: torch.Tensor | None, key: str, path: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q and v parts of an upstream qkv bias; the key part must be masked or zero.
+
+    Upstream multiplies the bias by ``bias_mask`` (ones for q and v, zeros for k); timm's
+    ``Eva`` keeps a zero key bias, so a key bias the model would use cannot be represented.
+    """
+    q, k, v = bias.chunk(3)
+    if mask is not None:
+        mq, mk, mv = mask.to(bias.dtype).chunk(3)
+        if not (bool((mq == 1).all()) and bool((mk == 0).all()) and bool((mv == 1).all())):
+            raise CheckpointError(
+                f"{path}: {key}_mask is not the DINOv3 key mask (ones for q and v, zeros for k); "
+                "the file does not hold a released DINOv3 attention layout"
+            )
+        return q, v
+    if bool(k.any()):
+        raise CheckpointError(
+            f"{path}: {key} has a non-zero key part and no bias_mask; DINOv3 (and timm's port) "
+            "keep the key bias at zero, so this file cannot be loaded faithfully"
+        )
+    return q, v
+
+
+def _dinov3_to_timm(
+    state_dict: dict[str, torch.Tensor], path: str, notes: list[str]
+) -> dict[str, torch.Tensor]:
+    """Upstream DINOv3 (or timm ``Eva``) names -> timm ``Eva`` names, with the qkv bias resolved.
+
+    ``rope_embed.periods`` is kept as ``rope.periods`` (timm holds it as a non-persistent buffer;
+    the backbone applies it). The q/v biases are kept when any is non-zero, so that the backbone
+    builds timm's ``_qkvb`` variant, and dropped when all are zero (the bias-free variant computes
+    the same thing).
+    """
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(".attn.qkv.bias"):
+            biases[key] = value
+            continue
+        if key.endswith(".attn.qkv.bias_mask"):
+            masks[key[: -len("_mask")]] = value
+            continue
+        if key == "storage_tokens":
+            key = "reg_token"
+        elif key == "rope_embed.periods":
+            key = "rope.periods"
+        for old, new in _DINOV3_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    for key, bias in biases.items():
+        q, v = _dinov3_qv_bias(bias, masks.get(key), key, path)
+        stem = key[: -len("qkv.bias")]
+        out[stem + "q_bias"], out[stem + "v_bias"] = q, v
+    if biases:
+        notes.append(f"qkv bias of {len(biases)} blocks split into q_bias/v_bias (k masked)")
+    qv_keys = [k for k in out if k.endswith((".attn.q_bias", ".attn.v_bias"))]
+    if qv_keys and not any(bool(out[k].any()) for k in qv_keys):
+        for key in qv_keys:
+            del out[key]
+        notes.append("q/v bias zero in every block: the bias-free timm variant is built")
+    return out
+
+
 def read_checkpoint(
     path: str | os.PathLike[str], family: str
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
@@ -365,7 +492,10 @@ def read_checkpoint(
         if state_dict and all(k.startswith("module.") for k in state_dict):
             state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
             report.notes.append("stripped a 'module.' prefix from every key")
-    if is_safetensors:
+    _check_dinov3_family(state_dict, family, path_str)
+    if family == "dinov3":
+        state_dict = _dinov3_to_timm(state_dict, path_str, report.notes)
+    elif is_safetensors:
         _pos_table_with_class_entry(state_dict, report.notes)
 
     layer_scale = _has_layer_scale(state_dict)
@@ -420,7 +550,11 @@ def _mismatch_cause(key: str, expected: torch.Size, found: torch.Size, model_nam
             f"{_width_name(want)} ({want} wide): wrong backbone name for this file"
         )
     if key == "reg_token":
-        return "the file has a different number of register tokens: use the matching _reg name"
+        return (
+            f"the file has {found[1] if len(found) == 3 else '?'} register/storage tokens, "
+            f"{model_name} has {expected[1]}: use the matching backbone name"
+            + (" (_reg or not)" if model_name.startswith("dinov2") else "")
+        )
     return "the file belongs to a different architecture: wrong backbone name for this file"
 
 
