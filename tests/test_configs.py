@@ -69,12 +69,26 @@ def test_experiment_presets_compose(compose, name: str) -> None:
     assert cfg.experiment_name == name
     data, backbone, head = cfg.data.name, cfg.backbone.name, cfg.head.name
     assert name == f"{data}_{backbone}_{head}"
-    assert cfg.published.mIoU > 0
+    if cfg.published.source == "none":  # no published row: marked explicitly, never left blank
+        assert cfg.published.mIoU is None and cfg.published.pAcc is None
+    else:
+        assert cfg.published.mIoU > 0
     assert cfg.method.num_concepts == 2048
     # the head factory instantiates with the backbone width only
     factory = instantiate(cfg.head.module)
     kwargs = {"num_queries": 4} if head == "tr" else {}
     assert factory(dim=16, **kwargs).reduced_dim == 90
+
+
+@pytest.mark.parametrize("data", ["cocostuff27", "cityscapes27"])
+def test_dinov3_presets_keep_320_px_on_the_patch_16_grid(compose, data: str) -> None:
+    from cause_lightning.config import derive
+
+    cfg = compose(f"experiment={data}_dinov3_vitb16_tr")
+    assert cfg.backbone.name == "dinov3_vitb16" and cfg.published.source == "none"
+    derived = derive(cfg, patch_size=16)
+    assert derived["resolution"]["test"] == derived["resolution"]["head"] == 320
+    assert derived["num_queries"] == 400  # 20x20 grid
 
 
 def test_default_config_is_the_embedded_demo(compose) -> None:

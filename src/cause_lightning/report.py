@@ -192,6 +192,17 @@ def _pct(value: Any) -> str:
     return f"{100 * float(value):.1f}"
 
 
+def _has_figure(published: dict[str, Any]) -> bool:
+    """Whether a preset's ``published`` entry holds a figure (``mIoU: null`` marks none)."""
+    return published.get("mIoU") is not None
+
+
+def _published_text(published: dict[str, Any]) -> str:
+    if not _has_figure(published):
+        return "none published"
+    return f"{published.get('mIoU', '-')} / {published.get('pAcc') or '-'}"
+
+
 def print_table(report: dict[str, Any], class_names: list[str]) -> None:
     """Print the metrics table (and the published figure, when known) to the terminal."""
     metrics = report["metrics"]
@@ -220,7 +231,7 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         }[probe]
         published_text = ""
         if probe == "cluster" and variant == published.get("variant", "flip_crf") and published:
-            published_text = f"{published.get('mIoU', '-')} / {published.get('pAcc') or '-'}"
+            published_text = _published_text(published)
         table.add_row(
             label,
             variant,
@@ -230,6 +241,11 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         )
     console = Console()
     console.print(table)
+    if published and not _has_figure(published):
+        console.print(
+            "published figure: none (no published result for this configuration; "
+            f"{published.get('source') or 'none'})"
+        )
     variant = report["record_variant"]
     used, total = report["clusters_used"], report["num_clusters"]
     probe_used = used[f"cluster/{variant}"]
