@@ -9,6 +9,7 @@ rates, global batch) are computed by :func:`derive` and stored in the config und
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +24,12 @@ __all__ = [
     "HeadConfig",
     "register_configs",
     "snap_resolution",
+    "check_overcluster",
     "derive",
     "to_plain",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class EvalStageConfig:
     kmeans_restarts: int = 10
     kmeans_max_tokens: int = 200_000
     save_images: int = 16
+    overcluster: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -153,6 +158,33 @@ def snap_resolution(resolution: int, patch_size: int) -> int:
     return int(math.ceil(resolution / patch_size) * patch_size)
 
 
+def check_overcluster(counts: Any, num_classes: int) -> list[int]:
+    """Validate ``method.eval.overcluster``: distinct cluster counts, each above the class count.
+
+    Args:
+        counts: The configured list (empty = over-clustering off).
+        num_classes: ``data.num_classes``.
+
+    Returns:
+        The counts as a sorted list of ints.
+
+    Raises:
+        ValueError: When a count is not an integer greater than ``num_classes`` or repeats.
+    """
+    values = list(counts or [])
+    bad = [k for k in values if isinstance(k, bool) or not isinstance(k, int) or k <= num_classes]
+    if bad:
+        raise ValueError(
+            f"method.eval.overcluster={values}: every entry must be an integer cluster count "
+            f"greater than data.num_classes={num_classes} (over-clustering scores k > C clusters "
+            f"with many-to-one matching); offending: {bad}. Use e.g. "
+            f"method.eval.overcluster=[{2 * num_classes},{4 * num_classes}], or [] to turn it off."
+        )
+    if len(set(values)) != len(values):
+        raise ValueError(f"method.eval.overcluster={values} repeats a cluster count")
+    return sorted(values)
+
+
 def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, Any]:
     """Compute the values that follow from the config, the backbone and the process count.
 
@@ -164,7 +196,17 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
     Returns:
         A plain dict stored as ``cfg.derived``: resolutions per step, the TR query count,
         effective learning rates and global batch sizes.
+
+    Raises:
+        ValueError: On a bad ``method.eval.overcluster`` or a TR resolution mismatch.
     """
+    overcluster = check_overcluster(cfg.method.eval.get("overcluster"), int(cfg.data.num_classes))
+    if overcluster:
+        log.warning(
+            "method.eval.overcluster=%s: the counts are valid, but the eval stage does not fit "
+            "k-cluster probes yet, so no over-clustering rows will be reported",
+            overcluster,
+        )
     resolution = cfg.data.recipe.resolution
     head_name = cfg.head.name
     if head_name not in resolution.train:

@@ -10,6 +10,9 @@ Deviation from the STEGO-family metrics (docs/protocol.md §6, trap 1): clusters
 when ``num_clusters > num_classes`` are **not** dropped; their pixels count as false negatives of
 their classes, so over-clustering cannot hide hard pixels. With ``num_clusters == num_classes``
 the numbers equal the reference's.
+
+The over-clustering protocol (PiCIE, HP) uses ``matching="majority"`` instead: many-to-one, each
+cluster to the class it overlaps most (:func:`majority_assignment`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,36 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["UnsupervisedSegmentationMetrics", "remap_clusters"]
+__all__ = [
+    "MATCHINGS",
+    "UnsupervisedSegmentationMetrics",
+    "majority_assignment",
+    "remap_clusters",
+]
 
 log = logging.getLogger(__name__)
 
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
+
+MATCHINGS = ("hungarian", "majority")
+
+
+def majority_assignment(confusion: Tensor | np.ndarray) -> Tensor:
+    """Many-to-one matching: each cluster to the class it overlaps most.
+
+    Args:
+        confusion: ``[C, K]`` pixel counts (ground-truth class x predicted cluster).
+
+    Returns:
+        long ``[K]`` cluster -> class; ``-1`` for a cluster that covers no labelled pixel (it
+        matches no class and predicts nothing). Ties go to the lowest class id.
+    """
+    conf = torch.as_tensor(
+        np.asarray(confusion) if isinstance(confusion, np.ndarray) else confusion
+    )
+    conf = conf.detach().cpu().long()  # C K
+    assignment = conf.argmax(0)  # first maximum: the lowest class id on ties
+    return torch.where(conf.sum(0) > 0, assignment, torch.full_like(assignment, -1))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -58,16 +86,24 @@ class UnsupervisedSegmentationMetrics(Metric):
     (class absent and its cluster unused); ``mIoU`` = mean of the non-NaN IoUs;
     ``pAcc = sum_c TP_c / total``. A class left without a cluster (``C > K``) has ``TP = FP = 0``.
 
+    With ``matching="majority"`` every cluster goes to the class it overlaps most (several
+    clusters may share a class; a cluster covering no labelled pixel matches none), the columns
+    are summed per matched class into a ``[C, C]`` matrix, and the same definitions apply with
+    ``k(c)`` the set of clusters matched to ``c``. A class no cluster matches has ``TP = FP = 0``.
+
     Args:
         num_classes: number of ground-truth classes ``C``.
         num_clusters: number of predicted clusters ``K`` (defaults to ``C``). ``K != C`` gives a
             rectangular matching: each class gets at most one cluster and vice versa.
         ignore_index: target value to skip. Must not be a valid class id.
+        matching: ``"hungarian"`` (one-to-one, the default) or ``"majority"`` (many-to-one, the
+            over-clustering protocol).
         **kwargs: forwarded to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
 
     Raises:
         TypeError: if a count is not an int.
-        ValueError: if a count is < 1 or ``ignore_index`` lies inside ``[0, num_classes)``.
+        ValueError: if a count is < 1, ``ignore_index`` lies inside ``[0, num_classes)`` or
+            ``matching`` is unknown.
     """
 
     is_differentiable = False
@@ -81,9 +117,13 @@ class UnsupervisedSegmentationMetrics(Metric):
         num_classes: int,
         num_clusters: int | None = None,
         ignore_index: int = 255,
+        matching: str = "hungarian",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching={matching!r}; use one of {MATCHINGS}")
+        self.matching = matching
         self.num_classes = _check_int("num_classes", num_classes, 1)
         self.num_clusters = (
             self.num_classes
@@ -160,24 +200,32 @@ class UnsupervisedSegmentationMetrics(Metric):
             [0, 1]; NaN when no pixel was counted), ``per_class_iou`` float64 ``[C]`` (NaN for
             classes absent from both the labels and their matched cluster), ``assignment`` long
             ``[num_clusters]`` (cluster -> class, -1 when unmatched), ``confusion`` long
-            ``[C, num_clusters]`` (all tensors on the CPU) and ``num_clusters`` (int).
+            ``[C, num_clusters]`` (all tensors on the CPU), ``num_clusters`` (int) and
+            ``matching``.
             ``precision_mean`` is the mean over classes of ``TP/(TP+FP)`` ignoring NaN (what the
             reference prints as "mAP").
         """
         confusion = self.confusion.detach().cpu().long()  # C K
-        rows, cols = linear_sum_assignment(confusion.numpy(), maximize=True)
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        cols_t = torch.as_tensor(cols, dtype=torch.long)
-
-        assignment = torch.full((self.num_clusters,), -1, dtype=torch.long)
-        assignment[cols_t] = rows_t
-
         conf = confusion.double()
-        tp = torch.zeros(self.num_classes, dtype=torch.float64)
-        tp[rows_t] = conf[rows_t, cols_t]
-        # A class without a cluster (C > K) predicts nothing: FP = 0, all its pixels are FN.
-        matched_col_sum = torch.zeros(self.num_classes, dtype=torch.float64)
-        matched_col_sum[rows_t] = conf[:, cols_t].sum(0)
+        if self.matching == "majority":
+            assignment = majority_assignment(confusion)
+            matched = assignment >= 0
+            # Columns summed per matched class: C C, [c, c'] = pixels of c predicted as c'.
+            merged = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
+            merged.index_add_(1, assignment[matched], conf[:, matched])
+            tp = merged.diagonal().clone()
+            matched_col_sum = merged.sum(0)
+        else:
+            rows, cols = linear_sum_assignment(confusion.numpy(), maximize=True)
+            rows_t = torch.as_tensor(rows, dtype=torch.long)
+            cols_t = torch.as_tensor(cols, dtype=torch.long)
+            assignment = torch.full((self.num_clusters,), -1, dtype=torch.long)
+            assignment[cols_t] = rows_t
+            tp = torch.zeros(self.num_classes, dtype=torch.float64)
+            tp[rows_t] = conf[rows_t, cols_t]
+            # A class without a cluster (C > K) predicts nothing: FP = 0, all its pixels are FN.
+            matched_col_sum = torch.zeros(self.num_classes, dtype=torch.float64)
+            matched_col_sum[rows_t] = conf[:, cols_t].sum(0)
         fn = conf.sum(1) - tp
         fp = matched_col_sum - tp
 
@@ -194,6 +242,7 @@ class UnsupervisedSegmentationMetrics(Metric):
             "assignment": assignment,
             "confusion": confusion,
             "num_clusters": self.num_clusters,
+            "matching": self.matching,
         }
 
 
