@@ -324,3 +324,20 @@ def test_unmasked_key_bias_and_foreign_mask_are_refused(tmp_path):
     sd["blocks.1.attn.qkv.bias_mask"] = torch.ones_like(sd["blocks.1.attn.qkv.bias_mask"])
     with pytest.raises(CheckpointError, match="not the DINOv3 key mask"):
         build_backbone("dinov3_vits16", weights=_save(tmp_path / "m.pth", sd), **SMALL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_keeps_the_file_periods_and_matches_cpu(tmp_path):
+    reference = random_timm(seed=6)
+    periods = bf16_periods(reference)
+    model = build_backbone(
+        "dinov3_vits16", weights=_save(tmp_path / "c.pth", to_upstream(reference, periods)), **SMALL
+    )
+    images = torch.randn(2, 3, 320, 320)
+    cpu = model(images)
+    model = model.cuda()
+    assert torch.equal(model.vit.rope.periods.cpu(), periods.float())
+    torch.testing.assert_close(model(images.cuda()).cpu(), cpu, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = model(images.cuda()).float().cpu()
+    assert model.vit.rope.periods.dtype == torch.float32 and torch.isfinite(half).all()
