@@ -98,7 +98,13 @@ def test_head_for_another_class_count_is_rejected(tiny) -> None:
 
 def test_nan_loss_stops_with_step_and_cause(tiny) -> None:
     with pytest.raises(NonFiniteLossError, match="global step"):
-        run(tiny("stage=mediator", "method.mediator.lr=inf", "trainer.limit_train_batches=3"))
+        run(
+            tiny(
+                "stage=mediator",
+                "+callbacks.fault._target_=faults.PoisonGradients",
+                "+callbacks.fault.step=0",
+            )
+        )
 
 
 def test_interrupted_stage_resumes_from_last_checkpoint(tiny, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cause_lightning.config import register_configs
+from cause_lightning.config import register_configs, validate
 
 
 def config_dir() -> str:
@@ -33,6 +33,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the selected stage; returns the summary metric for Hydra sweepers."""
+    validate(cfg)  # numeric ranges: refused before the heavy imports and any work
     from cause_lightning.run import run  # heavy imports only once the config is valid
 
     if not _in_multirun():

@@ -9,13 +9,18 @@ Each stage hands its result to the next through a small file in a deterministic 
 * ``<head>/segmenter.pt`` and ``<head>/metrics.json`` — stage ``eval``.
 
 Files hold tensors and primitives only, so ``torch.load(weights_only=True)`` reads them, and they
-are written to a temporary name and renamed so no reader ever sees half a file.
+are written to a temporary name and renamed so no reader ever sees half a file. Every artifact
+carries a SHA-256 checksum of its payload, checked when it is read, so a file damaged after it was
+written is refused by name instead of failing later as a strange loss. Written files get the
+ordinary mode of a new file (``0666`` less the umask), so a shared results folder stays readable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,10 @@ __all__ = [
     "load_artifact",
     "write_json_atomic",
     "atomic_write",
+    "payload_checksum",
+    "ensure_writable",
+    "describe_load_error",
+    "current_umask",
 ]
 
 FORMAT_VERSION = 1
@@ -84,11 +93,94 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; the result gets the mode any new file of this process would get.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable(directory: str | os.PathLike, setting: str) -> Path:
+    """Create ``directory`` if needed and prove that a file can be written there.
+
+    Called before a stage does any work, so a read-only or misplaced results folder is found in a
+    second rather than after hours of training.
+
+    Args:
+        directory: The folder a stage will write to.
+        setting: The config setting that chooses it, named in the error.
+
+    Returns:
+        The directory.
+
+    Raises:
+        PermissionError: The folder cannot be created or written.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write to {directory} ({type(err).__name__}: {err.strerror or err}): nothing "
+            f"was run; make the folder writable or point {setting} at a writable folder"
+        ) from err
+    return directory
+
+
+def payload_checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of an artifact's content (every key but ``checksum``), independent of pickling.
+
+    Keys are visited in sorted order; a tensor contributes its dtype, shape and raw bytes, other
+    values their ``repr``, so the same content always gives the same digest.
+    """
+    digest = hashlib.sha256()
+    _hash_into(digest, {k: v for k, v in record.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor:{obj.dtype}:{tuple(obj.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"dict:{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            digest.update(f"{key!r}=".encode())
+            _hash_into(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__}:{len(obj)}:".encode())
+        for item in obj:
+            _hash_into(digest, item)
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def describe_load_error(err: BaseException) -> str:
+    """A short reason why ``torch.load(weights_only=True)`` refused a file.
+
+    Torch's own message for a file holding pickled objects recommends loading it again with
+    ``weights_only=False``, which would run code from the file; that advice is never passed on.
+    """
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return (
+            f"{type(err).__name__}: it holds Python objects other than tensors and plain values, "
+            "which are never loaded because loading them could run code"
+        )
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def save_artifact(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -> Path:
@@ -103,6 +195,7 @@ def save_artifact(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -
         The destination path.
     """
     record = {"format_version": FORMAT_VERSION, "kind": kind, **_to_cpu(payload)}
+    record["checksum"] = payload_checksum(record)
     return atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
@@ -119,7 +212,8 @@ def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[
 
     Raises:
         MissingArtifactError: The file does not exist; the message names the stage to run first.
-        ArtifactError: The file is unreadable, of another kind or of an unknown format version.
+        ArtifactError: The file is unreadable, of another kind or of an unknown format version,
+            or its content does not match its checksum.
     """
     path = Path(path)
     if not path.is_file():
@@ -131,9 +225,9 @@ def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise ArtifactError(
-            f"cannot read {path} ({type(err).__name__}: {err}); the file is truncated or not a "
-            f"cause_lightning artifact: re-run `stage={produced_by}`"
-        ) from err
+            f"cannot read {path} ({describe_load_error(err)}); the file is damaged or not a "
+            f"cause_lightning {kind} artifact: re-run `stage={produced_by}`"
+        ) from None
     if not isinstance(record, dict) or record.get("kind") != kind:
         found = record.get("kind") if isinstance(record, dict) else type(record).__name__
         raise ArtifactError(f"{path} holds a {found!r} artifact, expected {kind!r}")
@@ -141,6 +235,17 @@ def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[
         raise ArtifactError(
             f"{path} has format_version {record.get('format_version')}, this version reads "
             f"{FORMAT_VERSION}: re-run `stage={produced_by}`"
+        )
+    stored = record.get("checksum")
+    if stored is None:
+        raise ArtifactError(
+            f"{path} carries no checksum (written by an older cause_lightning), so its content "
+            f"cannot be trusted: re-run `stage={produced_by}`"
+        )
+    if stored != payload_checksum(record):
+        raise ArtifactError(
+            f"{path} is damaged: its content does not match the checksum written with it; "
+            f"re-run `stage={produced_by}` to write it again"
         )
     return record
 

@@ -1,15 +1,124 @@
-"""Lightning callbacks of the project: a progress bar with throughput, DDP teardown."""
+"""Lightning callbacks of the project: resume checkpoints, a progress bar with throughput, DDP
+teardown."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-__all__ = ["ThroughputProgressBar", "DestroyProcessGroup"]
+from cause_lightning.artifacts import current_umask
+from cause_lightning.utils import get_logger
+
+__all__ = ["StageCheckpoint", "ThroughputProgressBar", "DestroyProcessGroup", "weights_finite"]
+
+log = get_logger(__name__)
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """True when every floating-point parameter and buffer of ``module`` is finite."""
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in module.state_dict().values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )
+
+
+class StageCheckpoint(pl.Callback):
+    """Keeps one resume checkpoint of a training stage up to date.
+
+    The file is rewritten at the end of every training epoch, every ``train_time_interval``
+    seconds and, optionally, every ``every_n_train_steps`` optimiser steps, so a killed run
+    loses at most that much work. Each write goes to a temporary name and is renamed over the
+    previous file, so a kill during the write leaves the previous checkpoint intact; the file gets
+    the ordinary mode of a new file (``0666`` less the umask). A state holding non-finite weights
+    is never written: the file on disk is always one a run can continue from.
+
+    Args:
+        dirpath: Folder of the checkpoint (the pipeline sets the stage's folder in the artifact
+            directory when this is ``None``).
+        filename: Name of the checkpoint file.
+        every_n_train_steps: Also write every this many optimiser steps (``None``: only by time
+            and at epoch ends).
+        train_time_interval: Seconds between two writes during an epoch (``None``: only at epoch
+            ends and by step count).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        filename: str = "last.ckpt",
+        every_n_train_steps: int | None = None,
+        train_time_interval: float | None = 300.0,
+    ) -> None:
+        super().__init__()
+        if every_n_train_steps is not None and int(every_n_train_steps) < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1 or null, got {every_n_train_steps}")
+        if train_time_interval is not None and not float(train_time_interval) > 0:
+            raise ValueError(f"train_time_interval must be > 0 or null, got {train_time_interval}")
+        self.dirpath = None if dirpath is None else str(dirpath)
+        self.filename = filename
+        self.every_n_train_steps = None if every_n_train_steps is None else int(every_n_train_steps)
+        self.train_time_interval = (
+            None if train_time_interval is None else float(train_time_interval)
+        )
+        self._last_time = time.monotonic()
+
+    @property
+    def path(self) -> Path:
+        if self.dirpath is None:
+            raise RuntimeError("StageCheckpoint.dirpath is not set")
+        return Path(self.dirpath) / self.filename
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_time = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        step = int(trainer.global_step)
+        by_steps = self.every_n_train_steps is not None and step % self.every_n_train_steps == 0
+        by_time = (
+            self.train_time_interval is not None
+            and time.monotonic() - self._last_time >= self.train_time_interval
+        )
+        # Every rank must take the same decision (the write is collective); rank 0's clock rules.
+        if trainer.strategy.broadcast(by_steps or by_time, src=0):
+            self.save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, pl_module)
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the checkpoint now (all ranks call it; rank 0 writes)."""
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        finish_step = getattr(pl_module, "finish_step", None)
+        if callable(finish_step):
+            finish_step()  # the step's post-optimiser work belongs in the checkpoint
+        if not weights_finite(pl_module):
+            log.warning(
+                "not writing %s at global step %d: the weights are not finite; the previous "
+                "checkpoint is kept",
+                self.path,
+                trainer.global_step,
+            )
+            return
+        path = self.path
+        tmp = path.with_name(f".{path.name}.tmp")
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimiser, loops, data
+        if trainer.is_global_zero:
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        trainer.strategy.barrier("stage_checkpoint")
+        self._last_time = time.monotonic()
 
 
 class ThroughputProgressBar(RichProgressBar):

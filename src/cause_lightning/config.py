@@ -2,7 +2,9 @@
 
 The schemas are registered in Hydra's ConfigStore and merged under the YAML files of their group
 (``defaults: [_schema, _self_]``), so a badly typed override such as ``method.num_concepts=abc``
-is rejected when the config is composed, before anything runs. Values that depend on the
+is rejected when the config is composed, before anything runs. The ranges of the numeric settings
+(:data:`RANGES`) are checked by :func:`validate` as soon as the config is composed, before any
+work starts. Values that depend on the
 backbone or on the number of processes (resolutions snapped to the patch size, effective learning
 rates, global batch) are computed by :func:`derive` and stored in the config under ``derived``.
 """
@@ -23,6 +25,9 @@ __all__ = [
     "BackboneConfig",
     "HeadConfig",
     "register_configs",
+    "Bound",
+    "RANGES",
+    "validate",
     "snap_resolution",
     "check_overcluster",
     "derive",
@@ -251,3 +256,165 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """Resolved config as a plain dict (safe inside checkpoints and artifacts)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- numeric ranges
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting accepts: an interval, whole numbers only, or also null."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = f"a finite {kind[2:] if self.integer else 'number'}"
+        return text + (" or null" if self.optional else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value) or (self.integer and float(value) != int(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value >= self.high if self.high_open else value <= self.high)
+
+
+COUNT = Bound(low=1, integer=True)
+NON_NEGATIVE_INT = Bound(low=0, integer=True)
+POSITIVE = Bound(low=0, low_open=True)
+NON_NEGATIVE = Bound(low=0)
+FRACTION = Bound(low=0, high=1)
+SIMILARITY = Bound(low=-1, high=1)
+OPTIONAL_POSITIVE = Bound(low=0, low_open=True, optional=True)
+
+# Every numeric setting of the schemas (and the trainer and data options the stages read), with
+# the values it accepts. `*` stands for every key of a mapping. A setting missing from the config
+# is skipped (e.g. a trainer option nobody set).
+RANGES: dict[str, Bound] = {
+    "seed": Bound(low=0, high=2**32 - 1, integer=True),
+    "method.num_concepts": COUNT,
+    "method.window": COUNT,
+    "method.mediator.epochs": COUNT,
+    "method.mediator.lr": POSITIVE,
+    "method.mediator.batch_size": COUNT,
+    "method.mediator.temperature": POSITIVE,
+    "method.mediator.step_size": COUNT,
+    "method.mediator.gamma": POSITIVE,
+    "method.mediator.chunk_size": Bound(low=1, integer=True, optional=True),
+    "method.head.epochs": COUNT,
+    "method.head.lr": POSITIVE,
+    "method.head.weight_decay": NON_NEGATIVE,
+    "method.head.clip": OPTIONAL_POSITIVE,
+    "method.head.batch_size": COUNT,
+    "method.head.ema_decay": FRACTION,
+    "method.head.projection_dim": COUNT,
+    "method.head.temperature": POSITIVE,
+    "method.head.pos_thresh": SIMILARITY,
+    "method.head.neg_thresh": SIMILARITY,
+    "method.head.bank_capacity": COUNT,
+    "method.head.bank_keep": FRACTION,
+    "method.probe.epochs": COUNT,
+    "method.probe.lr": POSITIVE,
+    "method.probe.cluster_lr": POSITIVE,
+    "method.probe.weight_decay": NON_NEGATIVE,
+    "method.probe.clip": OPTIONAL_POSITIVE,
+    "method.probe.batch_size": COUNT,
+    "method.probe.temperature": POSITIVE,
+    "method.probe.step_size": COUNT,
+    "method.probe.gamma": POSITIVE,
+    "method.eval.batch_size": COUNT,
+    "method.eval.alpha": POSITIVE,
+    "method.eval.crf_iterations": COUNT,
+    "method.eval.crf_workers": NON_NEGATIVE_INT,
+    "method.eval.crf_timeout": POSITIVE,
+    "method.eval.kmeans_iters": COUNT,
+    "method.eval.kmeans_restarts": COUNT,
+    "method.eval.kmeans_max_tokens": COUNT,
+    "method.eval.save_images": NON_NEGATIVE_INT,
+    "data.num_classes": COUNT,
+    "data.recipe.resolution.train.*": COUNT,
+    "data.recipe.resolution.test": COUNT,
+    "data.recipe.weight_decay": NON_NEGATIVE,
+    "data.recipe.clip.head.*": OPTIONAL_POSITIVE,
+    "data.recipe.clip.probe.*": OPTIONAL_POSITIVE,
+    "data.module.num_workers": NON_NEGATIVE_INT,
+    "data.module.limit_train": Bound(low=1, integer=True, optional=True),
+    "data.module.eval_batch_size": Bound(low=1, integer=True, optional=True),
+    "data.module.num_train": COUNT,
+    "data.module.num_val": COUNT,
+    "data.module.image_size": COUNT,
+    "head.probe_epochs": COUNT,
+    "trainer.num_nodes": COUNT,
+    "trainer.log_every_n_steps": COUNT,
+    "trainer.accumulate_grad_batches": COUNT,
+    "trainer.limit_train_batches": POSITIVE,
+    "trainer.limit_val_batches": NON_NEGATIVE,
+    "trainer.num_sanity_val_steps": Bound(low=-1, integer=True),
+    "callbacks.stage_checkpoint.every_n_train_steps": Bound(low=1, integer=True, optional=True),
+    "callbacks.stage_checkpoint.train_time_interval": OPTIONAL_POSITIVE,
+}
+
+# Trainer options that every stage sets from `method`: an override would be silently replaced.
+_STAGE_OWNED = {
+    "trainer.max_epochs": "method.<stage>.epochs (method.mediator.epochs, method.head.epochs, "
+    "method.probe.epochs)",
+    "trainer.min_epochs": "method.<stage>.epochs",
+    "trainer.gradient_clip_val": "method.head.clip / method.probe.clip",
+}
+
+
+_ABSENT = object()
+
+
+def _values(cfg: DictConfig, key: str) -> list[tuple[str, Any]]:
+    if not key.endswith(".*"):
+        found = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        return [] if found is _ABSENT or OmegaConf.is_missing(cfg, key) else [(key, found)]
+    parent = OmegaConf.select(cfg, key[:-2], default=None)
+    if not isinstance(parent, DictConfig):
+        return []
+    return [(f"{key[:-2]}.{name}", parent[name]) for name in parent]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every numeric setting of a composed config against :data:`RANGES`.
+
+    Args:
+        cfg: The composed config.
+
+    Raises:
+        ValueError: Naming each setting out of range, its value and what it accepts.
+    """
+    problems = []
+    for key, bound in RANGES.items():
+        for name, value in _values(cfg, key):
+            if not bound.accepts(value):
+                problems.append(f"{name}={value!r} must be {bound.describe()}")
+    for key, owner in _STAGE_OWNED.items():
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            problems.append(f"{key} is set per stage and would be ignored: set {owner} instead")
+    head = OmegaConf.select(cfg, "method.head", default=None)
+    if head is not None and SIMILARITY.accepts(head.get("pos_thresh")):
+        if SIMILARITY.accepts(head.get("neg_thresh")) and head.neg_thresh > head.pos_thresh:
+            problems.append(
+                f"method.head.neg_thresh={head.neg_thresh} must not exceed "
+                f"method.head.pos_thresh={head.pos_thresh}"
+            )
+    if problems:
+        raise ValueError("invalid settings (nothing was run):\n  " + "\n  ".join(problems))

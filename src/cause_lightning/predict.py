@@ -5,6 +5,11 @@ The model is a ``segmenter.pt`` file (``predict.segmenter=...``), or else the ev
 image it writes the label PNG (class ids when the Hungarian assignment of the eval stage is known,
 cluster ids otherwise), the colourised mask and an overlay; optionally a contact sheet (PNG) and an
 HTML page side by side.
+
+An image that cannot be read (a damaged file, a non-image with an image extension) does not stop
+the others: every readable image is segmented, and the unreadable ones are listed with the reason
+at the end. The stage fails only when no image could be read, or with ``predict.strict=true`` when
+any could not.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cause_lightning.artifacts import MissingArtifactError
+from cause_lightning.artifacts import MissingArtifactError, ensure_writable
 from cause_lightning.data.datasets import find_images, open_image
 from cause_lightning.utils import get_logger
 from cause_lightning.visualize import (
@@ -30,11 +35,15 @@ if TYPE_CHECKING:
     from cause_lightning.segmenter import Segmenter
     from cause_lightning.steps import Pipeline
 
-__all__ = ["predict_images", "load_segmenter"]
+__all__ = ["predict_images", "load_segmenter", "UnreadableImagesError"]
 
 log = get_logger(__name__)
 
 SHEET_ROWS = 32  # images shown on the contact sheet
+
+
+class UnreadableImagesError(OSError):
+    """No input image could be read, or (``predict.strict=true``) some could not."""
 
 
 def load_segmenter(pipeline: Pipeline) -> Segmenter:
@@ -71,16 +80,23 @@ def predict_images(pipeline: Pipeline) -> dict[str, Any]:
     cfg = pipeline.cfg
     if not cfg.predict.input:
         raise ValueError("stage=predict needs predict.input=<folder | 'glob/*.jpg' | image file>")
+    source = str(cfg.predict.input)
+    if not any(ch in source for ch in "*?[") and not Path(source).expanduser().exists():
+        raise FileNotFoundError(
+            f"predict.input={source} does not exist: give an existing folder, image file or a "
+            "glob pattern such as 'photos/**/*.jpg'"
+        )
     paths = find_images(cfg.predict.input)
+    output = ensure_writable(Path(cfg.predict.output_dir), "predict.output_dir")
     segmenter = load_segmenter(pipeline)
     if cfg.predict.crf:
         segmenter.crf = True
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
     segmenter.to(device)
     to_classes = segmenter.assignment is not None
-    output = Path(cfg.predict.output_dir)
     rows: list[list[np.ndarray]] = []
     entries: list[dict[str, Any]] = []
+    unreadable: list[tuple[Path, str]] = []
     columns = (
         TextColumn("predict"),
         BarColumn(),
@@ -91,7 +107,12 @@ def predict_images(pipeline: Pipeline) -> dict[str, Any]:
     with Progress(*columns) as progress:
         task = progress.add_task("predict", total=len(paths), rate="-")
         for i, path in enumerate(paths):
-            image = open_image(path)
+            try:
+                image = open_image(path)
+            except (OSError, ValueError) as err:  # damaged file or not an image
+                unreadable.append((Path(path), f"{type(err).__name__}: {err}"))
+                progress.update(task, advance=1)
+                continue
             labels = segmenter.predict_image(
                 image, sliding_window=bool(cfg.predict.sliding_window), to_classes=to_classes
             )
@@ -114,7 +135,11 @@ def predict_images(pipeline: Pipeline) -> dict[str, Any]:
                 rows.append([picture, colour])
             elapsed = progress.tasks[task].elapsed or 0.0
             progress.update(task, advance=1, rate=f"{(i + 1) / elapsed:.1f}" if elapsed else "-")
-    written: dict[str, Any] = {"predict/output_dir": str(output), "predict/count": len(paths)}
+    written: dict[str, Any] = {
+        "predict/output_dir": str(output),
+        "predict/count": len(entries),
+        "predict/unreadable": [str(p) for p, _ in unreadable],
+    }
     if cfg.predict.contact_sheet and rows:
         titles = [f"{e['title']}: image | segments" for e in entries[: len(rows)]]
         sheet = contact_sheet(rows, titles=titles)
@@ -124,8 +149,19 @@ def predict_images(pipeline: Pipeline) -> dict[str, Any]:
         )
     log.info(
         "wrote %d predictions (%s ids) to %s",
-        len(paths),
+        len(entries),
         "class" if to_classes else "cluster",
         output,
     )
+    if unreadable:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in unreadable)
+        summary = f"{len(unreadable)} of {len(paths)} images could not be read:\n{listing}"
+        if not entries:
+            raise UnreadableImagesError(f"no image could be segmented; {summary}")
+        if cfg.predict.get("strict", False):
+            raise UnreadableImagesError(
+                f"predict.strict=true: {summary}\n(the {len(entries)} readable ones were "
+                f"segmented into {output})"
+            )
+        log.warning("%s", summary)
     return written

@@ -32,6 +32,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         A dict of results: the metrics of ``eval`` (``test/...`` keys), artifact paths, and
         ``objective`` (the sweep objective, ``cfg.summary_metric`` when available).
     """
+    from cause_lightning.config import validate
+
+    validate(cfg)
     _configure_logging()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     action = cfg.stage.action

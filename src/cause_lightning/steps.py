@@ -24,12 +24,16 @@ from cause_lightning import __version__
 from cause_lightning.artifacts import (
     ArtifactError,
     artifact_root,
+    describe_load_error,
+    ensure_writable,
     head_dir,
     load_artifact,
     save_artifact,
 )
+from cause_lightning.callbacks import StageCheckpoint
 from cause_lightning.config import derive, to_plain
 from cause_lightning.models import LinearProbe, build_head
+from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
 from cause_lightning.tracking import instantiate_logger, publish_step
 from cause_lightning.utils import get_logger, instantiate_group, is_global_zero
 
@@ -39,6 +43,10 @@ log = get_logger(__name__)
 
 STEPS = ("mediator", "head", "probe", "eval")
 PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
+# The artifact a training step reads: its checksum is part of the step's configuration.
+STEP_INPUT = {"head": "clusterbook", "probe": "head"}
+# Trainer options that change what a training step computes (the others only change how).
+RESULT_TRAINER_KEYS = ("precision", "accumulate_grad_batches", "limit_train_batches")
 
 
 class Pipeline:
@@ -51,6 +59,7 @@ class Pipeline:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.trainers: list[pl.Trainer] = []
+        self._input_checksums: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ shared pieces
     @cached_property
@@ -150,7 +159,10 @@ class Pipeline:
             # Lightning refuses a progress-bar callback on a trainer without one.
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         for callback in callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            if (
+                isinstance(callback, (ModelCheckpoint, StageCheckpoint))
+                and callback.dirpath is None
+            ):
                 callback.dirpath = str(self.checkpoint_dir(step))
         if step != "eval" and self.cfg.trainer.get("strategy") == "ddp_spawn":
             from cause_lightning.callbacks import DestroyProcessGroup
@@ -158,6 +170,9 @@ class Pipeline:
             callbacks.append(DestroyProcessGroup())
         loggers = self.loggers(step)
         kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+        if any(isinstance(c, StageCheckpoint) for c in callbacks):
+            # The stage's own checkpoint replaces Lightning's default one in the run folder.
+            kwargs["enable_checkpointing"] = False
         if max_epochs is not None:
             kwargs["max_epochs"] = int(max_epochs)
         if clip is not None:
@@ -188,24 +203,142 @@ class Pipeline:
         base = self.root if step == "mediator" else self.head_root
         return base / "checkpoints" / step
 
+    def signature(self, step: str) -> dict[str, Any]:
+        """The settings that determine what a training step computes, as flat ``key: value``.
+
+        Data, backbone, head, the step's hyper-parameters (its epoch count excepted: a finished
+        run may be trained on), the seed, result-changing trainer options and the checksum of
+        the artifact the step starts from. Written into every checkpoint and compared on resume.
+        """
+        _ = self.derived  # the resolutions and learning rates the step uses
+        cfg = to_plain(self.cfg)
+        method = cfg["method"]
+        data = dict(cfg["data"])
+        data["module"] = {k: v for k, v in data["module"].items() if k != "num_workers"}
+        sections: dict[str, Any] = {
+            "seed": cfg["seed"],
+            "data": data,
+            "backbone": cfg["backbone"],
+            "method": {
+                "num_concepts": method["num_concepts"],
+                "window": method["window"],
+                "scale_lr_with_world_size": method["scale_lr_with_world_size"],
+                step: {k: v for k, v in method[step].items() if k != "epochs"},
+            },
+            "trainer": {k: cfg["trainer"].get(k) for k in RESULT_TRAINER_KEYS},
+            "derived": {"resolution": cfg["derived"]["resolution"], step: cfg["derived"][step]},
+        }
+        if step != "mediator":
+            sections["head"] = {k: v for k, v in cfg["head"].items() if k != "probe_epochs"}
+            kind = STEP_INPUT[step]
+            sections[f"input.{kind}"] = self._input_checksums.get(kind)
+        return _flatten(sections)
+
     def resume_path(self, step: str) -> str | None:
+        """The checkpoint a training step resumes from (``ckpt_path``), checked and logged.
+
+        ``ckpt_path=last`` is the newest readable checkpoint in the step's checkpoint folder;
+        unreadable ones (a write cut short) are skipped with a warning.
+
+        Raises:
+            ValueError: The checkpoint was written by a run of another configuration (the
+                differing settings are named) or cannot be read.
+            FileNotFoundError: An explicit ``ckpt_path`` does not exist.
+        """
         requested = self.cfg.get("ckpt_path")
         if requested in (None, "", "null"):
             return None
         if requested == "last":
-            last = self.checkpoint_dir(step) / "last.ckpt"
-            if last.is_file():
-                log.info("resuming %s from %s", step, last)
-                return str(last)
-            log.info("no %s to resume %s from: starting fresh", last, step)
+            folder = self.checkpoint_dir(step)
+            for path in _newest_first(folder):
+                try:
+                    checkpoint = _read_checkpoint(path)
+                except ValueError as err:
+                    log.warning("skipping %s", err)
+                    continue
+                return self._checked(step, path, checkpoint)
+            log.info("no checkpoint in %s to resume %s from: starting fresh", folder, step)
             return None
         if len(self.cfg.stage.steps) > 1:
             raise ValueError(
                 "ckpt_path=<file> needs a single training stage; use ckpt_path=last with stage=all"
             )
-        if not Path(requested).is_file():
+        path = Path(requested)
+        if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={requested} does not exist")
-        return str(requested)
+        return self._checked(step, path, _read_checkpoint(path))
+
+    def _checked(self, step: str, path: Path, checkpoint: dict[str, Any]) -> str:
+        stored = (checkpoint.get(CHECKPOINT_KEY) or {}).get("signature")
+        if not stored:
+            raise ValueError(
+                f"checkpoint {path} carries no record of the configuration that wrote it, so "
+                f"resuming from it could silently mix two runs: start stage={step} afresh "
+                "(ckpt_path=null)"
+            )
+        current = self.signature(step)
+        differ = sorted(
+            k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
+        )
+        if differ:
+            shown = "; ".join(
+                f"{k}: {stored.get(k, '<unset>')!r} in the checkpoint, {current.get(k, '<unset>')!r}"
+                " now"
+                for k in differ[:8]
+            )
+            more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+            raise ValueError(
+                f"checkpoint {path} was written by a run of another configuration: {shown}{more}. "
+                f"Resume with the same settings, or start stage={step} afresh (ckpt_path=null) "
+                "or in another artifact directory (artifact_tag=...)"
+            )
+        log.info(
+            "resuming %s from %s at global step %d (epoch %d)",
+            step,
+            path,
+            int(checkpoint.get("global_step", 0)),
+            int(checkpoint.get("epoch", 0)),
+        )
+        return str(path)
+
+    def fit(self, step: str, trainer: pl.Trainer, module: pl.LightningModule, data: Any) -> None:
+        """``trainer.fit`` of a training step: resume checked, no code from checkpoint files.
+
+        Raises:
+            NonFiniteLossError: The loss diverged; the message names the newest checkpoint with
+                finite weights to resume from, or says that none exists.
+        """
+        module.signature = self.signature(step)
+        ckpt_path = self.resume_path(step)
+        try:
+            # weights_only=True whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: a checkpoint file
+            # never runs code.
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(f"{err}. {self._good_checkpoint(step)}") from None
+
+    def _good_checkpoint(self, step: str) -> str:
+        folder = self.checkpoint_dir(step)
+        for path in _newest_first(folder):
+            try:
+                checkpoint = _read_checkpoint(path)
+            except ValueError:
+                continue
+            state = checkpoint.get("state_dict", {})
+            if all(
+                bool(torch.isfinite(v).all())
+                for v in state.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            ):
+                return (
+                    f"The newest checkpoint with finite weights is {path} (global step "
+                    f"{int(checkpoint.get('global_step', 0))}): fix the cause, then resume with "
+                    f"ckpt_path={path}"
+                )
+        return (
+            f"No checkpoint with finite weights exists in {folder}: fix the cause and run "
+            f"stage={step} again from the start"
+        )
 
     def log_scaling(self, step: str, trainer: pl.Trainer) -> None:
         """Log world size, batch sizes and the effective lr of a training step (rank 0, rule P13).
@@ -246,6 +379,7 @@ class Pipeline:
     # ------------------------------------------------------------------ artifacts
     def load(self, kind: str, path: Path) -> dict[str, Any]:
         record = load_artifact(path, kind, PRODUCER[kind])
+        self._input_checksums[kind] = record.get("checksum")
         meta = record.get("meta", {})
         expected = {
             "backbone": self.cfg.backbone.name,
@@ -305,10 +439,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ steps
     def run(self, steps: list[str]) -> dict[str, Any]:
-        results: dict[str, Any] = {}
         for step in steps:
             if step not in STEPS:
                 raise ValueError(f"unknown step {step!r}; steps are {STEPS}")
+        # Every folder a step writes to is proven writable before any step starts working.
+        if is_global_zero():
+            for folder in {self.root if s == "mediator" else self.head_root for s in steps}:
+                ensure_writable(folder, "paths.artifact_dir")
+        results: dict[str, Any] = {}
+        for step in steps:
             log.info(
                 "=== stage %s: %s / %s / %s ===",
                 step,
@@ -349,7 +488,7 @@ class Pipeline:
         with warnings.catch_warnings():
             # The shared datamodule offers a val loader; stage 1 has nothing to validate.
             warnings.filterwarnings("ignore", message=r".*val_dataloader.*validation_step")
-            trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("mediator"))
+            self.fit("mediator", trainer, module, data)
         path = self.root / "clusterbook.pt"
         if trainer.is_global_zero:
             save_artifact(path, "clusterbook", {**module.export(), "meta": self.meta()})
@@ -385,7 +524,7 @@ class Pipeline:
         trainer = self.trainer("head", max_epochs=head_cfg.epochs, clip=head_cfg.clip)
         self.log_scaling("head", trainer)
         data = self.datamodule("head", head_cfg.batch_size)
-        trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("head"))
+        self.fit("head", trainer, module, data)
         path = self.head_root / "head.pt"
         if trainer.is_global_zero:
             meta = self.meta(
@@ -425,7 +564,7 @@ class Pipeline:
         trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
         self.log_scaling("probe", trainer)
         data = self.datamodule("probe", probe_cfg.batch_size)
-        trainer.fit(module, datamodule=data, ckpt_path=self.resume_path("probe"))
+        self.fit("probe", trainer, module, data)
         path = self.head_root / "probe.pt"
         if trainer.is_global_zero:
             meta = {
@@ -514,6 +653,35 @@ class Pipeline:
         from cause_lightning.predict import predict_images
 
         return predict_images(self)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _newest_first(folder: Path) -> list[Path]:
+    """The checkpoint files of a folder, newest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint read without running code from it (``weights_only=True``)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for damaged or foreign files
+        raise ValueError(f"unreadable checkpoint {path} ({describe_load_error(err)})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint")
+    return checkpoint
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,7 +10,10 @@ A concrete data module fills the class attributes ``name``, ``num_classes``, ``c
   split);
 * loaders yielding ``{"image": [B,3,H,W], "label": long [B,H,W], "index": long [B]}`` with seeded
   shuffling, ``pin_memory`` only when CUDA exists and ``persistent_workers`` when ``num_workers >
-  0`` (rule P9).
+  0`` (rule P9);
+* a resumable training loader in a single-process run: the order of epoch ``e`` is a function of
+  ``(seed, e)`` and the loader's state (epoch, batches served) goes into Lightning checkpoints, so a
+  run resumed mid-epoch sees exactly the batches the interrupted run had left.
 
 There is no ``predict_dataloader``: the predict stage builds its own loader from
 :class:`~cause_lightning.data.datasets.ImageFolderDataset`.
@@ -19,6 +22,7 @@ There is no ``predict_dataloader``: the predict stage builds its own loader from
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-__all__ = ["DatasetNotFoundError", "SegDataModule", "default_palette"]
+__all__ = [
+    "DatasetNotFoundError",
+    "ResumableLoader",
+    "ResumableSampler",
+    "SegDataModule",
+    "default_palette",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,79 @@ def default_palette(n: int) -> np.ndarray:
             palette[:, ch] |= ((c >> ch) & 1) << shift
         c >>= 3
     return palette.astype(np.uint8)
+
+
+class ResumableSampler(Sampler[int]):
+    """Dataset order of one epoch, a function of ``(seed, epoch)`` alone.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, so the order of an epoch does
+    not depend on how many epochs this process has run: a resumed run gets the same orders.
+
+    Args:
+        size: Number of samples.
+        shuffle: Random order per epoch (seeded) or the dataset order.
+        seed: Seed of the shuffle.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size = int(size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.start = 0  # first position of the next pass (set when resuming mid-epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> list[int]:
+        """The sample order of an epoch."""
+        if not self.shuffle:
+            return list(range(self.size))
+        seed = np.random.SeedSequence([self.seed, int(epoch)]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return iter(self.order(self.epoch)[start:])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` whose position Lightning checkpoints.
+
+    Lightning saves ``state_dict()`` (the epoch and the batches served in it) with every
+    checkpoint and hands it back through ``load_state_dict()`` when a run resumes; the next pass
+    of that epoch then skips the batches already trained on. Iteration starts lazily, after
+    Lightning has set the epoch, so a checkpoint written at an epoch end resumes with a full new
+    epoch.
+    """
+
+    sampler: ResumableSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError("ResumableLoader needs a ResumableSampler")
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._served)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
+        self.sampler.start = skip * int(self.batch_size or 1)
+        self._served = skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -267,19 +350,23 @@ class SegDataModule(L.LightningDataModule):
                 f"The {split} dataset of '{self.name}' is not built; call setup() first "
                 "(Lightning does this automatically)."
             )
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # A loader-owned generator: creating an iterator never draws from the global random state
+        # (dropout's), so evaluating or resuming does not shift the training draws.
+        generator = torch.Generator().manual_seed(self.seed)
+        common: dict[str, Any] = {
+            "batch_size": batch_size,
+            "drop_last": False,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            "generator": generator,
+        }
+        trainer = getattr(self, "trainer", None)
+        if split == "train" and (trainer is None or int(trainer.world_size) <= 1):
+            sampler = ResumableSampler(len(dataset), shuffle, self.seed)  # type: ignore[arg-type]
+            return ResumableLoader(dataset, sampler=sampler, **common)
         sampler = self._distributed_sampler(dataset, split)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
+        return DataLoader(dataset, shuffle=shuffle, sampler=sampler, **common)
 
     def _distributed_sampler(self, dataset: Dataset, split: str) -> Sampler | None:
         """The DDP samplers Lightning would not choose by itself (``None``: Lightning's default).

@@ -6,10 +6,16 @@ Under DDP with a sequential ``DistributedSampler``, local sample ``j`` of rank `
 are drawn for the whole global batch from a generator seeded by ``(seed, global_step, batch_idx)``
 on every rank, and each rank keeps its rows, so an image gets the same offsets whatever the world
 size. (``batch_idx`` keeps the micro-batches of an accumulated step apart.)
+
+A Lightning checkpoint of a stage holds, besides weights, optimiser, scheduler and loop state,
+the global random states (dropout draws from them) and the configuration signature of the run
+(:attr:`StageModule.signature`), so a resumed run continues exactly where the killed one stopped
+and a checkpoint of another configuration is recognised.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +35,13 @@ __all__ = [
     "step_generator",
     "GRID_STREAM",
     "BANK_STREAM",
+    "CHECKPOINT_KEY",
+    "random_states",
+    "restore_random_states",
 ]
+
+# Key of the project's own entries in a Lightning checkpoint.
+CHECKPOINT_KEY = "cause_lightning"
 
 # Independent random streams of one training step (keys of `step_generator`).
 GRID_STREAM = 0
@@ -56,6 +68,33 @@ def step_generator(seed: int, stream: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def random_states() -> dict[str, Any]:
+    """The global random states (torch CPU and CUDA, NumPy, Python) as plain values.
+
+    NumPy's state is stored as lists so that ``torch.load(weights_only=True)`` reads it back.
+    """
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: Mapping[str, Any]) -> None:
+    """Set the global random states saved by :func:`random_states`."""
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(states["cuda"]))
+
+
 class NonFiniteLossError(FloatingPointError):
     """A training loss became NaN or infinite; the step was not applied."""
 
@@ -77,6 +116,9 @@ class StageModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, seed: int = 0) -> None:
         super().__init__()
         self.seed = int(seed)
+        # The settings that determine the result, written into checkpoints (set by the pipeline).
+        self.signature: dict[str, Any] = {}
+        self._random_states: Mapping[str, Any] | None = None
         self.backbone = backbone
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
@@ -144,14 +186,31 @@ class StageModule(pl.LightningModule):
         raise NonFiniteLossError(
             f"non-finite training loss at global step {self.global_step} "
             f"(epoch {self.current_epoch}); non-finite terms: {bad or ['total']}. No update was "
-            "applied; the last good checkpoint is the stage's last.ckpt (resume with "
-            "ckpt_path=last after fixing the cause: learning rate, clipping, or NaN inputs)"
+            "applied (likely causes: learning rate, clipping, or NaN inputs)"
         )
+
+    def finish_step(self) -> None:
+        """Apply the work of the last step that follows the optimiser update (EMA, banks).
+
+        Called by the module's own ``on_train_batch_end`` and by a checkpoint callback before it
+        writes (callbacks run before the module's hook), so a checkpoint never misses it. It must
+        do its work once per step whoever calls it first. Default: nothing.
+        """
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]
+        checkpoint[CHECKPOINT_KEY] = {"signature": self.signature, "random": random_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored just before the first resumed step, when the uninterrupted run would draw next.
+        self._random_states = checkpoint.get(CHECKPOINT_KEY, {}).get("random")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._random_states is not None:
+            restore_random_states(self._random_states)
+            self._random_states = None
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False

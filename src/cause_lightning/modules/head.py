@@ -202,13 +202,17 @@ class HeadModule(StageModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # After the optimiser step: teacher EMA, then the bank from this step's teacher tokens.
+        self.finish_step()
+
+    def finish_step(self) -> None:
+        """After the optimiser step: teacher EMA, then the bank from this step's teacher tokens."""
+        if self._pending_bank is None:  # done already (a checkpoint callback ran it first)
+            return
         ema_update(self.head_ema, self.head, self.hparams.ema_decay)
         ema_update(self.projection_ema, self.projection, self.hparams.ema_decay)
-        if self._pending_bank is not None:
-            concepts, projections, generator = self._pending_bank
-            self.bank.update(concepts, projections, generator=generator)
-            self._pending_bank = None
+        concepts, projections, generator = self._pending_bank
+        self.bank.update(concepts, projections, generator=generator)
+        self._pending_bank = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         features = self.extract(batch["image"])
