@@ -26,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from cause_lightning.artifacts import ArtifactError, MissingArtifactError, load_artifact
 from cause_lightning.data.datasets import open_image
 from cause_lightning.models import build_backbone
+from cause_lightning.predict import UnreadableImagesError
 from cause_lightning.run import run
 from cause_lightning.segmenter import Segmenter
 from release_files import write_release as write_release_files
@@ -427,6 +428,32 @@ def test_mlp_release_predicts_right_after_import(
     probe = load_artifact(root / "mlp" / "probe.pt", "probe", "probe")
     assert probe["meta"]["reference_leak"] is True
     assert not torch.equal(probe["centroids"], files["cluster"]["cluster_probe"])
+
+
+def test_predict_segments_every_readable_image_and_lists_the_others(
+    predict_run, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = tmp_path / "images"
+    write_odd_images(images)
+    (images / "a_broken.jpg").write_text("not an image")  # sorted first
+    output = tmp_path / "predictions"
+    with caplog.at_level("WARNING", logger="cause_lightning"):
+        results = predict_run(f"predict.input={images}", f"predict.output_dir={output}")
+    assert results["predict/count"] == 3
+    assert results["predict/unreadable"] == [str(images / "a_broken.jpg")]
+    assert (output / "contact_sheet.png").is_file() and len(_outputs(output, "labels")) == 3
+    assert "1 of 4 images could not be read" in caplog.text and "a_broken.jpg" in caplog.text
+    with pytest.raises(UnreadableImagesError, match=r"(?s)predict\.strict=true.*a_broken\.jpg"):
+        predict_run(
+            f"predict.input={images}", f"predict.output_dir={output}", "predict.strict=true"
+        )
+    with pytest.raises(UnreadableImagesError, match="no image could be segmented"):
+        predict_run(f"predict.input={images / 'a_broken.jpg'}", f"predict.output_dir={output}")
+
+
+def test_predict_names_a_missing_input(predict_run, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"predict\.input=.*photos does not exist"):
+        predict_run(f"predict.input={tmp_path / 'photos'}")
 
 
 def test_predict_needs_an_input(predict_run) -> None:

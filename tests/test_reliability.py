@@ -348,6 +348,7 @@ OUTPUT = {"mediator": "clusterbook", "head": "head", "probe": "probe"}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_sigkilled_stages_resume_to_the_uninterrupted_result(
     shared_data_dir: Path, tmp_path: Path
 ) -> None:

@@ -281,9 +281,9 @@ class Pipeline:
             k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
         )
         if differ:
+            unset = "<unset>"
             shown = "; ".join(
-                f"{k}: {stored.get(k, '<unset>')!r} in the checkpoint, {current.get(k, '<unset>')!r}"
-                " now"
+                f"{k}: {stored.get(k, unset)!r} in the checkpoint, {current.get(k, unset)!r} now"
                 for k in differ[:8]
             )
             more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
