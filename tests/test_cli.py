@@ -60,6 +60,9 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
     assert result.returncode != 0
     result = cli("method.num_concepts=abc", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "num_concepts" in result.stderr
+    result = cli("method.num_concepts=0", "method.mediator.epochs=-1", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "method.num_concepts=0 must be" in result.stderr
+    assert "method.mediator.epochs=-1 must be" in result.stderr
     result = cli(
         "stage=prepare", "data=cocostuff27", "stage.download=false", cwd=tmp_path, check=False
     )
