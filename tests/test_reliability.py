@@ -9,7 +9,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -323,24 +322,6 @@ def test_checkpoint_files_follow_the_umask(tiny, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ killed subprocesses
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "cause_lightning", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 # Checkpoints at steps 3 and 6 (every 3) and 4 and 8 (epoch ends): the mediator and head resume
 # mid-epoch from step 6 and redo step 7, the probe resumes from the end of epoch 1.
 KILLED_AT = {"mediator": 7, "head": 7, "probe": 5}
@@ -350,8 +331,18 @@ OUTPUT = {"mediator": "clusterbook", "head": "head", "probe": "probe"}
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sigkilled_stages_resume_to_the_uninterrupted_result(
-    shared_data_dir: Path, tmp_path: Path
+    shared_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from test_cli import cli as run_cli
+
+    # The subprocesses import the fault callbacks from this folder.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+
+    def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, cwd=cwd, check=False)
+
     common = [
         *TINY_DATA,
         "method.num_concepts=32",
