@@ -416,5 +416,12 @@ def validate(cfg: DictConfig) -> None:
                 f"method.head.neg_thresh={head.neg_thresh} must not exceed "
                 f"method.head.pos_thresh={head.pos_thresh}"
             )
+    overcluster = OmegaConf.select(cfg, "method.eval.overcluster", default=None)
+    classes = OmegaConf.select(cfg, "data.num_classes", default=None)
+    if overcluster is not None and COUNT.accepts(classes):
+        try:
+            check_overcluster(overcluster, int(classes))
+        except ValueError as err:
+            problems.append(str(err))
     if problems:
         raise ValueError("invalid settings (nothing was run):\n  " + "\n  ".join(problems))
