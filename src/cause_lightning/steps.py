@@ -32,8 +32,9 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.callbacks import StageCheckpoint
 from cause_lightning.config import derive, to_plain
-from cause_lightning.models import LinearProbe, build_head
+from cause_lightning.models import LinearProbe, build_head, head_spec
 from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
+from cause_lightning.specs import BackboneRef, HeadSpec, ModelSpec, Resolution, SpecError
 from cause_lightning.tracking import instantiate_logger, publish_step
 from cause_lightning.utils import get_logger, instantiate_group, is_global_zero
 
@@ -117,26 +118,38 @@ class Pipeline:
             if k not in ("_target_", "name", "weights")
         }
 
-    def meta(self, **extra: Any) -> dict[str, Any]:
-        """Metadata stored in every artifact (plain values only)."""
-        cfg = self.cfg
-        backbone = self.backbone
+    def spec(self, head: HeadSpec | None = None, num_concepts: int | None = None) -> ModelSpec:
+        """The model spec of this run's artifacts (see :mod:`cause_lightning.specs`).
+
+        Args:
+            head: The trained head's spec (``None`` for the clusterbook).
+            num_concepts: K of the clusterbook in use; default ``method.num_concepts``.
+        """
+        cfg, backbone = self.cfg, self.backbone
+        return ModelSpec(
+            backbone=BackboneRef(
+                name=str(cfg.backbone.name),
+                weights=cfg.backbone.weights,
+                kwargs=self.backbone_kwargs(),
+                dim=int(backbone.embed_dim),
+                patch_size=int(backbone.patch_size),
+            ),
+            num_classes=int(cfg.data.num_classes),
+            num_concepts=int(cfg.method.num_concepts if num_concepts is None else num_concepts),
+            resolution=Resolution(
+                train=int(self.derived.resolution.head), test=int(self.derived.resolution.test)
+            ),
+            head=head,
+        )
+
+    def meta(self, spec: ModelSpec, **extra: Any) -> dict[str, Any]:
+        """Metadata stored in every artifact: the model spec plus provenance (plain values)."""
         return {
-            "backbone": cfg.backbone.name,
-            "backbone_weights": cfg.backbone.weights,
-            "backbone_kwargs": self.backbone_kwargs(),
-            "dim": int(backbone.embed_dim),
-            "patch_size": int(backbone.patch_size),
-            "data": cfg.data.name,
-            "num_classes": int(cfg.data.num_classes),
-            "num_concepts": int(cfg.method.num_concepts),
-            "resolution": {
-                "train": int(self.derived.resolution.head),
-                "test": int(self.derived.resolution.test),
-            },
+            "spec": spec.to_dict(),
+            "data": self.cfg.data.name,
             "version": __version__,
             "git": _git_hash(),
-            "config": to_plain(cfg),
+            "config": to_plain(self.cfg),
             **extra,
         }
 
@@ -380,37 +393,42 @@ class Pipeline:
     def load(self, kind: str, path: Path) -> dict[str, Any]:
         record = load_artifact(path, kind, PRODUCER[kind])
         self._input_checksums[kind] = record.get("checksum")
-        meta = record.get("meta", {})
-        expected = {
-            "backbone": self.cfg.backbone.name,
-            "dim": int(self.backbone.embed_dim),
-        }
+        try:
+            spec = ModelSpec.from_meta(record.get("meta", {}))
+        except (SpecError, KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(
+                f"{path} has no readable model spec ({err}): re-run stage={PRODUCER[kind]}"
+            ) from err
+        record["spec"] = spec
+        found = {"backbone": spec.backbone.name, "dim": spec.backbone.dim}
+        expected = {"backbone": self.cfg.backbone.name, "dim": int(self.backbone.embed_dim)}
         if kind != "clusterbook":
-            expected["num_classes"] = int(self.cfg.data.num_classes)
-            expected["head_type"] = self.cfg.head.name
+            found.update(num_classes=spec.num_classes, head_type=spec.head and spec.head.kind)
+            expected.update(
+                num_classes=int(self.cfg.data.num_classes), head_type=self.cfg.head.name
+            )
         for key, value in expected.items():
-            if key in meta and meta[key] != value:
+            if found[key] != value:
                 raise ArtifactError(
-                    f"{path} was made with {key}={meta[key]!r} but this run has {key}={value!r}: "
+                    f"{path} was made with {key}={found[key]!r} but this run has {key}={value!r}: "
                     f"re-run stage={PRODUCER[kind]} for this configuration (or set artifact_tag)"
                 )
         # Same name and width can still mean other features (the 12-head DINO ViT-S of the
         # release has the 6-head model's shapes), so the architecture overrides must match too.
-        stored, current = meta.get("backbone_kwargs"), self.backbone_kwargs()
-        if isinstance(stored, dict):
-            differ = sorted(
-                k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
+        stored, current = spec.backbone.kwargs, self.backbone_kwargs()
+        differ = sorted(
+            k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
+        )
+        if differ:
+            wanted = ", ".join(
+                f"+backbone.{k}={stored[k]}" if k in stored else f"no backbone.{k}"
+                for k in differ
             )
-            if differ:
-                wanted = ", ".join(
-                    f"+backbone.{k}={stored[k]}" if k in stored else f"no backbone.{k}"
-                    for k in differ
-                )
-                raise ArtifactError(
-                    f"{path} was made with backbone options {stored} but this run has {current} "
-                    f"(differing: {', '.join(differ)}): pass the same options ({wanted}) or "
-                    f"re-run stage={PRODUCER[kind]} for this configuration"
-                )
+            raise ArtifactError(
+                f"{path} was made with backbone options {stored} but this run has {current} "
+                f"(differing: {', '.join(differ)}): pass the same options ({wanted}) or "
+                f"re-run stage={PRODUCER[kind]} for this configuration"
+            )
         return record
 
     def clusterbook(self) -> torch.Tensor:
@@ -424,16 +442,17 @@ class Pipeline:
         return clusterbook
 
     def trained_head(self, record: dict[str, Any]) -> tuple[torch.nn.Module, LinearProbe]:
-        """Rebuild the teacher head and linear probe stored in a head (or probe) artifact."""
-        meta = record["meta"]
-        kwargs: dict[str, Any] = {"reduced_dim": int(meta["reduced_dim"])}
-        if meta["head_type"] == "tr":
-            kwargs.update(
-                num_queries=int(meta["num_queries"]), num_concepts=int(meta["num_concepts"])
-            )
-        head = build_head(meta["head_type"], int(meta["dim"]), **kwargs)
+        """Rebuild the teacher head and linear probe stored in a head (or probe) artifact.
+
+        Args:
+            record: An artifact read by :meth:`load` (its ``spec`` key holds the model spec).
+        """
+        spec: ModelSpec = record["spec"]
+        if spec.head is None:
+            raise ArtifactError("the artifact's model spec has no head: re-run stage=head")
+        head = build_head(spec.head)
         head.load_state_dict(record["head_state"])
-        linear = LinearProbe(int(meta["reduced_dim"]), int(meta["num_classes"]))
+        linear = LinearProbe(spec.head.reduced_dim, spec.num_classes)
         linear.load_state_dict(record["linear_state"])
         return head, linear
 
@@ -491,7 +510,8 @@ class Pipeline:
             self.fit("mediator", trainer, module, data)
         path = self.root / "clusterbook.pt"
         if trainer.is_global_zero:
-            save_artifact(path, "clusterbook", {**module.export(), "meta": self.meta()})
+            meta = self.meta(self.spec())
+            save_artifact(path, "clusterbook", {**module.export(), "meta": meta})
             log.info("wrote %s", path)
         self.barrier(trainer)
         return {"artifacts/clusterbook": str(path)}
@@ -527,12 +547,8 @@ class Pipeline:
         self.fit("head", trainer, module, data)
         path = self.head_root / "head.pt"
         if trainer.is_global_zero:
-            meta = self.meta(
-                head_type=self.cfg.head.name,
-                reduced_dim=int(module.head.reduced_dim),
-                num_queries=int(self.derived.num_queries) if self.cfg.head.name == "tr" else None,
-                num_concepts=int(clusterbook.shape[0]),
-            )
+            spec = self.spec(head_spec(module.head), num_concepts=int(clusterbook.shape[0]))
+            meta = self.meta(spec)
             save_artifact(path, "head", {**module.export(), "meta": meta})
             log.info("wrote %s", path)
         self.barrier(trainer)
@@ -569,6 +585,7 @@ class Pipeline:
         if trainer.is_global_zero:
             meta = {
                 **record["meta"],
+                "spec": record["spec"].to_dict(),
                 # A head imported from the release carries the leak whatever this stage does.
                 "reference_leak": bool(
                     probe_cfg.reference_leak or record["meta"].get("reference_leak", False)

@@ -9,6 +9,7 @@ from cause_lightning.models.heads import (
     TRHead,
     build_head,
     ema_update,
+    head_spec,
 )
 from cause_lightning.models.probes import ClusterProbe
 
@@ -24,4 +25,5 @@ __all__ = [
     "ConceptBank",
     "build_head",
     "ema_update",
+    "head_spec",
 ]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cause_lightning.ops import nearest_concept
+from cause_lightning.specs import HeadSpec
 
 __all__ = [
     "HEAD_TYPES",
@@ -35,6 +36,7 @@ __all__ = [
     "TRHead",
     "build_head",
     "ema_update",
+    "head_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -403,25 +405,51 @@ class LinearProbe(nn.Module):
 HEAD_TYPES: dict[str, type[nn.Module]] = {"mlp": MLPHead, "tr": TRHead}
 
 
-def build_head(head_type: str, dim: int, **kw: Any) -> MLPHead | TRHead:
-    """Build a segmentation head by type name.
+def build_head(spec: HeadSpec, clusterbook: Tensor | None = None) -> MLPHead | TRHead:
+    """Build the segmentation head a :class:`~cause_lightning.specs.HeadSpec` describes.
 
     Args:
-        head_type: ``"mlp"`` or ``"tr"``.
-        dim: Backbone width D.
-        **kw: Constructor arguments of the head (``reduced_dim``, ``dropout``; TR: ``num_queries``,
-            ``clusterbook``, ``num_concepts``).
+        spec: Head kind and every constructor argument (dropout included).
+        clusterbook: TR only: optional ``[K, D]`` clusterbook to copy into the buffer.
 
     Returns:
         The head module.
 
     Raises:
-        ValueError: On an unknown ``head_type``.
+        ValueError: On a clusterbook passed for an MLP head.
     """
-    key = str(head_type).lower()
-    if key not in HEAD_TYPES:
-        raise ValueError(f"unknown head type {head_type!r}; known: {sorted(HEAD_TYPES)}")
-    return HEAD_TYPES[key](dim, **kw)
+    if spec.kind != "tr" and clusterbook is not None:
+        raise ValueError("an MLP head takes no clusterbook")
+    extra = {"clusterbook": clusterbook} if clusterbook is not None else {}
+    return HEAD_TYPES[spec.kind](spec.dim, **spec.kwargs(), **extra)
+
+
+def head_spec(head: nn.Module) -> HeadSpec:
+    """The :class:`~cause_lightning.specs.HeadSpec` that rebuilds ``head`` (``build_head``).
+
+    Args:
+        head: An ``MLPHead`` or ``TRHead``.
+
+    Returns:
+        Its kind and constructor arguments, read from the module.
+
+    Raises:
+        TypeError: For any other module.
+    """
+    if isinstance(head, TRHead):
+        return HeadSpec(
+            kind="tr",
+            dim=head.dim,
+            reduced_dim=head.reduced_dim,
+            dropout=float(head.head_dropout.p),
+            num_queries=head.num_queries,
+            num_concepts=head.num_concepts,
+        )
+    if isinstance(head, MLPHead):
+        return HeadSpec(
+            kind="mlp", dim=head.dim, reduced_dim=head.reduced_dim, dropout=float(head.dropout.p)
+        )
+    raise TypeError(f"expected an MLPHead or a TRHead, got {type(head).__name__}")
 
 
 @torch.no_grad()
