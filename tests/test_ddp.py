@@ -3,7 +3,8 @@
 The DDP runs go through the CLI in a subprocess: ``strategy=ddp`` relaunches ``sys.argv`` for
 rank 1, which inside pytest would re-run the tests; the single-process reference calls the same
 ``run`` in-process. The DDP run uses a per-device batch ``b`` and the single-process run ``2b``,
-with the same seed, the dataset order (``data.module.shuffle=false``), no dropout,
+with the same seed, the dataset order (``data.module.shuffle=false``), no dropout (stage 3 rebuilds
+the head with the dropout it was trained with),
 ``method.head.sync_bank=true`` and float64. Their artifacts must agree to ``ATOL``, while training
 moved every trained tensor by far more than that (a DDP run without gradient averaging, or with
 per-rank grid offsets, banks or candidates, lands ~1e-2 away). The evaluation of the same
@@ -48,7 +49,6 @@ COMMON = [
     "method.head.projection_dim=32",
     "method.head.sync_bank=true",
     "method.head.ema_decay=0.5",  # the exported teacher follows the student closely
-    "method.probe.head_dropout=false",
     "method.eval.variants=[raw,flip]",
     "method.eval.baselines=false",
     "method.eval.save_images=1",

@@ -16,8 +16,10 @@ from cause_lightning.models.heads import (
     TRHead,
     build_head,
     ema_update,
+    head_spec,
 )
 from cause_lightning.models.probes import ClusterProbe
+from cause_lightning.specs import HeadSpec, SpecError
 
 D, R, K = 32, 90, 64
 H = W = 4
@@ -100,11 +102,10 @@ def _n_params(m: nn.Module) -> int:
 
 @pytest.mark.parametrize("kind", ["mlp", "tr"])
 def test_head_output_shape_and_type(kind: str) -> None:
-    head = (
-        build_head(kind, D, num_queries=Q, clusterbook=torch.randn(K, D))
-        if kind == "tr"
-        else build_head(kind, D)
-    )
+    tr = kind == "tr"
+    spec = HeadSpec(kind, D, R, 0.1, num_queries=Q if tr else None, num_concepts=K if tr else None)
+    head = build_head(spec, clusterbook=torch.randn(K, D) if kind == "tr" else None)
+    assert head_spec(head) == spec
     assert head.head_type == kind
     out = head.eval()(_feats(3))
     assert out.shape == (3, R, H, W)
@@ -128,9 +129,11 @@ def test_mlp_accepts_non_square_grids() -> None:
     assert head(torch.randn(1, D, 3, 7)).shape == (1, R, 3, 7)
 
 
-def test_build_head_unknown() -> None:
-    with pytest.raises(ValueError, match="unknown head type 'conv'.*mlp.*tr"):
-        build_head("conv", D)
+def test_head_spec_rejects_unknown_kinds_and_incomplete_tr() -> None:
+    with pytest.raises(SpecError, match="head kind 'conv' is not one of"):
+        HeadSpec("conv", D, R, 0.1)
+    with pytest.raises(SpecError, match="TR head spec needs num_queries and num_concepts"):
+        HeadSpec("tr", D, R, 0.1, num_queries=Q)
 
 
 def test_tr_requires_num_queries() -> None:

@@ -17,6 +17,7 @@ import torch
 
 from cause_lightning.interop import OfficialBundle, import_official
 from cause_lightning.models.heads import MLPHead, TRHead
+from cause_lightning.specs import ModelSpec, Resolution
 from release_files import write_release
 
 D, Q, C, R, K, P = 32, 16, 5, 90, 2048, 2048
@@ -330,18 +331,19 @@ def test_bundle_save_writes_stage_artifacts(tmp_path: Path, kind: str) -> None:
         meta = rec["meta"]
         assert meta["reference_release"] is True
         assert meta["imported_from"] == {k: str(v) for k, v in rel["paths"].items()}
-        assert meta["head_type"] == kind
-        assert (meta["dim"], meta["reduced_dim"], meta["num_classes"], meta["num_concepts"]) == (
+        spec = ModelSpec.from_meta(meta)
+        assert spec.head.kind == kind
+        assert (spec.head.dim, spec.head.reduced_dim, spec.num_classes, spec.num_concepts) == (
             D,
             R,
             C,
             K,
         )
-        assert meta["num_queries"] == (Q if kind == "tr" else None)
-        assert meta["backbone"] == "dino_vits8"
-        assert meta["backbone_weights"] == "/weights/dino.pth"
-        assert meta["backbone_kwargs"] == {"num_heads": 12}
-        assert meta["resolution"] == {"train": 32 if kind == "tr" else 224, "test": 32}
+        assert spec.head.num_queries == (Q if kind == "tr" else None)
+        assert spec.backbone.name == "dino_vits8"
+        assert spec.backbone.weights == "/weights/dino.pth"
+        assert spec.backbone.kwargs == {"num_heads": 12}
+        assert spec.resolution == Resolution(train=32 if kind == "tr" else 224, test=32)
         assert meta["class_names"] == names
         assert isinstance(meta["config"], dict)
     assert torch.equal(book["clusterbook"], torch.from_numpy(rel["book"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
+from cause_lightning.specs import BackboneRef, ModelSpec, Resolution
 from tiny import TINY
 
 
@@ -31,7 +33,7 @@ def test_stages_chain_through_artifacts(tiny, tmp_path: Path, head: str) -> None
     clusterbook = load_artifact(root / "clusterbook.pt", "clusterbook", "mediator")
     assert clusterbook["clusterbook"].shape == (32, 64)
     head_record = load_artifact(root / head / "head.pt", "head", "head")
-    assert head_record["meta"]["head_type"] == head
+    assert ModelSpec.from_meta(head_record["meta"]).head.kind == head
     assert head_record["meta"]["config"]["head"]["name"] == head  # resolved config inside
     results = run(tiny("stage=eval", f"head={head}", "method.eval.variants=[raw,flip]"))
     for key in (
@@ -77,15 +79,18 @@ def test_stage_before_its_prerequisite_names_the_stage(tiny) -> None:
 
 def test_clusterbook_of_another_backbone_is_rejected(tiny, tmp_path: Path) -> None:
     path = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "clusterbook.pt"
-    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 48), "meta": {}})
+    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 64), "meta": {}})
+    with pytest.raises(ArtifactError, match="no readable model spec.*re-run stage=mediator"):
+        run(tiny("stage=head"))
+    spec = ModelSpec(BackboneRef("tiny_vit", None, {}, 64, 8), 6, 32, Resolution(64, 64))
+    meta = {"spec": spec.to_dict()}
+    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 48), "meta": meta})
     with pytest.raises(ArtifactError, match="width"):
         run(tiny("stage=head"))
-    save_artifact(
-        path,
-        "clusterbook",
-        {"clusterbook": torch.zeros(32, 64), "meta": {"backbone": "dino_vits8"}},
-    )
-    with pytest.raises(ArtifactError, match="backbone"):
+    other = dataclasses.replace(spec, backbone=BackboneRef("dino_vits8", None, {}, 64, 8))
+    meta = {"spec": other.to_dict()}
+    save_artifact(path, "clusterbook", {"clusterbook": torch.zeros(32, 64), "meta": meta})
+    with pytest.raises(ArtifactError, match="backbone='dino_vits8'"):
         run(tiny("stage=head"))
 
 

@@ -29,6 +29,7 @@ from cause_lightning.models import build_backbone
 from cause_lightning.predict import UnreadableImagesError
 from cause_lightning.run import run
 from cause_lightning.segmenter import Segmenter
+from cause_lightning.specs import ModelSpec, Resolution
 from release_files import write_release as write_release_files
 from tiny import TINY, compose_config
 
@@ -239,10 +240,11 @@ def test_import_writes_the_release_as_stage_artifacts(workflow: dict) -> None:
     probe = load_artifact(root / "tr" / "probe.pt", "probe", "probe")
     assert torch.equal(probe["centroids"], release["cluster"]["cluster_probe"])
     meta = head["meta"]
+    spec = ModelSpec.from_meta(meta)
     # The release's K = 2048 rows, whatever method.num_concepts says (32 in these runs).
-    assert (meta["num_concepts"], meta["num_queries"], meta["num_classes"]) == (K, Q, C)
-    assert (meta["dim"], meta["backbone"], meta["head_type"]) == (D, "tiny_vit", "tr")
-    assert meta["resolution"] == {"train": RES, "test": RES}
+    assert (spec.num_concepts, spec.head.num_queries, spec.num_classes) == (K, Q, C)
+    assert (spec.head.dim, spec.backbone.name, spec.head.kind) == (D, "tiny_vit", "tr")
+    assert spec.resolution == Resolution(train=RES, test=RES)
     assert meta["class_names"] == MOSAIC_NAMES
     assert meta["reference_release"] is True and meta["reference_leak"] is True
 
@@ -401,8 +403,8 @@ def test_mlp_release_predicts_right_after_import(
     common = [*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", "head=mlp"]
     run(compose(*common, *import_overrides(files["paths"])))
     root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
-    meta = load_artifact(root / "mlp" / "head.pt", "head", "head")["meta"]
-    assert (meta["head_type"], meta["num_queries"], meta["num_concepts"]) == ("mlp", None, K)
+    spec = ModelSpec.from_meta(load_artifact(root / "mlp" / "head.pt", "head", "head")["meta"])
+    assert (spec.head.kind, spec.head.num_queries, spec.num_concepts) == ("mlp", None, K)
     sizes = write_odd_images(tmp_path / "images")
     output = tmp_path / "predictions"
     # No stage=eval: the import's own segmenter.pt, without a class assignment.
@@ -497,7 +499,7 @@ def test_predict_without_a_model_names_the_stages(predict_run, tmp_path: Path) -
         (
             {"q": 1600},
             ["head=tr"],
-            r"1600 position queries .*64 tokens .*resolution\.test=320",
+            r"1600 position queries .*64 tokens.*resolution=320.*data\.recipe\.resolution\.test",
         ),
     ],
     ids=[
@@ -539,7 +541,7 @@ def test_backbone_options_of_the_import_must_be_repeated(
     meta = load_artifact(
         tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "tr" / "head.pt", "head", "head"
     )["meta"]
-    assert meta["backbone_kwargs"] == {"num_heads": 4}
+    assert ModelSpec.from_meta(meta).backbone.kwargs == {"num_heads": 4}
     with pytest.raises(ArtifactError, match=r"differing: num_heads.*\+backbone\.num_heads=4"):
         run(compose(*common, "stage=eval", "method.eval.variants=[raw]"))
     results = run(
@@ -561,11 +563,12 @@ def test_bundle_save_checks_the_token_grid(tmp_path: Path) -> None:
     files = write_release(tmp_path / "release")
     bundle = import_official(**files["paths"], head="tr")
     # 128 is a multiple of the 8x8 query grid, but gives 16x16 tokens with patch 8.
-    with pytest.raises(ValueError, match=r"64 queries .*16x16 tokens; use resolution 64"):
+    with pytest.raises(ValueError, match=r"64 position queries .*256 tokens; use resolution=64"):
         bundle.save(tmp_path / "a", backbone="tiny_vit", resolution=128, patch_size=8)
     assert not (tmp_path / "a").exists()
     paths = bundle.save(tmp_path / "b", backbone="tiny_vit", resolution=64, patch_size=8)
-    assert load_artifact(paths["head"], "head", "head")["meta"]["resolution"]["test"] == 64
+    meta = load_artifact(paths["head"], "head", "head")["meta"]
+    assert ModelSpec.from_meta(meta).resolution.test == 64
 
 
 def test_import_needs_the_three_files(compose: Callable[..., Any], tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ artifacts = pytest.importorskip("cause_lightning.artifacts", reason="artifacts.p
 
 from cause_lightning.crf import crf_available, denormalize_to_uint8, dense_crf  # noqa: E402
 from cause_lightning.segmenter import Segmenter  # noqa: E402
+from cause_lightning.specs import HeadSpec, ModelSpec  # noqa: E402
 
 RES = 32  # tiny_vit has patch 8: a 4 x 4 grid, 16 TR queries
 NUM_CLASSES = 5
@@ -66,11 +67,12 @@ def backbone() -> torch.nn.Module:
 def _head(head_type: str, dim: int, clusterbook: torch.Tensor, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if head_type == "tr":
-        head = heads.build_head(
-            "tr", dim, reduced_dim=REDUCED, num_queries=(RES // 8) ** 2, clusterbook=clusterbook
+        spec = HeadSpec(
+            "tr", dim, REDUCED, 0.1, num_queries=(RES // 8) ** 2, num_concepts=len(clusterbook)
         )
+        head = heads.build_head(spec, clusterbook=clusterbook)
     else:
-        head = heads.build_head("mlp", dim, reduced_dim=REDUCED)
+        head = heads.build_head(HeadSpec("mlp", dim, REDUCED, 0.1))
     return head.eval()
 
 
@@ -186,7 +188,7 @@ def test_rejects_bad_inputs(backbone):
 def test_clusterbook_handling(backbone, tmp_path):
     _, centroids, clusterbook = _parts(backbone, "tr")
     empty = heads.build_head(
-        "tr", backbone.embed_dim, reduced_dim=REDUCED, num_queries=16, num_concepts=NUM_CONCEPTS
+        HeadSpec("tr", backbone.embed_dim, REDUCED, 0.1, num_queries=16, num_concepts=NUM_CONCEPTS)
     )
     seg = Segmenter(backbone, empty, centroids, clusterbook=clusterbook, resolution=RES)
     torch.testing.assert_close(seg.head.clusterbook, clusterbook)  # filled, so it runs
@@ -194,7 +196,7 @@ def test_clusterbook_handling(backbone, tmp_path):
     mlp = Segmenter(backbone, _parts(backbone, "mlp")[0], centroids, resolution=RES)
     assert mlp.clusterbook is None
     assert Segmenter.load(mlp.save(tmp_path / "m.pt")).clusterbook is None
-    wide = heads.build_head("mlp", backbone.embed_dim + 8, reduced_dim=REDUCED)
+    wide = heads.build_head(HeadSpec("mlp", backbone.embed_dim + 8, REDUCED, 0.1))
     with pytest.raises(ValueError, match="D=72"):
         Segmenter(backbone, wide, centroids, resolution=RES)
 
@@ -241,11 +243,13 @@ def test_file_is_weights_only_loadable(backbone, tmp_path):
     assert record["kind"] == "segmenter" and record["format_version"] == 1
     assert record["config"] == {"a": 1, "b": 1, "c": [1, 2]}
     assert record["meta"] == {"path": str(tmp_path), "n": 4}
-    assert record["head"]["type"] == "tr"
-    assert "clusterbook" in record["head"]["state"]
-    assert record["backbone"]["name"] == "tiny_vit" and record["backbone"]["weights"] is None
+    spec = ModelSpec.from_dict(record["spec"])
+    assert spec.head == seg.head_spec and spec.head.kind == "tr"
+    assert (spec.num_classes, spec.resolution.test) == (seg.num_classes, seg.resolution)
+    assert "clusterbook" in record["head_state"]
+    assert spec.backbone.name == "tiny_vit" and spec.backbone.weights is None
     # No weights file for tiny_vit: its state is embedded so a reload predicts identically.
-    assert record["backbone"]["state"]
+    assert record["backbone_state"]
 
 
 def test_wrong_kind_and_missing_file(backbone, tmp_path):
@@ -289,7 +293,7 @@ def test_moved_weights_file(tmp_path):
     assert seg.backbone_weights == str(old.resolve())
     path = seg.save(tmp_path / "segmenter.pt")
     record = torch.load(path, weights_only=True)
-    assert record["backbone"]["state"] is None  # a weights file exists: reference only
+    assert record["backbone_state"] is None  # a weights file exists: reference only
     new = tmp_path / "new.pth"
     old.rename(new)
     with pytest.raises(FileNotFoundError) as err:

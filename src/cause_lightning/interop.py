@@ -28,14 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from cause_lightning.artifacts import head_dir, save_artifact
-from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead
+from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
+from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead, head_spec
+from cause_lightning.specs import BackboneRef, ModelSpec, Resolution, tr_grid_error
 
 __all__ = ["OfficialBundle", "import_official", "REFERENCE_NUM_CONCEPTS"]
 
 logger = logging.getLogger(__name__)
 
-#: Rows of the released ``modular.npy`` (docs/method.md §10.3).
-REFERENCE_NUM_CONCEPTS = 2048
 #: Train resolution of the reference MLP heads (docs/method.md §2.6); TR trains at the test
 #: resolution.
 REFERENCE_MLP_TRAIN_RES = 224
@@ -130,17 +130,21 @@ class OfficialBundle:
             )
         root = Path(artifact_root)
         name = head_name or self.head_type
+        spec = ModelSpec(
+            backbone=BackboneRef(
+                name=backbone,
+                weights=None if backbone_weights is None else str(backbone_weights),
+                kwargs=dict(backbone_kwargs or {}),
+                dim=self.dim,
+                patch_size=int(patch_size or 0),
+            ),
+            num_classes=self.num_classes,
+            num_concepts=self.num_concepts,
+            resolution=Resolution(train=train_res, test=int(resolution)),
+            head=head_spec(self.head),
+        )
         meta: dict[str, Any] = {
-            "head_type": self.head_type,
-            "dim": self.dim,
-            "reduced_dim": self.reduced_dim,
-            "num_queries": self.num_queries,
-            "num_concepts": self.num_concepts,
-            "num_classes": self.num_classes,
-            "backbone": backbone,
-            "backbone_weights": None if backbone_weights is None else str(backbone_weights),
-            "backbone_kwargs": dict(backbone_kwargs or {}),
-            "resolution": {"train": train_res, "test": int(resolution)},
+            "spec": spec.to_dict(),
             "class_names": None if class_names is None else [str(c) for c in class_names],
             "config": {
                 "stage": "import",
@@ -207,13 +211,9 @@ class OfficialBundle:
                 f"is not a multiple of {side}; use the release's train resolution (e.g. "
                 f"{side * 8} for patch 8, {side * 16} for patch 16, {side * 14} for patch 14)"
             )
-        if patch_size is not None and (int(resolution) // int(patch_size)) ** 2 != q:
-            raise ValueError(
-                f"the TR head has {q} queries ({side}x{side} tokens) but resolution {resolution} "
-                f"with patch {patch_size} gives {int(resolution) // int(patch_size)}x"
-                f"{int(resolution) // int(patch_size)} tokens; use resolution "
-                f"{side * int(patch_size)}"
-            )
+        error = None if patch_size is None else tr_grid_error(q, resolution, patch_size)
+        if error:
+            raise ValueError(error)
 
 
 def import_official(

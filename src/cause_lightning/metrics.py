@@ -27,11 +27,15 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 
+from cause_lightning.constants import IGNORE_INDEX
+
 __all__ = [
     "MATCHINGS",
     "UnsupervisedSegmentationMetrics",
+    "check_assignment",
     "majority_assignment",
     "remap_clusters",
+    "remap_with_ignore",
 ]
 
 log = logging.getLogger(__name__)
@@ -288,3 +292,40 @@ def remap_clusters(
             )
     out = lut[p.long()]
     return out.numpy() if is_numpy else out
+
+
+def check_assignment(assignment: Any, num_clusters: int) -> list[int]:
+    """Validate a cluster -> class table (-1 = unmatched) and return it as a list.
+
+    Args:
+        assignment: Length-``num_clusters`` integer table (sequence, array or tensor).
+        num_clusters: C.
+
+    Raises:
+        ValueError: On a wrong length or values outside ``[-1, 255)``.
+    """
+    table = [int(v) for v in np.asarray(torch.as_tensor(assignment).cpu()).reshape(-1)]
+    if len(table) != num_clusters:
+        raise ValueError(f"assignment has {len(table)} entries for {num_clusters} clusters")
+    if any(v < -1 or v >= IGNORE_INDEX for v in table):
+        raise ValueError(f"assignment values must lie in [-1, {IGNORE_INDEX}), got {table}")
+    return table
+
+
+def remap_with_ignore(cluster_ids: ArrayT, assignment: list[int]) -> ArrayT:
+    """Like :func:`remap_clusters`, but ignore ids (255) pass through instead of raising.
+
+    Args:
+        cluster_ids: Integer cluster ids in ``[0, C)`` or 255.
+        assignment: Checked table (:func:`check_assignment`).
+
+    Returns:
+        Class ids, 255 where the cluster is unmatched or ignored; same container type.
+    """
+    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+    lut[: len(assignment)] = [IGNORE_INDEX if v < 0 else v for v in assignment]
+    if isinstance(cluster_ids, Tensor):
+        table = torch.as_tensor(lut, device=cluster_ids.device)
+        return table[cluster_ids.long().clamp(0, 255)]
+    ids = np.asarray(cluster_ids).astype(np.int64)
+    return lut[np.clip(ids, 0, 255)]

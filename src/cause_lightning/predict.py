@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cause_lightning.artifacts import MissingArtifactError, ensure_writable
+from cause_lightning.artifacts import (
+    MissingArtifactError,
+    artifact_root,
+    ensure_writable,
+    head_dir,
+)
 from cause_lightning.data.datasets import find_images, open_image
 from cause_lightning.utils import get_logger
 from cause_lightning.visualize import (
@@ -32,8 +37,9 @@ from cause_lightning.visualize import (
 )
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from cause_lightning.segmenter import Segmenter
-    from cause_lightning.steps import Pipeline
 
 __all__ = ["predict_images", "load_segmenter", "UnreadableImagesError"]
 
@@ -46,23 +52,23 @@ class UnreadableImagesError(OSError):
     """No input image could be read, or (``predict.strict=true``) some could not."""
 
 
-def load_segmenter(pipeline: Pipeline) -> Segmenter:
+def load_segmenter(cfg: DictConfig) -> Segmenter:
     """The model to predict with: an explicit file, the eval stage's export, or the artifacts."""
     from cause_lightning.segmenter import Segmenter
 
-    cfg = pipeline.cfg
+    root = artifact_root(cfg.paths.artifact_dir, cfg.data.name, cfg.backbone.name, cfg.artifact_tag)
     explicit = cfg.predict.segmenter
     weights = cfg.backbone.weights
     if explicit:
         if not Path(explicit).is_file():
             raise FileNotFoundError(f"predict.segmenter={explicit} does not exist")
         return Segmenter.load(explicit, weights=weights)
-    exported = pipeline.head_root / "segmenter.pt"
+    exported = head_dir(root, cfg.head.name) / "segmenter.pt"
     if exported.is_file():
         return Segmenter.load(exported, weights=weights)
     log.info("no %s yet: assembling the model from the stage artifacts", exported)
     try:
-        return Segmenter.from_artifacts(pipeline.root, cfg.head.name, weights=weights)
+        return Segmenter.from_artifacts(root, cfg.head.name, weights=weights)
     except MissingArtifactError as err:
         # Name every way to get a model, not only the stage that writes the first missing file.
         raise MissingArtifactError(
@@ -73,11 +79,10 @@ def load_segmenter(pipeline: Pipeline) -> Segmenter:
         ) from err
 
 
-def predict_images(pipeline: Pipeline) -> dict[str, Any]:
+def predict_images(cfg: DictConfig) -> dict[str, Any]:
     """Run stage ``predict`` and return the written paths."""
     import torch
 
-    cfg = pipeline.cfg
     if not cfg.predict.input:
         raise ValueError("stage=predict needs predict.input=<folder | 'glob/*.jpg' | image file>")
     source = str(cfg.predict.input)
@@ -88,7 +93,7 @@ def predict_images(pipeline: Pipeline) -> dict[str, Any]:
         )
     paths = find_images(cfg.predict.input)
     output = ensure_writable(Path(cfg.predict.output_dir), "predict.output_dir")
-    segmenter = load_segmenter(pipeline)
+    segmenter = load_segmenter(cfg)
     if cfg.predict.crf:
         segmenter.crf = True
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"

@@ -21,8 +21,9 @@ from cause_lightning.utils import get_logger
 from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from cause_lightning.modules.evaluate import EvalModule
-    from cause_lightning.steps import Pipeline
 
 __all__ = ["write_report", "RECORD_VARIANT", "clusters_used"]
 
@@ -36,19 +37,31 @@ def _record_variant(module: EvalModule) -> str:
     return next(v for v in RECORD_VARIANT if v in module.variants)
 
 
-def write_report(pipeline: Pipeline, module: EvalModule, data: Any, leak: bool) -> dict[str, Any]:
+def write_report(
+    cfg: DictConfig,
+    module: EvalModule,
+    data: Any,
+    leak: bool,
+    *,
+    head_root: Path,
+    output_dir: Path,
+    segmenter_kwargs: dict[str, Any],
+) -> dict[str, Any]:
     """Write and print the evaluation report (rank 0 only).
 
     Args:
-        pipeline: The running pipeline (config, artifact paths, backbone).
+        cfg: The run config.
         module: The evaluated module, holding ``results`` and example predictions.
         data: The evaluated datamodule (class names and palette).
         leak: Whether the probe stage ran with ``reference_leak``.
+        head_root: The head's artifact directory (``metrics.json``, ``segmenter.pt``).
+        output_dir: The run directory (``metrics.json``, prediction images).
+        segmenter_kwargs: ``Segmenter`` arguments of the evaluated model besides class names,
+            palette and assignment, which the report adds.
 
     Returns:
         Paths of what was written, under ``artifacts/...`` keys.
     """
-    cfg = pipeline.cfg
     results = module.results
     class_names = list(
         getattr(data, "class_names", None) or [f"class_{i}" for i in range(module.num_classes)]
@@ -65,11 +78,11 @@ def write_report(pipeline: Pipeline, module: EvalModule, data: Any, leak: bool) 
         "experiment": cfg.experiment_name,
         "data": cfg.data.name,
         "backbone": cfg.backbone.name,
-        "backbone_kwargs": pipeline.meta()["backbone_kwargs"],
+        "backbone_kwargs": segmenter_kwargs["backbone_kwargs"],
         "head": cfg.head.name,
         "num_classes": int(cfg.data.num_classes),
         "num_clusters": int(cfg.data.num_classes),
-        "test_resolution": int(pipeline.derived.resolution.test),
+        "test_resolution": int(segmenter_kwargs["resolution"]),
         "record_variant": variant,
         "checkpoint_rule": "last epoch of every stage (no selection on validation labels)",
         "seed": int(cfg.seed),
@@ -83,12 +96,16 @@ def write_report(pipeline: Pipeline, module: EvalModule, data: Any, leak: bool) 
         "clusters_used": clusters_used(results),
     }
     written: dict[str, Any] = {}
-    for directory in (pipeline.head_root, pipeline.output_dir):
+    for directory in (head_root, output_dir):
         path = write_json_atomic(Path(directory) / "metrics.json", report)
         written.setdefault("artifacts/metrics", str(path))
-    written.update(_write_examples(pipeline, module, variant, palette))
-    segmenter_path = _export_segmenter(pipeline, module, class_names, palette, assignment)
-    written["artifacts/segmenter"] = str(segmenter_path)
+    written.update(_write_examples(Path(output_dir), module, variant, palette))
+    from cause_lightning.segmenter import Segmenter
+
+    segmenter = Segmenter(
+        **segmenter_kwargs, class_names=class_names, palette=palette, assignment=assignment
+    )
+    written["artifacts/segmenter"] = str(segmenter.save(Path(head_root) / "segmenter.pt"))
     print_table(report, class_names)
     return written
 
@@ -132,13 +149,13 @@ def _plain(value: Any) -> Any:
 
 
 def _write_examples(
-    pipeline: Pipeline, module: EvalModule, variant: str, palette: np.ndarray
+    output_dir: Path, module: EvalModule, variant: str, palette: np.ndarray
 ) -> dict[str, Any]:
     if not module.examples:
         return {}
     results = module.results
     assignment = np.asarray(results[f"details/cluster/{variant}/assignment"])
-    directory = pipeline.output_dir / "predictions"
+    directory = output_dir / "predictions"
     rows = []
     for i, example in enumerate(module.examples):
         prediction = remap_clusters(example[variant].astype(np.int64), assignment)
@@ -150,40 +167,6 @@ def _write_examples(
     sheet = contact_sheet(rows, titles=titles)
     sheet_path = save_png(sheet, directory / "contact_sheet.png")
     return {"artifacts/predictions": str(directory), "artifacts/contact_sheet": str(sheet_path)}
-
-
-def _export_segmenter(
-    pipeline: Pipeline,
-    module: EvalModule,
-    class_names: list[str],
-    palette: np.ndarray,
-    assignment: list[int] | None,
-) -> Path:
-    from cause_lightning.segmenter import Segmenter
-
-    meta = pipeline.meta()
-    clusterbook_path = pipeline.root / "clusterbook.pt"
-    clusterbook = pipeline.clusterbook() if clusterbook_path.is_file() else None
-    if clusterbook is not None:  # an imported release keeps its own concept count
-        meta["num_concepts"] = int(clusterbook.shape[0])
-    segmenter = Segmenter(
-        pipeline.backbone,
-        module.head,
-        module.centroids.detach().cpu(),
-        backbone_name=pipeline.cfg.backbone.name,
-        backbone_weights=pipeline.cfg.backbone.weights,
-        backbone_kwargs=meta["backbone_kwargs"],
-        clusterbook=clusterbook,
-        class_names=class_names,
-        palette=palette,
-        resolution=int(pipeline.derived.resolution.test),
-        assignment=assignment,
-        config=meta["config"],
-        meta={k: v for k, v in meta.items() if k != "config"},
-    )
-    path = pipeline.head_root / "segmenter.pt"
-    segmenter.save(path)
-    return path
 
 
 def _pct(value: Any) -> str:

@@ -21,9 +21,7 @@ ViTs, ``filterbank``), whose state is embedded so that a reloaded bundle predict
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,155 +32,35 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import load_artifact, save_artifact
-from cause_lightning.crf import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    crf_available,
-    denormalize_to_uint8,
-    dense_crf,
+from cause_lightning.artifacts import save_artifact
+from cause_lightning.bundle import (
+    SEGMENTER_KIND,
+    derive_backbone_kwargs,
+    read_segmenter_file,
+    read_stage_artifacts,
+    segmenter_payload,
+    to_plain,
+    weights_reference,
 )
+from cause_lightning.crf import crf_available, denormalize_to_uint8, dense_crf
+from cause_lightning.imaging import (
+    image_tensor,
+    nearest_resize_labels,
+    sliding_logits,
+    to_pil_rgb,
+    working_size,
+)
+from cause_lightning.metrics import check_assignment, remap_with_ignore
+from cause_lightning.models.heads import head_spec
+from cause_lightning.specs import tr_grid_error
 from cause_lightning.visualize import colorize as _colorize
-from cause_lightning.visualize import default_palette, to_rgb_uint8
+from cause_lightning.visualize import default_palette
 
 __all__ = ["SEGMENTER_KIND", "Segmenter"]
 
 log = logging.getLogger(__name__)
 
-#: ``kind`` field of a saved segmenter file.
-SEGMENTER_KIND = "segmenter"
-IGNORE_INDEX = 255
-
-_WEIGHT_SUFFIXES = {".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".npz", ".pkl"}
-# Same rule as build_backbone: "owner/repo" (optionally "hf-hub:"-prefixed) names a hub repo.
-_HUB_TAG = re.compile(r"^(hf-hub:|hf_hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# build_backbone keywords that change the architecture (compared with the registry defaults).
-_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "reg_tokens")
 _crf_warned = False
-
-
-def _plain(obj: Any) -> Any:
-    """Convert a nested structure to tensors / primitives that ``weights_only`` loading accepts."""
-    if obj is None or isinstance(obj, (bool, int, float, str, Tensor)):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    try:  # OmegaConf containers (the resolved Hydra config)
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return _plain(OmegaConf.to_container(obj, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted(_plain(v) for v in obj)
-    return str(obj)
-
-
-def _looks_like_path(ref: str) -> bool:
-    """Whether a backbone ``weights`` reference names a local file (rather than a hub tag)."""
-    if Path(ref).suffix.lower() in _WEIGHT_SUFFIXES:
-        return True
-    return not _HUB_TAG.match(ref)
-
-
-def _weights_reference(backbone: nn.Module, weights: str | os.PathLike[str] | None) -> str | None:
-    """Weights reference to store: the given one or the backbone's, existing files made absolute."""
-    ref = weights if weights is not None else getattr(backbone, "weights", None)
-    if ref is None:
-        return None
-    ref = os.fspath(ref)
-    local = Path(ref).expanduser()
-    # Absolute, so that the file still resolves when the bundle is loaded from another directory.
-    return str(local.resolve()) if local.is_file() else ref
-
-
-def _derive_backbone_kwargs(backbone: nn.Module) -> dict[str, Any]:
-    """Architecture overrides of a registry ViT (e.g. the 12-head ViT-S), best effort.
-
-    A rebuilt backbone must have the same architecture as the one the head was trained on; the
-    12-head DINO ViT-S has the same parameter shapes as the 6-head one, so a strict state-dict
-    load would not notice the difference.
-    """
-    arch = getattr(backbone, "arch", None)
-    name = getattr(backbone, "name", None)
-    if not isinstance(arch, Mapping) or not name:
-        return {}
-    try:
-        from cause_lightning.models.backbones import get_backbone_spec
-
-        spec = get_backbone_spec(name)
-    except (ImportError, ValueError):
-        return {}
-    kw = {k: arch[k] for k in _ARCH_KEYS if k in arch and arch[k] != spec.arch.get(k)}
-    scheme = getattr(backbone, "pos_embed_scheme", None)
-    if scheme is not None and scheme != spec.pos_embed:
-        kw["pos_embed_interpolation"] = scheme
-    return kw
-
-
-def _infer_head_kwargs(head: nn.Module, head_type: str) -> dict[str, Any]:
-    """Constructor arguments of a head, from its attributes (``build_head(head_type, **kw)``)."""
-    kw: dict[str, Any] = {"dim": int(head.dim), "reduced_dim": int(head.reduced_dim)}
-    drop = getattr(head, "head_dropout", None) or getattr(head, "dropout", None)
-    if isinstance(drop, nn.Dropout):
-        kw["dropout"] = float(drop.p)
-    if head_type == "tr":
-        kw["num_queries"] = int(head.num_queries)
-        kw["num_concepts"] = int(head.num_concepts)
-    return kw
-
-
-def _to_pil_rgb(image: Image.Image | np.ndarray | str | os.PathLike[str]) -> Image.Image:
-    """Open / convert any supported input to an RGB PIL image, as the datasets load images.
-
-    Transparent areas are composited on black and grayscale is replicated (``ensure_rgb``), so
-    an RGBA picture gives the same pixels here, in the predict stage and in evaluation.
-    """
-    # Lazy: the data package is only needed for this conversion.
-    from cause_lightning.data.transforms import ensure_rgb
-
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            im.load()
-            return ensure_rgb(im)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 3 and image.shape[2] == 4:
-            rgb, alpha = to_rgb_uint8(image), to_rgb_uint8(image[:, :, 3])[:, :, :1]
-            return ensure_rgb(Image.fromarray(np.concatenate([rgb, alpha], axis=2), mode="RGBA"))
-        return Image.fromarray(to_rgb_uint8(image))
-    if isinstance(image, Image.Image):
-        return ensure_rgb(image)
-    raise TypeError(
-        f"predict_image expects a PIL image, a numpy array [H, W(, 3|4)] or a path, got "
-        f"{type(image).__name__}; for a normalised tensor batch call the segmenter directly"
-    )
-
-
-def _nearest_resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest resize of an integer label map with PIL (the protocol's "nearest", any id range)."""
-    if labels.shape == (height, width):
-        return labels
-    # Mode "I" (int32) keeps ids above 255; PIL's nearest samples pixel centres (protocol.md §2.2).
-    img = Image.fromarray(np.ascontiguousarray(labels.astype(np.int32)))  # mode I
-    resized = img.resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(resized, dtype=np.int32).astype(labels.dtype)
-
-
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Window offsets covering ``[0, length)``; the last window is flush with the end."""
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] != length - window:
-        starts.append(length - window)
-    return starts
 
 
 class Segmenter(nn.Module):
@@ -212,8 +90,6 @@ class Segmenter(nn.Module):
             backbone has that attribute, else ``None`` (``filterbank`` / ``tiny_vit``).
         backbone_kwargs: extra ``build_backbone`` keyword arguments (e.g. ``num_heads=12``).
             Default: the architecture overrides read from a registry ViT's ``arch``.
-        head_kwargs: ``build_head`` keyword arguments including ``dim``; inferred from the head's
-            attributes when ``None``.
         clusterbook: stage-1 clusterbook ``[K, D]``. A TR head keeps its own copy as a buffer;
             an unfilled TR head is filled from this one, and for TR heads the default is the
             head's copy.
@@ -245,7 +121,6 @@ class Segmenter(nn.Module):
         backbone_name: str | None = None,
         backbone_weights: str | os.PathLike[str] | None = None,
         backbone_kwargs: Mapping[str, Any] | None = None,
-        head_kwargs: Mapping[str, Any] | None = None,
         clusterbook: Tensor | None = None,
         class_names: Sequence[str] | None = None,
         palette: np.ndarray | Tensor | None = None,
@@ -267,29 +142,28 @@ class Segmenter(nn.Module):
                 "Segmenter needs the backbone's registry name to rebuild it at load time: pass "
                 "backbone_name= (the backbone module has no `name` attribute)"
             )
-        self.backbone_weights = _weights_reference(backbone, backbone_weights)
+        self.backbone_weights = weights_reference(backbone, backbone_weights)
         if backbone_kwargs is None:
-            backbone_kwargs = _derive_backbone_kwargs(backbone)
-        self.backbone_kwargs = dict(_plain(dict(backbone_kwargs)))
-        self.head_type = str(getattr(head, "head_type", "")).lower()
-        if self.head_type not in ("mlp", "tr"):
+            backbone_kwargs = derive_backbone_kwargs(backbone)
+        self.backbone_kwargs = dict(to_plain(dict(backbone_kwargs)))
+        try:
+            self.head_spec = head_spec(head)
+        except TypeError as err:
             raise ValueError(
                 f"unsupported head {type(head).__name__}: expected an MLPHead / TRHead"
-            )
-        self.head_kwargs = (
-            dict(head_kwargs) if head_kwargs else _infer_head_kwargs(head, self.head_type)
-        )
+            ) from err
+        self.head_type = self.head_spec.kind
 
         centroids = torch.as_tensor(centroids).detach().float()
         if centroids.ndim != 2:
             raise ValueError(f"centroids must be [C, R], got shape {tuple(centroids.shape)}")
-        reduced = int(self.head_kwargs.get("reduced_dim", centroids.shape[1]))
+        reduced = self.head_spec.reduced_dim
         if centroids.shape[1] != reduced:
             raise ValueError(
                 f"centroids have R={centroids.shape[1]} columns but the head outputs {reduced} "
                 "channels; use the probe.pt written for this head"
             )
-        dim = int(self.head_kwargs.get("dim", getattr(backbone, "embed_dim", 0)))
+        dim = self.head_spec.dim
         if dim != int(getattr(backbone, "embed_dim", dim)):
             raise ValueError(
                 f"the head was built for D={dim} but the {self.backbone_name} backbone gives "
@@ -328,21 +202,15 @@ class Segmenter(nn.Module):
                 f"{self.patch_size} (e.g. 320 for /8 and /16, 322 for /14)"
             )
         if self.head_type == "tr":
-            q = int(self.head_kwargs["num_queries"])
-            side = math.isqrt(q)
-            if (resolution // self.patch_size) ** 2 != q:
-                raise ValueError(
-                    f"the TR head has {q} position queries (trained at "
-                    f"{side * self.patch_size}px with patch {self.patch_size}) but resolution="
-                    f"{resolution} gives {(resolution // self.patch_size) ** 2} tokens; use "
-                    f"resolution={side * self.patch_size}"
-                )
+            error = tr_grid_error(int(self.head_spec.num_queries or 0), resolution, self.patch_size)
+            if error:
+                raise ValueError(error)
         self.resolution = resolution
         self.flip = bool(flip)
         self.crf = bool(crf)
         self.alpha = float(alpha)
-        self.config = _plain(config) if config is not None else {}
-        self.meta = _plain(meta) if meta is not None else {}
+        self.config = to_plain(config) if config is not None else {}
+        self.meta = to_plain(meta) if meta is not None else {}
         if not isinstance(self.config, dict) or not isinstance(self.meta, dict):
             raise ValueError("config and meta must be mappings (dict / DictConfig)")
         self.embed_backbone = embed_backbone
@@ -381,11 +249,7 @@ class Segmenter(nn.Module):
         Raises:
             ValueError: on a wrong length or values outside ``[-1, 255)``.
         """
-        table = [int(v) for v in np.asarray(torch.as_tensor(assignment).cpu()).reshape(-1)]
-        if len(table) != self.num_classes:
-            raise ValueError(f"assignment has {len(table)} entries for {self.num_classes} clusters")
-        if any(v < -1 or v >= IGNORE_INDEX for v in table):
-            raise ValueError(f"assignment values must lie in [-1, {IGNORE_INDEX}), got {table}")
+        table = check_assignment(assignment, self.num_classes)
         self.assignment = table
 
     def _require_assignment(self) -> None:
@@ -408,13 +272,8 @@ class Segmenter(nn.Module):
             RuntimeError: if no assignment is stored.
         """
         self._require_assignment()
-        lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
-        lut[: self.num_classes] = [IGNORE_INDEX if v < 0 else v for v in self.assignment]
-        if isinstance(cluster_ids, Tensor):
-            table = torch.as_tensor(lut, device=cluster_ids.device)
-            return table[cluster_ids.long().clamp(0, 255)]
-        ids = np.asarray(cluster_ids).astype(np.int64)
-        return lut[np.clip(ids, 0, 255)]
+        assert self.assignment is not None
+        return remap_with_ignore(cluster_ids, self.assignment)
 
     # ------------------------------------------------------------------ tensor API
     def _prepare(self, images: Tensor) -> Tensor:
@@ -430,7 +289,7 @@ class Segmenter(nn.Module):
                 f"image size {h}x{w} is not a multiple of the patch size {p}; resize it, or use "
                 "predict_image() which handles any size"
             )
-        if self.head_type == "tr" and (h // p) * (w // p) != self.head_kwargs["num_queries"]:
+        if self.head_type == "tr" and (h // p) * (w // p) != self.head_spec.num_queries:
             raise ValueError(
                 f"TR head needs a {self.resolution}x{self.resolution} input (its query count is "
                 f"fixed), got {h}x{w}; use predict_image() to squash-resize any image"
@@ -548,41 +407,8 @@ class Segmenter(nn.Module):
         Returns:
             ``(W, H)``.
         """
-        res, p = self.resolution, self.patch_size
-        if self.head_type == "tr" and not sliding_window:
-            return res, res
-        s = min(width, height)
-        w, h = (res, res * height // s) if width <= height else (res * width // s, res)
-        if sliding_window:
-            return max(w, res), max(h, res)
-        return max(p, int(w / p + 0.5) * p), max(p, int(h / p + 0.5) * p)
-
-    def _image_tensor(self, img: Image.Image) -> Tensor:
-        arr = np.asarray(img, dtype=np.float32) / 255.0  # H W 3
-        mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-        std = np.asarray(IMAGENET_STD, dtype=np.float32)
-        x = torch.from_numpy((arr - mean) / std).permute(2, 0, 1)[None]  # 1 3 H W
-        return x.to(self.device, dtype=self.centroids.dtype)
-
-    @torch.inference_mode()
-    def _sliding_logits(self, x: Tensor, batch_size: int) -> Tensor:
-        """Average cosine logits of ``res x res`` windows (stride res // 2) over ``x [1,3,H,W]``."""
-        res = self.resolution
-        _, _, h, w = x.shape
-        stride = max(1, res // 2)
-        boxes = [
-            (y, z) for y in _window_starts(h, res, stride) for z in _window_starts(w, res, stride)
-        ]
-        acc = torch.zeros(self.num_classes, h, w, device=x.device, dtype=x.dtype)  # C H W
-        count = torch.zeros(1, h, w, device=x.device, dtype=x.dtype)
-        for i in range(0, len(boxes), batch_size):
-            chunk = boxes[i : i + batch_size]
-            crops = torch.cat([x[..., y : y + res, z : z + res] for y, z in chunk])  # n 3 r r
-            cos = self.logits(crops)  # n C r r
-            for (y, z), c in zip(chunk, cos, strict=True):
-                acc[:, y : y + res, z : z + res] += c
-                count[:, y : y + res, z : z + res] += 1
-        return (acc / count)[None]  # 1 C H W
+        square = self.head_type == "tr"
+        return working_size(width, height, self.resolution, self.patch_size, square, sliding_window)
 
     @torch.inference_mode()
     def predict_image(
@@ -628,18 +454,18 @@ class Segmenter(nn.Module):
         """
         if to_classes:
             self._require_assignment()
-        pil = _to_pil_rgb(image)
+        pil = to_pil_rgb(image)
         width, height = pil.size
         size = self.working_size(width, height, sliding_window)
         work = pil if pil.size == size else pil.resize(size, Image.Resampling.NEAREST)
-        x = self._image_tensor(work)  # 1 3 h w
+        x = image_tensor(work).to(self.device, dtype=self.centroids.dtype)  # 1 3 h w
         if sliding_window:
-            cos = self._sliding_logits(x, max(1, int(batch_size)))
+            cos = sliding_logits(self.logits, x, self.resolution, max(1, int(batch_size)))
         else:
             cos = self.logits(x)  # 1 C h w
         pixels = [np.ascontiguousarray(np.asarray(work, dtype=np.uint8))] if self.crf else None
         labels = self._decide(cos, pixels)[0].cpu().numpy().astype(np.int64)  # h w
-        labels = _nearest_resize_labels(labels, height, width)
+        labels = nearest_resize_labels(labels, height, width)
         if to_classes:
             labels = self.remap(labels)
         return np.ascontiguousarray(labels)
@@ -656,55 +482,14 @@ class Segmenter(nn.Module):
         return _colorize(labels, self.palette)
 
     # ------------------------------------------------------------------ persistence
-    def _backbone_state(self) -> dict[str, Tensor] | None:
-        embed = self.embed_backbone
-        if embed is None:
-            embed = self.backbone_weights is None
-        if not embed:
-            return None
-        state = self.backbone.state_dict()
-        return {k: v.detach().cpu().clone() for k, v in state.items()} if state else None
-
-    def to_payload(self) -> dict[str, Any]:
-        """The dict :meth:`save` writes (tensors and primitives only).
-
-        Returns:
-            The payload (without ``format_version`` / ``kind``, which ``save_artifact`` adds).
-        """
-        return {
-            "backbone": {
-                "name": self.backbone_name,
-                "weights": self.backbone_weights,
-                "kwargs": self.backbone_kwargs,
-                "embed_dim": int(getattr(self.backbone, "embed_dim", 0)),
-                "patch_size": self.patch_size,
-                "state": self._backbone_state(),
-            },
-            "head": {
-                "type": self.head_type,
-                "kwargs": _plain(self.head_kwargs),
-                "state": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
-            },
-            "centroids": self.centroids.detach().cpu().clone(),
-            "clusterbook": None if self.clusterbook is None else self.clusterbook.detach().cpu(),
-            "class_names": list(self.class_names),
-            "palette": torch.from_numpy(self.palette.copy()),
-            "resolution": self.resolution,
-            "flip": self.flip,
-            "crf": self.crf,
-            "alpha": self.alpha,
-            "assignment": None if self.assignment is None else list(self.assignment),
-            "config": self.config,
-            "meta": self.meta,
-        }
-
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the bundle to one file (atomic; ``torch.load(weights_only=True)``-safe).
 
-        The file holds ``format_version``, ``kind="segmenter"``, the backbone reference (and its
-        state when embedded), the head type / kwargs / state dict (the TR clusterbook buffer
-        included), centroids, clusterbook, class names, palette, resolution, flip / crf / alpha,
-        assignment, config and meta.
+        The file holds ``format_version``, ``kind="segmenter"``, the model spec (backbone
+        reference, head kind and constructor arguments, class and concept counts, resolution),
+        the backbone state when embedded, the head state dict (the TR clusterbook buffer
+        included), centroids, clusterbook, class names, palette, flip / crf / alpha, assignment,
+        config and meta.
 
         Args:
             path: destination file (e.g. ``<artifact_dir>/.../<head>/segmenter.pt``).
@@ -712,41 +497,7 @@ class Segmenter(nn.Module):
         Returns:
             The written path.
         """
-        return save_artifact(path, SEGMENTER_KIND, self.to_payload())
-
-    @staticmethod
-    def _resolve_weights(
-        name: str, stored: str | None, override: str | os.PathLike[str] | None, source: Path
-    ) -> str | None:
-        if override is not None:
-            ref = os.fspath(override)
-            if _looks_like_path(ref) and not Path(ref).expanduser().exists():
-                raise FileNotFoundError(
-                    f"backbone weights file {ref} (passed as weights=) not found"
-                )
-            return ref
-        if stored is not None and _looks_like_path(stored):
-            if not Path(stored).expanduser().exists():
-                raise FileNotFoundError(
-                    f"{source} references the {name} backbone weights file {stored}, which no "
-                    f"longer exists; pass its new location: Segmenter.load({str(source)!r}, "
-                    "weights='/path/to/weights')"
-                )
-        return stored
-
-    @staticmethod
-    def _build_backbone(
-        name: str,
-        weights: str | None,
-        kwargs: Mapping[str, Any],
-        state: Mapping[str, Tensor] | None,
-    ) -> nn.Module:
-        from cause_lightning.models.backbones import build_backbone
-
-        backbone = build_backbone(name, weights=weights, **dict(kwargs))
-        if state:
-            backbone.load_state_dict(dict(state), strict=True)
-        return backbone
+        return save_artifact(path, SEGMENTER_KIND, segmenter_payload(self))
 
     @classmethod
     def load(
@@ -759,9 +510,8 @@ class Segmenter(nn.Module):
     ) -> Segmenter:
         """Load a file written by :meth:`save` (``torch.load(weights_only=True)``).
 
-        The backbone is rebuilt with ``build_backbone(name, weights, **kwargs)``. An embedded
-        backbone state (no weights file) is loaded into it; ``weights=`` takes precedence over
-        both the stored reference and an embedded state.
+        The backbone is rebuilt from the stored reference (an embedded state is loaded into
+        it unless ``weights=`` is given); files written before the model spec load too.
 
         Args:
             path: the segmenter file.
@@ -775,53 +525,11 @@ class Segmenter(nn.Module):
         Raises:
             MissingArtifactError: if ``path`` does not exist.
             ArtifactError: if it is not a segmenter file of a known format version.
+            SpecError: if its model spec is of a version this code cannot read.
             FileNotFoundError: if the stored backbone weights file no longer exists (the message
                 names it and says to pass ``weights=``).
         """
-        from cause_lightning.models.heads import build_head
-
-        path = Path(path)
-        record = load_artifact(path, SEGMENTER_KIND, produced_by="eval")
-        bb = record["backbone"]
-        if backbone is None:
-            state = None if weights is not None else bb.get("state")
-            ref = None
-            if not state:
-                ref = cls._resolve_weights(bb["name"], bb.get("weights"), weights, path)
-            backbone = cls._build_backbone(bb["name"], ref, bb.get("kwargs") or {}, state)
-        for attr in ("embed_dim", "patch_size"):
-            want, got = bb.get(attr), getattr(backbone, attr, None)
-            if want and got != want:
-                raise ValueError(
-                    f"{path} was saved with a {bb['name']} backbone of {attr}={want}, but the "
-                    f"backbone to use has {attr}={got}; pass the matching backbone / weights"
-                )
-        hd = record["head"]
-        head_kwargs = dict(hd["kwargs"])
-        dim = head_kwargs.pop("dim")
-        head = build_head(hd["type"], dim, **head_kwargs)
-        head.load_state_dict(hd["state"], strict=True)
-        weights_ref = bb.get("weights") if weights is None else os.fspath(weights)
-        seg = cls(
-            backbone,
-            head,
-            record["centroids"],
-            backbone_name=bb["name"],
-            backbone_weights=weights_ref,
-            backbone_kwargs=bb.get("kwargs") or {},
-            head_kwargs=hd["kwargs"],
-            clusterbook=record.get("clusterbook"),
-            class_names=record.get("class_names"),
-            palette=None if record.get("palette") is None else record["palette"].numpy(),
-            resolution=record["resolution"],
-            flip=record.get("flip", True),
-            crf=record.get("crf", False),
-            alpha=record.get("alpha", 3.0),
-            assignment=record.get("assignment"),
-            config=record.get("config"),
-            meta=record.get("meta"),
-        )
-        return seg.to(map_location)
+        return cls(**read_segmenter_file(path, weights, backbone)).to(map_location)
 
     @classmethod
     def from_artifacts(
@@ -843,16 +551,16 @@ class Segmenter(nn.Module):
         """Assemble a segmenter from the stage artifacts (docs/architecture.md §4).
 
         Reads ``root/clusterbook.pt`` (required for TR heads, optional for MLP),
-        ``root/<head_name>/head.pt`` (teacher head state + meta) and
+        ``root/<head_name>/head.pt`` (teacher head state + model spec) and
         ``root/<head_name>/probe.pt`` (centroids).
 
         Args:
             root: artifact root ``<artifact_dir>/<data>/<backbone>[-<tag>]``.
             head_name: head sub-folder (``mlp`` / ``tr``).
-            backbone: an already-built backbone (e.g. the eval stage's); rebuilt from the head
-                meta (``backbone``, ``backbone_weights``, ``backbone_kwargs``) when ``None``.
+            backbone: an already-built backbone (e.g. the eval stage's); rebuilt from the head's
+                model spec when ``None``.
             weights: override of the backbone weights reference.
-            resolution: working resolution (default: the head meta's test resolution).
+            resolution: working resolution (default: the spec's test resolution).
             flip: flip averaging.
             crf: DenseCRF refinement.
             alpha: CRF logit scale.
@@ -869,105 +577,16 @@ class Segmenter(nn.Module):
             ArtifactError: on a wrong kind / format version.
             ValueError: if head and probe do not fit together.
         """
-        from cause_lightning.models.heads import build_head
-
-        root = Path(root)
-        hdir = root / head_name
-        head_rec = load_artifact(hdir / "head.pt", "head", produced_by="head")
-        probe_rec = load_artifact(hdir / "probe.pt", "probe", produced_by="probe")
-        hmeta = dict(head_rec.get("meta") or {})
-        pmeta = dict(probe_rec.get("meta") or {})
-        head_type = str(hmeta.get("head_type", head_name)).lower()
-        cb_path = root / "clusterbook.pt"
-        clusterbook = None
-        if head_type == "tr" or cb_path.is_file():
-            clusterbook = load_artifact(cb_path, "clusterbook", produced_by="mediator")[
-                "clusterbook"
-            ]
-
-        state = head_rec["head_state"]
-        dim = int(hmeta.get("dim") or _state_dim(state, head_type))
-        head_kwargs: dict[str, Any] = {"dim": dim}
-        if hmeta.get("reduced_dim") is not None:
-            head_kwargs["reduced_dim"] = int(hmeta["reduced_dim"])
-        if head_type == "tr":
-            head_kwargs["num_queries"] = int(
-                hmeta.get("num_queries") or state["query_pos"].shape[0]
-            )
-            k = hmeta.get("num_concepts") or (
-                state["clusterbook"].shape[0] if "clusterbook" in state else clusterbook.shape[0]
-            )
-            head_kwargs["num_concepts"] = int(k)
-        kw = {k: v for k, v in head_kwargs.items() if k != "dim"}
-        head = build_head(head_type, dim, **kw)
-        missing, unexpected = head.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if m != "clusterbook"]:
-            raise ValueError(
-                f"{hdir / 'head.pt'} does not fit a {head_type} head of dim {dim}: missing "
-                f"{missing}, unexpected {unexpected}"
-            )
-        if "clusterbook" in missing:
-            head.set_clusterbook(clusterbook)
-
-        if backbone is None:
-            name = hmeta.get("backbone")
-            if not name:
-                raise ValueError(f"{hdir / 'head.pt'} meta has no backbone name; pass backbone=")
-            ref = cls._resolve_weights(
-                name, hmeta.get("backbone_weights"), weights, hdir / "head.pt"
-            )
-            backbone = cls._build_backbone(name, ref, hmeta.get("backbone_kwargs") or {}, None)
-            bname, bweights = name, ref
-        else:
-            bname = hmeta.get("backbone") or getattr(backbone, "name", None)
-            bweights = os.fspath(weights) if weights is not None else hmeta.get("backbone_weights")
-
-        res_meta = hmeta.get("resolution")
-        if resolution is None:
-            resolution = res_meta.get("test") if isinstance(res_meta, Mapping) else res_meta
-            if resolution is None:
-                raise ValueError(
-                    f"{hdir / 'head.pt'} meta has no test resolution; pass resolution="
-                )
-        names = class_names or pmeta.get("class_names") or hmeta.get("class_names")
-        config = pmeta.get("config") or hmeta.get("config") or {}
-        meta = {
-            "artifact_root": str(root),
-            "head_name": head_name,
-            "head_meta": {k: v for k, v in hmeta.items() if k != "config"},
-            "probe_meta": {k: v for k, v in pmeta.items() if k != "config"},
-        }
-        seg = cls(
-            backbone,
-            head,
-            probe_rec["centroids"],
-            backbone_name=bname,
-            backbone_weights=bweights,
-            backbone_kwargs=hmeta.get("backbone_kwargs") or {},
-            head_kwargs=head_kwargs,
-            clusterbook=clusterbook,
-            class_names=names,
-            palette=palette,
-            resolution=int(resolution),
-            flip=flip,
-            crf=crf,
-            alpha=alpha,
-            assignment=assignment,
-            config=config,
-            meta=meta,
-        )
-        return seg.to(map_location)
+        kwargs = read_stage_artifacts(root, head_name, backbone, weights)
+        if resolution is not None:
+            kwargs["resolution"] = int(resolution)
+        if class_names:
+            kwargs["class_names"] = class_names
+        kwargs.update(flip=flip, crf=crf, alpha=alpha, palette=palette, assignment=assignment)
+        return cls(**kwargs).to(map_location)
 
     def extra_repr(self) -> str:
         return (
             f"backbone={self.backbone_name!r}, head={self.head_type}, classes={self.num_classes}, "
             f"resolution={self.resolution}, flip={self.flip}, crf={self.crf}"
         )
-
-
-def _state_dim(state: Mapping[str, Tensor], head_type: str) -> int:
-    """Backbone width D read from a head state dict (``f1`` conv input channels)."""
-    key = "tr.f1.weight" if head_type == "tr" else "f1.weight"
-    if key not in state:
-        raise ValueError(f"head state dict has no {key!r}; is it a {head_type} head?")
-    return int(state[key].shape[1])

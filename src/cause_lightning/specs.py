@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "LEGACY_HEAD_DROPOUT",
     "SPEC_VERSION",
     "BackboneRef",
     "HeadSpec",

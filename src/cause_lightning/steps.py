@@ -421,8 +421,7 @@ class Pipeline:
         )
         if differ:
             wanted = ", ".join(
-                f"+backbone.{k}={stored[k]}" if k in stored else f"no backbone.{k}"
-                for k in differ
+                f"+backbone.{k}={stored[k]}" if k in stored else f"no backbone.{k}" for k in differ
             )
             raise ArtifactError(
                 f"{path} was made with backbone options {stored} but this run has {current} "
@@ -455,6 +454,25 @@ class Pipeline:
         linear = LinearProbe(spec.head.reduced_dim, spec.num_classes)
         linear.load_state_dict(record["linear_state"])
         return head, linear
+
+    def segmenter_kwargs(self, head: torch.nn.Module, centroids: torch.Tensor) -> dict[str, Any]:
+        """``Segmenter`` arguments of an evaluated head (class names, palette, assignment aside)."""
+        clusterbook_path = self.root / "clusterbook.pt"
+        clusterbook = self.clusterbook() if clusterbook_path.is_file() else None
+        spec = self.spec(head_spec(head), None if clusterbook is None else len(clusterbook))
+        meta = self.meta(spec)
+        return {
+            "backbone": self.backbone,
+            "head": head,
+            "centroids": centroids.detach().cpu(),
+            "backbone_name": spec.backbone.name,
+            "backbone_weights": spec.backbone.weights,
+            "backbone_kwargs": spec.backbone.kwargs,
+            "clusterbook": clusterbook,
+            "resolution": spec.resolution.test,
+            "config": meta.pop("config"),
+            "meta": meta,
+        }
 
     # ------------------------------------------------------------------ steps
     def run(self, steps: list[str]) -> dict[str, Any]:
@@ -642,7 +660,13 @@ class Pipeline:
         if trainer.is_global_zero:
             results.update(
                 write_report(
-                    self, module, data, leak=bool(probe_record["meta"].get("reference_leak", False))
+                    self.cfg,
+                    module,
+                    data,
+                    leak=bool(probe_record["meta"].get("reference_leak", False)),
+                    head_root=self.head_root,
+                    output_dir=self.output_dir,
+                    segmenter_kwargs=self.segmenter_kwargs(module.head, module.centroids),
                 )
             )
         self.barrier(trainer)
@@ -669,7 +693,7 @@ class Pipeline:
     def predict(self) -> dict[str, Any]:
         from cause_lightning.predict import predict_images
 
-        return predict_images(self)
+        return predict_images(self.cfg)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.artifacts import atomic_write
+from cause_lightning.specs import tr_grid_error
 from cause_lightning.utils import get_logger
 
 __all__ = ["prepare", "import_release", "summarize", "collect_sweep"]
@@ -79,27 +80,21 @@ def import_release(cfg: DictConfig) -> dict[str, Any]:
             f"gives {pipeline.backbone.embed_dim}: pick the backbone the release was trained on"
         )
     resolution = int(pipeline.derived.resolution.test)
-    if bundle.head_type == "tr" and bundle.num_queries != int(pipeline.derived.num_queries):
+    patch = int(pipeline.backbone.patch_size)
+    error = bundle.head_type == "tr" and tr_grid_error(
+        int(bundle.num_queries or 0), resolution, patch
+    )
+    if error:
         # The TR position queries fix the token grid: eval would fail on the first batch.
-        patch = int(pipeline.backbone.patch_size)
-        side = math.isqrt(int(bundle.num_queries or 0))
-        hint = (
-            f"set data.recipe.resolution.test={side * patch} and "
-            f"data.recipe.resolution.train.tr={side * patch}"
-            if side * side == bundle.num_queries
-            else "check that the release belongs to this backbone"
-        )
         raise ValueError(
-            f"the release TR head has {bundle.num_queries} position queries but "
-            f"data={cfg.data.name} tests at {resolution}px with patch {patch}, i.e. "
-            f"{int(pipeline.derived.num_queries)} tokens per image: {hint}"
+            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test and "
+            "data.recipe.resolution.train.tr to it)"
         )
-    meta = pipeline.meta()
     paths = bundle.save(
         pipeline.root,
         backbone=cfg.backbone.name,
         backbone_weights=cfg.backbone.weights,
-        backbone_kwargs=meta["backbone_kwargs"],
+        backbone_kwargs=pipeline.backbone_kwargs(),
         resolution=resolution,
         class_names=_class_names(cfg),
         head_name=cfg.head.name,

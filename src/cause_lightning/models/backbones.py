@@ -41,6 +41,7 @@ __all__ = [
     "build_backbone",
     "get_backbone_spec",
     "interpolate_pos_embed",
+    "is_hub_tag",
     "list_backbones",
 ]
 
@@ -632,11 +633,12 @@ class ViTBackbone(FrozenBackbone):
 # --------------------------------------------------------------------------------------------------
 
 _HUB_TAG = re.compile(r"^(hf-hub:|hf_hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WEIGHT_SUFFIXES = {".pth", ".pt", ".safetensors", ".tar", ".bin", ".ckpt", ".npz"}
+_WEIGHT_SUFFIXES = {".pth", ".pt", ".safetensors", ".tar", ".bin", ".ckpt", ".npz", ".pkl"}
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
-def _is_hub_tag(weights: str) -> bool:
+def is_hub_tag(weights: str) -> bool:
+    """Whether a ``weights`` reference names a hub repo (``owner/repo``) rather than a file."""
     if weights.startswith(("hf-hub:", "hf_hub:")):
         return bool(_HUB_TAG.match(weights))
     # A missing local file ("weights/dino.pth") must read as a missing file, not as a hub repo.
@@ -691,7 +693,7 @@ def _resolve_weights(weights: str, spec: BackboneSpec) -> str:
     """A local file as is, a hub tag downloaded (online only); anything else is an error."""
     if Path(weights).expanduser().exists():
         return str(Path(weights).expanduser())
-    if _is_hub_tag(weights):
+    if is_hub_tag(weights):
         return _fetch_hub_weights(weights, spec)
     raise FileNotFoundError(
         f"weights file not found: {weights!r} (backbone {spec.name}); pass an existing local "

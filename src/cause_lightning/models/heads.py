@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
 from cause_lightning.ops import nearest_concept
 from cause_lightning.specs import HeadSpec
 
@@ -41,8 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Number of concepts in the reference clusterbook (docs/method.md §4.1).
-DEFAULT_NUM_CONCEPTS = 2048
 #: Hidden width of the TR decoder's feed-forward block (docs/method.md §5.2).
 TR_FFN_DIM = 2048
 
@@ -253,7 +252,7 @@ class TRHead(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if num_concepts is None:
             num_concepts = (
-                int(clusterbook.shape[0]) if clusterbook is not None else DEFAULT_NUM_CONCEPTS
+                int(clusterbook.shape[0]) if clusterbook is not None else REFERENCE_NUM_CONCEPTS
             )
         self.dim = dim
         self.reduced_dim = reduced_dim

@@ -1,0 +1,352 @@
+"""Reading a segmenter back: from its one-file bundle or from the three stage artifacts.
+
+Both readers return the constructor arguments of
+:class:`~cause_lightning.segmenter.Segmenter` (this module never imports it, so the class stays
+the only place that writes the bundle). The model itself is rebuilt from the typed specs of
+:mod:`cause_lightning.specs`: the backbone with ``build_backbone`` from a :class:`BackboneRef`,
+the head with ``build_head`` from a :class:`HeadSpec`.
+
+Bundle layout (``kind="segmenter"``): ``spec`` (a :class:`ModelSpec`), ``backbone_state`` (only
+for backbones without a weights file), ``head_state``, ``centroids``, ``clusterbook``,
+``class_names``, ``palette``, ``flip``, ``crf``, ``alpha``, ``assignment``, ``config``, ``meta``.
+Bundles written before the spec existed (``backbone`` / ``head`` dicts) still load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cause_lightning.artifacts import load_artifact
+from cause_lightning.models.backbones import build_backbone, get_backbone_spec, is_hub_tag
+from cause_lightning.models.heads import build_head
+from cause_lightning.specs import (
+    LEGACY_HEAD_DROPOUT,
+    BackboneRef,
+    HeadSpec,
+    ModelSpec,
+    Resolution,
+    SpecError,
+)
+
+__all__ = [
+    "SEGMENTER_KIND",
+    "segmenter_payload",
+    "derive_backbone_kwargs",
+    "read_segmenter_file",
+    "read_stage_artifacts",
+    "to_plain",
+    "weights_reference",
+]
+
+#: ``kind`` field of a saved segmenter file.
+SEGMENTER_KIND = "segmenter"
+# build_backbone keywords that change the architecture (compared with the registry defaults).
+_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "reg_tokens")
+
+
+def to_plain(obj: Any) -> Any:
+    """Convert a nested structure to tensors / primitives that ``weights_only`` loading accepts."""
+    if obj is None or isinstance(obj, (bool, int, float, str, Tensor)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):  # the resolved Hydra config
+        return to_plain(OmegaConf.to_container(obj, resolve=True))
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(to_plain(v) for v in obj)
+    return str(obj)
+
+
+def weights_reference(backbone: nn.Module, weights: str | os.PathLike[str] | None) -> str | None:
+    """Weights reference to store: the given one or the backbone's, existing files made absolute."""
+    ref = weights if weights is not None else getattr(backbone, "weights", None)
+    if ref is None:
+        return None
+    ref = os.fspath(ref)
+    local = Path(ref).expanduser()
+    # Absolute, so that the file still resolves when the bundle is loaded from another directory.
+    return str(local.resolve()) if local.is_file() else ref
+
+
+def derive_backbone_kwargs(backbone: nn.Module) -> dict[str, Any]:
+    """Architecture overrides of a registry ViT (e.g. the 12-head ViT-S), best effort.
+
+    A rebuilt backbone must have the same architecture as the one the head was trained on; the
+    12-head DINO ViT-S has the same parameter shapes as the 6-head one, so a strict state-dict
+    load would not notice the difference.
+    """
+    arch = getattr(backbone, "arch", None)
+    name = getattr(backbone, "name", None)
+    if not isinstance(arch, Mapping) or not name:
+        return {}
+    try:
+        spec = get_backbone_spec(name)
+    except ValueError:
+        return {}
+    kw = {k: arch[k] for k in _ARCH_KEYS if k in arch and arch[k] != spec.arch.get(k)}
+    scheme = getattr(backbone, "pos_embed_scheme", None)
+    if scheme is not None and scheme != spec.pos_embed:
+        kw["pos_embed_interpolation"] = scheme
+    return kw
+
+
+def _resolve_weights(
+    ref: BackboneRef, override: str | os.PathLike[str] | None, source: Path
+) -> str | None:
+    if override is not None:
+        path = os.fspath(override)
+        if not is_hub_tag(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"backbone weights file {path} (passed as weights=) not found")
+        return path
+    stored = ref.weights
+    if stored is not None and not is_hub_tag(stored) and not Path(stored).expanduser().exists():
+        raise FileNotFoundError(
+            f"{source} references the {ref.name} backbone weights file {stored}, which no "
+            f"longer exists; pass its new location: Segmenter.load({str(source)!r}, "
+            "weights='/path/to/weights')"
+        )
+    return stored
+
+
+def _rebuild_backbone(
+    ref: BackboneRef, weights: str | None, state: Mapping[str, Tensor] | None
+) -> nn.Module:
+    backbone = build_backbone(ref.name, weights=weights, **dict(ref.kwargs))
+    if state:
+        backbone.load_state_dict(dict(state), strict=True)
+    return backbone
+
+
+def _check_backbone(backbone: nn.Module, ref: BackboneRef, source: Path) -> None:
+    for attr, want in (("embed_dim", ref.dim), ("patch_size", ref.patch_size)):
+        got = getattr(backbone, attr, None)
+        if want and got != want:
+            raise ValueError(
+                f"{source} was saved with a {ref.name} backbone of {attr}={want}, but the "
+                f"backbone to use has {attr}={got}; pass the matching backbone / weights"
+            )
+
+
+def _legacy_bundle(record: Mapping[str, Any]) -> tuple[ModelSpec, Any, Any]:
+    """Spec and states of a bundle written before the spec (``backbone`` / ``head`` dicts)."""
+    bb, hd = record["backbone"], record["head"]
+    kwargs = {"dropout": LEGACY_HEAD_DROPOUT, **hd["kwargs"]}
+    head = HeadSpec(kind=str(hd["type"]), **kwargs)
+    clusterbook = record.get("clusterbook")
+    centroids = record["centroids"]
+    spec = ModelSpec(
+        backbone=BackboneRef(
+            name=bb["name"],
+            weights=bb.get("weights"),
+            kwargs=dict(bb.get("kwargs") or {}),
+            dim=int(bb.get("embed_dim") or 0),
+            patch_size=int(bb.get("patch_size") or 0),
+        ),
+        num_classes=int(centroids.shape[0]),
+        num_concepts=0 if clusterbook is None else int(clusterbook.shape[0]),
+        resolution=Resolution(int(record["resolution"]), int(record["resolution"])),
+        head=head,
+    )
+    return spec, bb.get("state"), hd["state"]
+
+
+def segmenter_payload(segmenter: nn.Module) -> dict[str, Any]:
+    """What a segmenter file holds (tensors and primitives only), in the layout above.
+
+    Args:
+        segmenter: A ``Segmenter``.
+
+    Returns:
+        The payload (``save_artifact`` adds ``format_version`` and ``kind``).
+    """
+    seg: Any = segmenter
+    embed = seg.embed_backbone
+    if embed is None:  # embed only what cannot be rebuilt from a weights file
+        embed = seg.backbone_weights is None
+    state = seg.backbone.state_dict() if embed else None
+    clusterbook = seg.clusterbook
+    spec = ModelSpec(
+        backbone=BackboneRef(
+            name=seg.backbone_name,
+            weights=seg.backbone_weights,
+            kwargs=seg.backbone_kwargs,
+            dim=int(getattr(seg.backbone, "embed_dim", 0)),
+            patch_size=int(seg.patch_size),
+        ),
+        num_classes=int(seg.num_classes),
+        num_concepts=0 if clusterbook is None else int(clusterbook.shape[0]),
+        # The bundle works at one resolution; only TR needs the train one, and it is the same.
+        resolution=Resolution(int(seg.resolution), int(seg.resolution)),
+        head=seg.head_spec,
+    )
+    return {
+        "spec": spec.to_dict(),
+        "backbone_state": _cpu_state(state) if state else None,
+        "head_state": _cpu_state(seg.head.state_dict()),
+        "centroids": seg.centroids.detach().cpu().clone(),
+        "clusterbook": None if clusterbook is None else clusterbook.detach().cpu(),
+        "class_names": list(seg.class_names),
+        "palette": torch.from_numpy(seg.palette.copy()),
+        "flip": seg.flip,
+        "crf": seg.crf,
+        "alpha": seg.alpha,
+        "assignment": None if seg.assignment is None else list(seg.assignment),
+        "config": seg.config,
+        "meta": seg.meta,
+    }
+
+
+def _cpu_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def read_segmenter_file(
+    path: str | os.PathLike[str],
+    weights: str | os.PathLike[str] | None = None,
+    backbone: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Constructor arguments of the segmenter saved in ``path``.
+
+    Args:
+        path: The segmenter file.
+        weights: New location of the backbone weights (when the stored path moved).
+        backbone: An already-built backbone to use instead of rebuilding one.
+
+    Returns:
+        ``Segmenter`` keyword arguments (``backbone``, ``head``, ``centroids`` and the rest).
+
+    Raises:
+        MissingArtifactError: If ``path`` does not exist.
+        ArtifactError: If it is not a segmenter file of a known format version.
+        SpecError: If its spec is of an unknown version.
+        FileNotFoundError: If the stored backbone weights file no longer exists.
+    """
+    path = Path(path)
+    record = load_artifact(path, SEGMENTER_KIND, produced_by="eval")
+    if "spec" in record:
+        spec = ModelSpec.from_dict(record["spec"])
+        backbone_state, head_state = record.get("backbone_state"), record["head_state"]
+    elif "head" in record and "backbone" in record:
+        spec, backbone_state, head_state = _legacy_bundle(record)
+    else:
+        raise SpecError(f"{path} holds neither a model spec nor the earlier backbone/head layout")
+    assert spec.head is not None  # a segmenter always has a head
+    ref = spec.backbone
+    if backbone is None:
+        state = None if weights is not None else backbone_state
+        resolved = None if state else _resolve_weights(ref, weights, path)
+        backbone = _rebuild_backbone(ref, resolved, state)
+    _check_backbone(backbone, ref, path)
+    head = build_head(spec.head)
+    head.load_state_dict(head_state, strict=True)
+    palette = record.get("palette")
+    return {
+        "backbone": backbone,
+        "head": head,
+        "centroids": record["centroids"],
+        "backbone_name": ref.name,
+        "backbone_weights": ref.weights if weights is None else os.fspath(weights),
+        "backbone_kwargs": ref.kwargs,
+        "clusterbook": record.get("clusterbook"),
+        "class_names": record.get("class_names"),
+        "palette": None if palette is None else palette.numpy(),
+        "resolution": int(spec.resolution.test),
+        "flip": record.get("flip", True),
+        "crf": record.get("crf", False),
+        "alpha": record.get("alpha", 3.0),
+        "assignment": record.get("assignment"),
+        "config": record.get("config"),
+        "meta": record.get("meta"),
+    }
+
+
+def read_stage_artifacts(
+    root: str | os.PathLike[str],
+    head_name: str,
+    backbone: nn.Module | None = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Constructor arguments of a segmenter built from the three stage artifacts.
+
+    Args:
+        root: Artifact root ``<artifact_dir>/<data>/<backbone>[-<tag>]``.
+        head_name: Head sub-folder (``mlp`` / ``tr``).
+        backbone: An already-built backbone; rebuilt from the head's spec when ``None``.
+        weights: Override of the backbone weights reference.
+
+    Returns:
+        ``Segmenter`` keyword arguments; ``resolution`` is the spec's test resolution.
+
+    Raises:
+        MissingArtifactError: Naming the missing file and the stage that writes it.
+        ArtifactError: On a wrong kind / format version.
+        SpecError: On a head artifact without a readable model spec.
+        ValueError: If head and probe do not fit together.
+    """
+    root = Path(root)
+    head_path = root / head_name / "head.pt"
+    head_rec = load_artifact(head_path, "head", produced_by="head")
+    probe_rec = load_artifact(root / head_name / "probe.pt", "probe", produced_by="probe")
+    hmeta = dict(head_rec.get("meta") or {})
+    pmeta = dict(probe_rec.get("meta") or {})
+    spec = ModelSpec.from_meta(hmeta)
+    if spec.head is None:
+        raise SpecError(f"{head_path} has a model spec without a head: re-run stage=head")
+    cb_path = root / "clusterbook.pt"
+    clusterbook = None
+    if spec.head.kind == "tr" or cb_path.is_file():
+        clusterbook = load_artifact(cb_path, "clusterbook", produced_by="mediator")["clusterbook"]
+
+    head = build_head(spec.head)
+    missing, unexpected = head.load_state_dict(head_rec["head_state"], strict=False)
+    if unexpected or [m for m in missing if m != "clusterbook"]:
+        raise ValueError(
+            f"{head_path} does not fit a {spec.head.kind} head of dim {spec.head.dim}: missing "
+            f"{missing}, unexpected {unexpected}"
+        )
+    if "clusterbook" in missing:
+        head.set_clusterbook(clusterbook)
+
+    ref = spec.backbone
+    if backbone is None:
+        resolved = _resolve_weights(ref, weights, head_path)
+        backbone = _rebuild_backbone(ref, resolved, None)
+    else:
+        resolved = os.fspath(weights) if weights is not None else ref.weights
+    strip = ("config", "spec")
+    return {
+        "backbone": backbone,
+        "head": head,
+        "centroids": probe_rec["centroids"],
+        "backbone_name": ref.name,
+        "backbone_weights": resolved,
+        "backbone_kwargs": ref.kwargs,
+        "clusterbook": clusterbook,
+        "class_names": pmeta.get("class_names") or hmeta.get("class_names"),
+        "resolution": int(spec.resolution.test),
+        "config": pmeta.get("config") or hmeta.get("config") or {},
+        "meta": {
+            "artifact_root": str(root),
+            "head_name": head_name,
+            "spec": spec.to_dict(),
+            "head_meta": {k: v for k, v in hmeta.items() if k not in strip},
+            "probe_meta": {k: v for k, v in pmeta.items() if k not in strip},
+        },
+    }
