@@ -695,9 +695,10 @@ def test_filterbank_separates_tinted_textures_and_a_photo():
 
 @pytest.mark.slow
 def test_filterbank_constants_are_the_documented_calibration():
+    from cause_lightning.data.mosaic import calibration_batches
     from cause_lightning.models import filterbank
 
-    mean, std = filterbank.feature_statistics(filterbank.calibration_batches())
+    mean, std = filterbank.feature_statistics(calibration_batches())
     assert len(mean) == len(filterbank.FEATURE_NAMES) == build_backbone("filterbank").embed_dim
     torch.testing.assert_close(
         torch.tensor(mean), torch.tensor(filterbank._FEATURE_MEAN), rtol=1e-4, atol=1e-5

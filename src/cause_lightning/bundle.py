@@ -24,7 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from cause_lightning.artifacts import load_artifact
-from cause_lightning.models.backbones import build_backbone, get_backbone_spec, is_hub_tag
+from cause_lightning.models.backbones import (
+    ARCH_OVERRIDES,
+    build_backbone,
+    get_backbone_spec,
+    is_hub_tag,
+)
 from cause_lightning.models.heads import build_head
 from cause_lightning.specs import (
     LEGACY_HEAD_DROPOUT,
@@ -47,8 +52,6 @@ __all__ = [
 
 #: ``kind`` field of a saved segmenter file.
 SEGMENTER_KIND = "segmenter"
-# build_backbone keywords that change the architecture (compared with the registry defaults).
-_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "reg_tokens")
 
 
 def to_plain(obj: Any) -> Any:
@@ -100,7 +103,7 @@ def derive_backbone_kwargs(backbone: nn.Module) -> dict[str, Any]:
         spec = get_backbone_spec(name)
     except ValueError:
         return {}
-    kw = {k: arch[k] for k in _ARCH_KEYS if k in arch and arch[k] != spec.arch.get(k)}
+    kw = {k: arch[k] for k in ARCH_OVERRIDES if k in arch and arch[k] != spec.arch.get(k)}
     scheme = getattr(backbone, "pos_embed_scheme", None)
     if scheme is not None and scheme != spec.pos_embed:
         kw["pos_embed_interpolation"] = scheme

@@ -32,14 +32,17 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from cause_lightning.data.base import SegDataModule
 from cause_lightning.data.datasets import SegmentationDataset
 from cause_lightning.data.transforms import SegTransform
@@ -48,6 +51,7 @@ __all__ = [
     "MOSAIC_TEXTURES",
     "MosaicDataModule",
     "TextureSpec",
+    "calibration_batches",
     "default_mosaic_root",
     "generate_mosaic",
     "generate_scene",
@@ -541,3 +545,34 @@ class MosaicDataModule(SegDataModule):
             "num_train": self.num_train,
             "num_val": self.num_val,
         }
+
+
+def calibration_batches(
+    size: int = 128, batches: int = 8, batch_size: int = 8, seed: int = 12345
+) -> Iterator[torch.Tensor]:
+    """Unlabelled mosaic scenes, the calibration set of the ``filterbank`` backbone's constants.
+
+    The scenes come from the embedded dataset's generator (all of its textures, with its colour
+    and brightness jitter) under a seed of their own, so the constants describe the textures the
+    descriptor is meant for without touching any dataset's images or labels.
+
+    Args:
+        size: Scene side (a multiple of 8).
+        batches: Number of batches.
+        batch_size: Scenes per batch.
+        seed: Generator seed.
+
+    Yields:
+        ``[batch_size, 3, size, size]`` ImageNet-normalised float tensors.
+    """
+    bank = _texture_bank(len(MOSAIC_TEXTURES), size)
+    rng = np.random.default_rng(seed)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for _ in range(batches):
+        scenes = []
+        for _ in range(batch_size):
+            image, _ = generate_scene(bank, size, rng)
+            tensor = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1) / 255.0)
+            scenes.append((tensor - mean) / std)
+        yield torch.stack(scenes)

@@ -11,20 +11,17 @@ float32; ``rope_periods`` chooses which ones the model uses (method.md §2.7).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from cause_lightning.models.backbones import FrozenBackbone
 from cause_lightning.models.checkpoints import (
     DINOV3_LAYOUT,
     CheckpointError,
     load_backbone_weights,
     read_checkpoint,
 )
-
-if TYPE_CHECKING:
-    from cause_lightning.models.backbones import BackboneSpec
+from cause_lightning.models.frozen import BackboneSpec, FrozenBackbone
 
 __all__ = ["DINOv3Backbone", "ROPE_PERIODS", "build_dinov3", "dinov3_rope_periods"]
 

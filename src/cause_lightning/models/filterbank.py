@@ -20,9 +20,9 @@ Per patch it computes three groups of channels:
 Each patch channel is also averaged over its 3x3 patch neighbourhood ("context"), which makes
 textures whose period exceeds a patch recognisable; the descriptor is ``[patch channels, context
 channels]``. Every channel is standardised with fixed constants (measured once with
-``feature_statistics(calibration_batches())`` on unlabelled mosaics of scikit-image's textures,
-with the embedded dataset's colour jitter, so that different textures point in different
-directions: mean cosine about 0.07 between and 0.45 within textures) and multiplied by a fixed
+``feature_statistics(calibration_batches())`` of ``data/mosaic.py`` on unlabelled mosaics of
+scikit-image's textures, with the embedded dataset's colour jitter, so that different textures
+point in different directions: mean cosine about 0.07 between and 0.45 within textures) and multiplied by a fixed
 group weight: the context LBP and chromaticity channels carry most of the weight, the per-patch
 channels less (they localise boundaries but are noisy). The vector is centred on the calibration
 mean, so cosine similarity is meaningful. Nothing is learned and nothing depends on the batch.
@@ -31,22 +31,20 @@ mean, so cosine similarity is meaningful. Nothing is learned and nothing depends
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from cause_lightning.models.backbones import FrozenBackbone
+from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.models.frozen import FrozenBackbone
 
 __all__ = [
     "FEATURE_NAMES",
     "FilterBankBackbone",
-    "calibration_batches",
     "feature_statistics",
 ]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _PATCH = 8
 _LEVELS = 4
 _ORIENTATIONS = 6
@@ -88,7 +86,8 @@ _PATCH_WEIGHT = 0.2  # per-patch channels relative to their context counterparts
 
 # fmt: off
 # Per-channel standardisation constants (FEATURE_NAMES order), measured with
-# ``feature_statistics(calibration_batches())``; fixed so that features never depend on the batch.
+# ``feature_statistics(calibration_batches())`` (data/mosaic.py); fixed so that features never
+# depend on the batch.
 _FEATURE_MEAN: tuple[float, ...] = (
     0.502653, 0.393144, 0.305279, 0.0735664, 0.0684084, 0.0588465, 0.191876, 0.703536, -0.881014,
     -3.25141, -3.03562, -2.79414, -2.55619, 0.166786, 0.213487, 0.248581, 0.266092, 0.265993,
@@ -160,10 +159,10 @@ class FilterBankBackbone(FrozenBackbone):
         self.context = bool(context)
         self.register_buffer("gabor", _gabor_bank(_ORIENTATIONS), persistent=False)
         self.register_buffer(
-            "pixel_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+            "pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
         )
         self.register_buffer(
-            "pixel_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False
+            "pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
         )
         angles = torch.arange(_ORIENTATIONS) * (2 * math.pi / _ORIENTATIONS)
         self.register_buffer("harm_cos", torch.cos(angles).view(1, -1, 1, 1), persistent=False)
@@ -263,42 +262,6 @@ class FilterBankBackbone(FrozenBackbone):
         features = self.raw_features(images)  # B D h w
         features = (features - self.feature_mean.float()) * self.feature_scale.float()
         return features.to(images.dtype)
-
-
-def calibration_batches(
-    size: int = 128, batches: int = 8, batch_size: int = 8, seed: int = 12345
-) -> Iterator[torch.Tensor]:
-    """Unlabelled texture-mosaic scenes of scikit-image's pictures (for the fixed constants).
-
-    The scenes come from the embedded dataset's generator (all of its textures, with its colour
-    and brightness jitter) under a seed of their own, so the constants describe the textures the
-    descriptor is meant for without touching any dataset's images or labels.
-
-    Args:
-        size: Scene side (a multiple of 8).
-        batches: Number of batches.
-        batch_size: Scenes per batch.
-        seed: Generator seed.
-
-    Yields:
-        ``[batch_size, 3, size, size]`` ImageNet-normalised batches.
-    """
-    import numpy as np
-
-    # Lazy: the data package is needed only to re-measure the constants, never at run time.
-    from cause_lightning.data.mosaic import MOSAIC_TEXTURES, _texture_bank, generate_scene
-
-    bank = _texture_bank(len(MOSAIC_TEXTURES), size)
-    rng = np.random.default_rng(seed)
-    mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
-    for _ in range(batches):
-        scenes = []
-        for _ in range(batch_size):
-            image, _ = generate_scene(bank, size, rng)
-            tensor = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1) / 255.0)
-            scenes.append((tensor - mean) / std)
-        yield torch.stack(scenes)
 
 
 def feature_statistics(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
