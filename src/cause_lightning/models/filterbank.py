@@ -22,10 +22,11 @@ textures whose period exceeds a patch recognisable; the descriptor is ``[patch c
 channels]``. Every channel is standardised with fixed constants (measured once with
 ``feature_statistics(calibration_batches())`` of ``data/mosaic.py`` on unlabelled mosaics of
 scikit-image's textures, with the embedded dataset's colour jitter, so that different textures
-point in different directions: mean cosine about 0.07 between and 0.45 within textures) and multiplied by a fixed
-group weight: the context LBP and chromaticity channels carry most of the weight, the per-patch
-channels less (they localise boundaries but are noisy). The vector is centred on the calibration
-mean, so cosine similarity is meaningful. Nothing is learned and nothing depends on the batch.
+point in different directions: mean cosine about 0.07 between and 0.45 within textures) and
+multiplied by a fixed group weight: the context LBP and chromaticity channels carry most of the
+weight, the per-patch channels less (they localise boundaries but are noisy). The vector is
+centred on the calibration mean, so cosine similarity is meaningful. Nothing is learned and
+nothing depends on the batch.
 """
 
 from __future__ import annotations
