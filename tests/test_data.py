@@ -25,7 +25,7 @@ from cause_lightning.data import (
     SegmentationDataset,
     SegTransform,
     collate_predict,
-    default_palette,
+    voc_palette,
 )
 from cause_lightning.data.datasets import open_image, open_label
 from cause_lightning.data.mosaic import MOSAIC_TEXTURES
@@ -210,7 +210,7 @@ def test_open_image_errors_name_the_file(tmp_path):
 def test_open_label_modes(tmp_path):
     ids = np.array([[0, 1, 2], [255, 20, 3]], dtype=np.uint8)
     pal = Image.fromarray(ids, mode="P")
-    pal.putpalette(list(default_palette(256).ravel()))
+    pal.putpalette(list(voc_palette(256).ravel()))
     pal.save(tmp_path / "p.png")
     np.testing.assert_array_equal(open_label(tmp_path / "p.png"), ids)
     Image.fromarray(ids, mode="L").save(tmp_path / "l.png")
@@ -238,8 +238,8 @@ def test_segmentation_dataset_items(tmp_path):
     assert bool((second["label"] == 255).all())
 
 
-def test_default_palette_distinct():
-    pal = default_palette(256)
+def test_voc_palette_distinct():
+    pal = voc_palette(256)
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
     assert len({tuple(c) for c in pal.tolist()}) == 256
     np.testing.assert_array_equal(pal[:3], [[0, 0, 0], [128, 0, 0], [0, 128, 0]])

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,11 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Same values as the data pipeline's normalisation (docs/api.md conventions). Kept here rather than
-# imported from ``cause_lightning.data`` so CRF workers never import the data package (and torch).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 CRF_PARAMS: dict[str, float] = {
     "gaussian_sxy": 1.0,

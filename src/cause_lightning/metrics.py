@@ -120,7 +120,7 @@ class UnsupervisedSegmentationMetrics(Metric):
         self,
         num_classes: int,
         num_clusters: int | None = None,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         matching: str = "hungarian",
         **kwargs: Any,
     ) -> None:
@@ -251,7 +251,7 @@ class UnsupervisedSegmentationMetrics(Metric):
 
 
 def remap_clusters(
-    preds: ArrayT, assignment: Tensor | np.ndarray, ignore_index: int = 255
+    preds: ArrayT, assignment: Tensor | np.ndarray, ignore_index: int = IGNORE_INDEX
 ) -> ArrayT:
     """Map cluster ids to their matched class ids, e.g. to colour predictions with a class palette.
 

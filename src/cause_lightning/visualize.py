@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cause_lightning.artifacts import current_umask
+from cause_lightning.constants import IGNORE_INDEX
 
 __all__ = [
     "TITLE_HEIGHT",
@@ -29,6 +30,7 @@ __all__ = [
     "contact_sheet",
     "contact_sheet_html",
     "default_palette",
+    "voc_palette",
     "overlay",
     "save_png",
     "to_rgb_uint8",
@@ -43,6 +45,30 @@ _GOLDEN = 0.618033988749895
 # Saturation / value levels cycled through so that hues that come round again stay apart.
 _SAT_LEVELS = (0.85, 0.55, 1.0, 0.7)
 _VAL_LEVELS = (0.95, 0.7, 0.82, 0.55)
+
+
+def voc_palette(n: int) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved) for ``n`` classes.
+
+    Class ``i`` spreads its bits over the three channels, high bits first, so ids below 2**24 all
+    get different colours; id 0 is black.
+
+    Args:
+        n: Number of classes.
+
+    Returns:
+        ``uint8`` array ``[n,3]``.
+    """
+    if n < 0:
+        raise ValueError(f"Palette size must be non-negative, got {n}.")
+    ids = np.arange(n, dtype=np.int64)
+    palette = np.zeros((n, 3), dtype=np.int64)
+    c = ids.copy()
+    for shift in range(7, -1, -1):
+        for ch in range(3):
+            palette[:, ch] |= ((c >> ch) & 1) << shift
+        c >>= 3
+    return palette.astype(np.uint8)
 
 
 def default_palette(n: int) -> np.ndarray:
@@ -85,7 +111,7 @@ def default_palette(n: int) -> np.ndarray:
 
 
 def colorize(
-    labels: np.ndarray, palette: np.ndarray | None = None, ignore_index: int = 255
+    labels: np.ndarray, palette: np.ndarray | None = None, ignore_index: int = IGNORE_INDEX
 ) -> np.ndarray:
     """Map an integer label map to RGB colours.
 

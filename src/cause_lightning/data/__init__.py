@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cause_lightning.data.base import DatasetNotFoundError, SegDataModule, default_palette
+from cause_lightning.data.base import DatasetNotFoundError, SegDataModule
 from cause_lightning.data.cityscapes import Cityscapes27DataModule
 from cause_lightning.data.cocostuff import (
     Coco81DataModule,
@@ -20,6 +20,7 @@ from cause_lightning.data.mosaic import MosaicDataModule
 from cause_lightning.data.pascalvoc import PascalVOC21DataModule
 from cause_lightning.data.real import DatasetCountError
 from cause_lightning.data.transforms import SegTransform
+from cause_lightning.visualize import voc_palette
 
 __all__ = [
     "Cityscapes27DataModule",
@@ -37,5 +38,5 @@ __all__ = [
     "SegTransform",
     "SegmentationDataset",
     "collate_predict",
-    "default_palette",
+    "voc_palette",
 ]

@@ -31,41 +31,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from cause_lightning.visualize import voc_palette
+
 __all__ = [
     "DatasetNotFoundError",
     "ResumableLoader",
     "ResumableSampler",
     "SegDataModule",
-    "default_palette",
 ]
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val")
-
-
-def default_palette(n: int) -> np.ndarray:
-    """Distinct colours for ``n`` classes (the PASCAL VOC bit-interleaving colour map).
-
-    Class ``i`` spreads its bits over the three channels, high bits first, so ids below 2**24 all
-    get different colours; id 0 is black.
-
-    Args:
-        n: Number of classes.
-
-    Returns:
-        ``uint8`` array ``[n,3]``.
-    """
-    if n < 0:
-        raise ValueError(f"Palette size must be non-negative, got {n}.")
-    ids = np.arange(n, dtype=np.int64)
-    palette = np.zeros((n, 3), dtype=np.int64)
-    c = ids.copy()
-    for shift in range(7, -1, -1):
-        for ch in range(3):
-            palette[:, ch] |= ((c >> ch) & 1) << shift
-        c >>= 3
-    return palette.astype(np.uint8)
 
 
 class ResumableSampler(Sampler[int]):
@@ -245,10 +222,10 @@ class SegDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ attributes
     @property
     def palette(self) -> np.ndarray:
-        """Colours per class, ``uint8 [num_classes, 3]`` (``default_palette`` unless set)."""
+        """Colours per class, ``uint8 [num_classes, 3]`` (``voc_palette`` unless set)."""
         if self._palette is not None:
             return self._palette
-        return default_palette(self.num_classes)
+        return voc_palette(self.num_classes)
 
     @palette.setter
     def palette(self, value: np.ndarray) -> None:

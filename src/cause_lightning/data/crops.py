@@ -61,6 +61,7 @@ from rich.progress import (
 from rich.text import Text
 from torch.utils.data import Dataset
 
+from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.data.datasets import open_image, open_label
 from cause_lightning.data.transforms import SegTransform
 
@@ -94,7 +95,6 @@ log = logging.getLogger(__name__)
 CROP_TOOL_VERSION = "1.0"
 LABEL_ENCODING = "class+1 uint8 PNG (0 = ignore)"
 MANIFEST_NAME = "manifest.json"
-IGNORE_INDEX = 255
 
 # Fields that define a cache's content: a manifest that differs on any of them is refused.
 _CONTENT_KEYS: tuple[str, ...] = (

@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.visualize import default_palette, voc_palette
+
 __all__ = [
     "COCO_FINE_NAMES",
     "COCO_UNUSED_FINE_IDS",
@@ -34,7 +37,6 @@ __all__ = [
     "load_label_maps",
 ]
 
-IGNORE_INDEX = 255
 
 #: COCO-Stuff-164k fine label names, index = fine id stored in the stuffthingmaps PNGs (0..181).
 COCO_FINE_NAMES: tuple[str, ...] = (
@@ -155,38 +157,6 @@ def _lut_from_map(mapping: dict[str, int]) -> np.ndarray:
     return lut
 
 
-def _bit_palette(n: int) -> np.ndarray:
-    """The Pascal VOC colour map (bits of the index spread over R, G, B), extended to n entries."""
-    palette = np.zeros((n, 3), dtype=np.uint8)
-    for index in range(n):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette[index] = (r, g, b)
-    return palette
-
-
-def _spread_palette(n: int) -> np.ndarray:
-    """Distinct, deterministic colours for many classes (golden-ratio hue walk)."""
-    golden = 0.618033988749895
-    colours = np.zeros((n, 3), dtype=np.uint8)
-    for index in range(n):
-        hue = (index * golden) % 1.0
-        sat = 0.65 if index % 2 == 0 else 0.9
-        val = 0.95 if (index // 2) % 2 == 0 else 0.7
-        h6 = hue * 6.0
-        sector = int(h6) % 6
-        frac = h6 - int(h6)
-        p, q, t = val * (1 - sat), val * (1 - sat * frac), val * (1 - sat * (1 - frac))
-        rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][sector]
-        colours[index] = [round(255 * x) for x in rgb]
-    return colours
-
-
 def _frozen(arr: np.ndarray) -> np.ndarray:
     arr.setflags(write=False)
     return arr
@@ -198,17 +168,17 @@ def _build_spec(name: str) -> LabelSpec:
     if name == "cocostuff27":
         lut = _lut_from_map(maps["cocostuff27_fine_to_coarse"])
         names = _COCOSTUFF27_NAMES
-        palette = _spread_palette(27)
+        palette = default_palette(27)
     elif name == "coco81":
         lut = _lut_from_map(maps["coco81_fine_to_class"])
         used_things = [i for i in range(91) if i not in COCO_UNUSED_FINE_IDS]
         names = ("background", *(COCO_FINE_NAMES[i] for i in used_things))
-        palette = _bit_palette(81)
+        palette = voc_palette(81)
     elif name == "coco171":
         lut = _lut_from_map(maps["coco171_fine_to_class"])
         used = [i for i in range(182) if i not in COCO_UNUSED_FINE_IDS]
         names = tuple(COCO_FINE_NAMES[i] for i in used)
-        palette = _spread_palette(171)
+        palette = default_palette(171)
     elif name == "cityscapes27":
         lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         lut[7:34] = np.arange(27, dtype=np.uint8)
@@ -218,7 +188,7 @@ def _build_spec(name: str) -> LabelSpec:
         lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         lut[:21] = np.arange(21, dtype=np.uint8)
         names = tuple(maps["pascalvoc21_class_names"])
-        palette = _bit_palette(21)
+        palette = voc_palette(21)
     else:
         raise ValueError(
             f"unknown dataset {name!r}; known label specs: {', '.join(dataset_names())}"

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cause_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -37,9 +39,6 @@ __all__ = [
     "to_tensor_normalized",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX: int = 255
 
 _MODES = ("crop", "squash")
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.ops import grid_sample_index
 
 __all__ = [
@@ -229,7 +230,7 @@ def upsample_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def linear_probe_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Pixel cross-entropy of upsampled probe logits on labels in ``[0, C)``.
 
