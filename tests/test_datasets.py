@@ -922,3 +922,31 @@ def test_experiment_presets_cover_every_published_row() -> None:
         assert "backbone" not in cfg  # the 12-head ViT-S stays a note, never the default
         if backbone in ("dino_vits8", "dino_vits16"):
             assert "12-head" in cfg["notes"]
+
+
+def test_stage_prepare_goes_through_the_configured_data_module(compose, tmp_path: Path) -> None:
+    from cause_lightning.run import run
+
+    make_coco_tree(tmp_path / "coco")
+    overrides = [
+        "stage=prepare",
+        "stage.download=false",
+        "data=cocostuff27",
+        "data.module.num_workers=0",
+        "+data.module.strict_counts=false",
+        f"data.module.root={tmp_path / 'coco'}",  # not paths.data_dir: the module's own root
+        "+data.module.crops=double",
+    ]
+    report = run(compose(*overrides))["prepare"]
+    assert report["dataset_dir"] == str(tmp_path / "coco" / "cocostuff")
+    assert report["status"] == "ready" and report["crop_recipe"] == "double"
+    assert report["crops"]["written"] == 3 * 20  # the double recipe: 20 crops per image
+    with pytest.raises(ValueError, match="data=mosaic: .*MosaicDataModule needs no preparation"):
+        run(compose("stage=prepare", "data=mosaic"))
+
+
+def test_crop_recipe_is_no_longer_a_dead_recipe_key(compose) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose("data=cocostuff27", "data.recipe.crops=double")

@@ -124,7 +124,6 @@ class RecipeConfig:
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     weight_decay: float = 1e-4
     clip: ClipConfig = field(default_factory=ClipConfig)
-    crops: str = "none"
 
 
 @dataclass

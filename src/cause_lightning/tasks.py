@@ -20,18 +20,26 @@ log = get_logger(__name__)
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
-    """``stage=prepare``: download (where possible), verify and crop the configured dataset."""
-    from cause_lightning.data.prepare import prepare_dataset
+    """``stage=prepare``: download (where possible), verify and crop the dataset of ``data.module``.
 
-    module = cfg.data.module
-    report = prepare_dataset(
-        cfg.data.name,
-        cfg.paths.data_dir,
-        download=cfg.stage.get("download"),
-        train_list=module.get("train_list"),
-        num_workers=int(module.get("num_workers", 0) or 0),
-        strict_counts=bool(module.get("strict_counts", True)),
-    )
+    The configured data module (its ``_target_``, ``root``, lists and crop recipe) is what gets
+    prepared, so training later finds exactly what was written. Its ``num_workers`` cut the crops.
+    """
+    from hydra.utils import instantiate
+
+    from cause_lightning.data.prepare import prepare_module
+
+    def build() -> Any:
+        return instantiate(cfg.data.module)
+
+    try:
+        report = prepare_module(
+            build,
+            download=cfg.stage.get("download"),
+            num_workers=int(cfg.data.module.get("num_workers", 0) or 0),
+        )
+    except TypeError as err:
+        raise ValueError(f"data={cfg.data.name}: {err}") from err
     return {"prepare": report}
 
 

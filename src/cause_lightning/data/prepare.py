@@ -1,7 +1,7 @@
 """Dataset preparation: fetch or unpack, verify, write the training crops (protocol.md §1.4, §3).
 
-:func:`prepare_dataset` is what ``python -m cause_lightning stage=prepare data=<name>`` runs. For
-each dataset it
+:func:`prepare_module` is what ``python -m cause_lightning stage=prepare data=<name>`` runs on the
+configured data module; :func:`prepare_dataset` does the same by dataset name. For each dataset it
 
 1. finds the raw files in the layout of §1.1; missing parts are unpacked from archives placed in
    ``<data_dir>/<dataset>/downloads/`` (or ``<data_dir>/<dataset>/`` or ``<data_dir>/``), and
@@ -18,6 +18,7 @@ each dataset it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ import threading
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -57,6 +58,7 @@ __all__ = [
     "extract_archive",
     "manual_steps",
     "prepare_dataset",
+    "prepare_module",
 ]
 
 log = logging.getLogger(__name__)
@@ -427,10 +429,6 @@ def _copy_curated_lists(dataset_dir: Path) -> list[str]:
     return copied
 
 
-def _build_module(name: str, data_dir: Path, **kwargs: Any) -> RealSegDataModule:
-    return REAL_DATAMODULES[name](root=data_dir, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------- main
 def prepare_dataset(
     name: str,
@@ -485,13 +483,61 @@ def prepare_dataset(
         raise ValueError(
             f"unknown dataset {name!r}; stage=prepare supports {', '.join(REAL_DATAMODULES)}"
         )
-    data_dir = Path(data_dir).expanduser()
     kwargs: dict[str, Any] = {"crops": crops, "strict_counts": strict_counts}
     if train_list is not None:
         if REAL_DATAMODULES[name].layout_key != "cocostuff":
             raise ValueError(f"train_list applies to the COCO-Stuff variants only, not {name!r}")
         kwargs["train_list"] = train_list
-    module = _build_module(name, data_dir, **kwargs)
+    root = Path(data_dir).expanduser()
+    return prepare_module(
+        functools.partial(REAL_DATAMODULES[name], root=root, **kwargs),
+        download=download,
+        make_crops=make_crops,
+        num_workers=num_workers,
+        check_decode=check_decode,
+        progress=progress,
+        timeout=timeout,
+    )
+
+
+def prepare_module(
+    build: Callable[[], RealSegDataModule],
+    *,
+    download: bool | None = None,
+    make_crops: bool = True,
+    num_workers: int = 0,
+    check_decode: bool = True,
+    progress: bool = True,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Prepare the dataset of a data module: its root, lists and crop recipe are the module's.
+
+    ``stage=prepare`` builds the configured ``data.module`` through this function, so the data
+    root, the training list and the crop recipe are those of the run that will train on it.
+
+    Args:
+        build: Builds the data module (called again after unpacking, to re-read the lists).
+        download: See :func:`prepare_dataset`.
+        make_crops: Write the training crop cache.
+        num_workers: Processes that cut crops (0 = this process).
+        check_decode: Decode existing crops of an unfinished cache before keeping them.
+        progress: Show progress bars.
+        timeout: Seconds for the connectivity probe and for each network read.
+
+    Returns:
+        The report described in :func:`prepare_dataset`.
+
+    Raises:
+        TypeError: When ``build`` does not make a :class:`RealSegDataModule` (the embedded and
+            folder datasets need no preparation).
+    """
+    module = build()
+    if not isinstance(module, RealSegDataModule):
+        raise TypeError(
+            f"stage=prepare prepares the downloadable datasets ({', '.join(REAL_DATAMODULES)}); "
+            f"{type(module).__name__} needs no preparation"
+        )
+    name, data_dir = module.name, module.root
 
     # Find or create the dataset directory; a foreign layout at the root is an error, not a target.
     dataset_dir = data_dir / module.dataset_dir
@@ -565,7 +611,7 @@ def prepare_dataset(
         raise module.not_found(f"{reasons}.\n{steps}")
 
     # Re-read the lists after unpacking, then verify counts and files.
-    module = _build_module(name, data_dir, **kwargs)
+    module = build()
     module.verify(["val"])
     val = module.source_list("val")
     report.update(
