@@ -49,6 +49,7 @@ from cause_lightning.data.crops import (
     list_sha256,
     make_crops,
 )
+from cause_lightning.data.crops import writer as crops_writer
 from cause_lightning.data.labels import dataset_names, get_label_spec
 from cause_lightning.data.pascalvoc import PascalVOC21DataModule
 from cause_lightning.data.prepare import download_file, extract_archive, prepare_dataset
@@ -433,7 +434,7 @@ def test_crop_cache_resumes_after_interrupt(
     dm = _coco_module(tmp_path)
     spec = dm.crop_cache_spec()
     samples = dm.source_list("train").samples
-    original = crops_mod._write_atomic
+    original = crops_writer._write_atomic
     calls = {"n": 0}
 
     def flaky(img: Image.Image, path: Path, fmt: str) -> None:
@@ -442,7 +443,7 @@ def test_crop_cache_resumes_after_interrupt(
         calls["n"] += 1
         original(img, path, fmt)
 
-    monkeypatch.setattr(crops_mod, "_write_atomic", flaky)
+    monkeypatch.setattr(crops_writer, "_write_atomic", flaky)
     with pytest.raises(KeyboardInterrupt):
         build_crop_cache(spec, samples, dm.label_spec.lut, progress=False)
     assert not (spec.path / "manifest.json").exists()
@@ -453,7 +454,7 @@ def test_crop_cache_resumes_after_interrupt(
     # a truncated file left by a foreign tool is re-written, intact crops are kept untouched
     kept = {i: os.stat(spec.path / "img/train" / f"{i}.jpg").st_ino for i in (0, 1)}
     (spec.path / "img/train/2.jpg").write_bytes(b"\xff\xd8\xff")
-    monkeypatch.setattr(crops_mod, "_write_atomic", original)
+    monkeypatch.setattr(crops_writer, "_write_atomic", original)
     report = build_crop_cache(spec, samples, dm.label_spec.lut, progress=False)
     assert report["state_before"] == "incomplete"
     assert report["kept"] == 2 and report["written"] == 13

@@ -41,8 +41,9 @@ from cause_lightning.data.cocostuff import (
     CocoStuff27DataModule,
     packaged_list,
 )
-from cause_lightning.data.crops import build_crop_cache, inspect_crop_cache, make_progress
+from cause_lightning.data.crops import build_crop_cache, inspect_crop_cache
 from cause_lightning.data.pascalvoc import PascalVOC21DataModule
+from cause_lightning.data.progress import make_progress
 from cause_lightning.data.real import (
     DatasetCountError,
     RealSegDataModule,
