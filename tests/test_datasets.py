@@ -726,7 +726,7 @@ def test_prepare_offline_prints_manual_steps(
     assert "http://images.cocodataset.org/zips/train2017.zip" in message
     assert "stuffthingmaps_trainval2017.zip" in message
     assert (tmp_path / "cocostuff/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt").is_file()
-    monkeypatch.setattr(prep, "_probe", lambda url, timeout: False)
+    monkeypatch.setattr(prep, "probe", lambda url, timeout: False)
     with pytest.raises(DatasetNotFoundError, match="VOCtrainval_11-May-2012.tar"):
         prepare_dataset("pascalvoc21", tmp_path, download=None, progress=False)
     with pytest.raises(ValueError, match="train_list applies"):
@@ -735,7 +735,7 @@ def test_prepare_offline_prints_manual_steps(
     def broken(*args, **kwargs):
         raise OSError("connection reset")
 
-    monkeypatch.setattr(prep, "_probe", lambda url, timeout: True)
+    monkeypatch.setattr(prep, "probe", lambda url, timeout: True)
     monkeypatch.setattr(prep, "download_file", broken)
     with pytest.raises(DatasetNotFoundError, match="download failed .connection reset., run again"):
         prepare_dataset("pascalvoc21", tmp_path, download=None, progress=False)
