@@ -136,3 +136,13 @@ def test_layer_rules(layer: str, forbidden: tuple[str, ...]) -> None:
 def test_layer_rule_check_sees_indirect_imports() -> None:
     graph = {"p.a": {"p.b"}, "p.b": {"lightning"}}
     assert "lightning" in reachable(graph, "p.a")
+
+
+def test_one_logger_convention() -> None:
+    """Module loggers are ``log = get_logger(__name__)`` (rank-zero filtered), nothing else."""
+    others = []
+    for path in ROOT.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if "getLogger(__name__)" in line or line.startswith("logger = "):
+                others.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert not others, "use `log = get_logger(__name__)` from cause_lightning.logs: " + str(others)

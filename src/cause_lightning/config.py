@@ -11,13 +11,14 @@ rates, global batch) are computed by :func:`derive` and stored in the config und
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "MethodConfig",
@@ -34,7 +35,7 @@ __all__ = [
     "to_plain",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -15,7 +15,6 @@ This module imports only numpy at import time, so pool workers start without loa
 from __future__ import annotations
 
 import concurrent.futures as cf
-import logging
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.logs import get_logger
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ __all__ = [
     "denormalize_to_uint8",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CRF_PARAMS: dict[str, float] = {
     "gaussian_sxy": 1.0,

@@ -14,7 +14,6 @@ The backbone is not part of the release: the caller names it (docs/method.md §1
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import warnings
@@ -29,12 +28,13 @@ from torch import Tensor, nn
 
 from cause_lightning.artifacts import head_dir, save_artifact
 from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
+from cause_lightning.logs import get_logger
 from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead, head_spec
 from cause_lightning.specs import BackboneRef, ModelSpec, Resolution, tr_grid_error
 
 __all__ = ["OfficialBundle", "import_official", "REFERENCE_NUM_CONCEPTS"]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Train resolution of the reference MLP heads (docs/method.md §2.6); TR trains at the test
 #: resolution.
@@ -160,7 +160,7 @@ class OfficialBundle:
         }
         clusterbook_path = root / "clusterbook.pt"
         if clusterbook_path.exists():
-            logger.warning("overwriting %s with the release clusterbook", clusterbook_path)
+            log.warning("overwriting %s with the release clusterbook", clusterbook_path)
         linear_state = {k: v.detach().clone() for k, v in self.linear.state_dict().items()}
         paths = {
             "clusterbook": save_artifact(
@@ -189,7 +189,7 @@ class OfficialBundle:
                 },
             ),
         }
-        logger.info("wrote release artifacts: %s", ", ".join(str(p) for p in paths.values()))
+        log.info("wrote release artifacts: %s", ", ".join(str(p) for p in paths.values()))
         return paths
 
     def _check_tr_resolution(
@@ -203,7 +203,7 @@ class OfficialBundle:
         q = int(self.num_queries or 0)
         side = math.isqrt(q)
         if side * side != q:
-            logger.warning("TR head has %d queries, not a square grid; resolution not checked", q)
+            log.warning("TR head has %d queries, not a square grid; resolution not checked", q)
             return
         if resolution % side != 0:
             raise ValueError(
@@ -330,7 +330,7 @@ def import_official(
     )
     module.eval()
     linear.eval()
-    logger.info(
+    log.info(
         "imported %s head: D=%d, R=%d, C=%d%s from %s",
         head_type.upper(),
         dim,

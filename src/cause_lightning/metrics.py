@@ -17,7 +17,6 @@ cluster to the class it overlaps most (:func:`majority_assignment`).
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "MATCHINGS",
@@ -38,7 +38,7 @@ __all__ = [
     "remap_with_ignore",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 

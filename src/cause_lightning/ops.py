@@ -17,13 +17,14 @@ literal formulas. Nothing here touches Lightning, I/O or a specific device.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "concept_contrastive_loss",
@@ -34,7 +35,7 @@ __all__ = [
     "nearest_concept",
 ]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Element budget of one [B, chunk, N, N] block of pairwise products in `modularity_loss`
 # (8M float32 = 32 MiB); the default chunk over concepts is derived from it.

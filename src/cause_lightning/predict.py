@@ -27,7 +27,7 @@ from cause_lightning.artifacts import (
     head_dir,
 )
 from cause_lightning.data.datasets import find_images, open_image
-from cause_lightning.utils import get_logger
+from cause_lightning.logs import get_logger
 from cause_lightning.visualize import (
     contact_sheet,
     contact_sheet_html,

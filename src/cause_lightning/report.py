@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cause_lightning.artifacts import write_json_atomic
+from cause_lightning.logs import get_logger
 from cause_lightning.metrics import remap_clusters
-from cause_lightning.utils import get_logger
 from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from cause_lightning.utils import finish_wandb, get_logger
+from cause_lightning.logs import get_logger
+from cause_lightning.utils import finish_wandb
 
 __all__ = ["run"]
 

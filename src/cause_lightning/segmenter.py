@@ -20,7 +20,6 @@ ViTs, ``filterbank``), whose state is embedded so that a reloaded bundle predict
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,6 +49,7 @@ from cause_lightning.imaging import (
     to_pil_rgb,
     working_size,
 )
+from cause_lightning.logs import get_logger
 from cause_lightning.metrics import check_assignment, remap_with_ignore
 from cause_lightning.models.heads import head_spec
 from cause_lightning.specs import tr_grid_error
@@ -58,7 +58,7 @@ from cause_lightning.visualize import default_palette
 
 __all__ = ["SEGMENTER_KIND", "Segmenter"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _crf_warned = False
 

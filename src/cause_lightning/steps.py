@@ -32,11 +32,12 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.callbacks import StageCheckpoint
 from cause_lightning.config import derive, to_plain
+from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
 from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
 from cause_lightning.specs import BackboneRef, HeadSpec, ModelSpec, Resolution, SpecError
 from cause_lightning.tracking import instantiate_logger, publish_step
-from cause_lightning.utils import get_logger, instantiate_group, is_global_zero
+from cause_lightning.utils import instantiate_group
 
 __all__ = ["Pipeline", "STEPS"]
 

@@ -11,8 +11,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.artifacts import atomic_write
+from cause_lightning.logs import get_logger
 from cause_lightning.specs import tr_grid_error
-from cause_lightning.utils import get_logger
 
 __all__ = ["prepare", "import_release", "summarize", "collect_sweep"]
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig
 
-from cause_lightning.utils import get_logger
+from cause_lightning.logs import get_logger
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -11,7 +11,6 @@ from __future__ import annotations
 import colorsys
 import html
 import io
-import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cause_lightning.artifacts import current_umask
 from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "TITLE_HEIGHT",
@@ -36,7 +36,7 @@ __all__ = [
     "to_rgb_uint8",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Height in pixels of the text strip drawn above each contact-sheet row that has a title.
 TITLE_HEIGHT = 14

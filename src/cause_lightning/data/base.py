@@ -21,7 +21,6 @@ There is no ``predict_dataloader``: the predict stage builds its own loader from
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from cause_lightning.logs import get_logger
 from cause_lightning.visualize import voc_palette
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "SegDataModule",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val")
 

@@ -22,7 +22,6 @@ background + 80 things; 171 used fine ids), everything else 255. Crops: COCO-Stu
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 
 from cause_lightning.data.labels import get_label_spec
 from cause_lightning.data.real import RealSegDataModule, SourceList, read_list_file
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "COCO_LIST_COUNTS",
@@ -39,7 +39,7 @@ __all__ = [
     "packaged_list",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TRAIN_LIST = "Coco164kFull_Stuff_Coarse.txt"
 TRAIN_LIST_7 = "Coco164kFull_Stuff_Coarse_7.txt"

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import glob
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from cause_lightning.data.transforms import SegTransform, ensure_rgb, to_tensor_normalized
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -37,7 +37,7 @@ __all__ = [
     "open_label",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -7,7 +7,6 @@ leave the target directory.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tarfile
@@ -20,10 +19,11 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from cause_lightning.data.progress import make_progress
+from cause_lightning.logs import get_logger
 
 __all__ = ["download_file", "extract_archive", "probe"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ network

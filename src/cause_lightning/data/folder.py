@@ -18,7 +18,6 @@ a warning (``has_labels`` tells which case applies).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from cause_lightning.data.base import SegDataModule
 from cause_lightning.data.datasets import IMAGE_EXTENSIONS, SegmentationDataset
 from cause_lightning.data.transforms import IGNORE_INDEX, SegTransform
+from cause_lightning.logs import get_logger
 
 __all__ = ["FolderDataModule", "ClassIdLabels"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class ClassIdLabels:

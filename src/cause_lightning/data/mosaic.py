@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -46,6 +45,7 @@ from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
 from cause_lightning.data.base import SegDataModule
 from cause_lightning.data.datasets import SegmentationDataset
 from cause_lightning.data.transforms import SegTransform
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "MOSAIC_TEXTURES",
@@ -58,7 +58,7 @@ __all__ = [
     "mosaic_params",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Bump when the generator's code changes the pixels, so stale caches are not reused.
 FORMAT = "mosaic-v1"

@@ -19,7 +19,6 @@ configured data module; :func:`prepare_dataset` does the same by dataset name. F
 from __future__ import annotations
 
 import functools
-import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from cause_lightning.data.real import (
     detect_layout,
     missing_files,
 )
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "ARCHIVES",
@@ -56,7 +56,7 @@ __all__ = [
     "prepare_module",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 REAL_DATAMODULES: dict[str, type[RealSegDataModule]] = {
     "cocostuff27": CocoStuff27DataModule,

@@ -17,7 +17,6 @@ layout is recognised and reported as such.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from cause_lightning.data.crops import (
 from cause_lightning.data.datasets import SegmentationDataset
 from cause_lightning.data.labels import LabelSpec, get_label_spec
 from cause_lightning.data.transforms import SegTransform
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "DatasetCountError",
@@ -49,7 +49,7 @@ __all__ = [
     "missing_files",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _LAYOUT_TITLES: dict[str, tuple[str, str]] = {
     # layout key -> (human title, data config to use)

@@ -11,7 +11,6 @@ is written here so that the position table is interpolated exactly as the refere
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from cause_lightning.logs import get_logger
 from cause_lightning.models.checkpoints import (
     LoadReport,
     load_backbone_weights,
@@ -44,7 +44,7 @@ __all__ = [
     "list_backbones",
 ]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _TINY_VIT_SEED = 0
 _POS_CACHE_SIZE = 8
@@ -459,7 +459,7 @@ def _resolve_weights(weights: str, spec: BackboneSpec) -> str:
 
 def _warn_random(spec: BackboneSpec) -> None:
     source = spec.upstream_file or "the upstream release file"
-    logger.warning(
+    log.warning(
         "!!! backbone %s has RANDOM weights: its features are meaningless and every metric "
         "will be near chance. Pass backbone.weights=<local file> (e.g. %s%s). !!!",
         spec.name,
@@ -533,7 +533,7 @@ def build_backbone(
     overrides = {k: v for k, v in kw.items() if v is not None and v != arch.get(k)}
     arch.update(overrides)
     if overrides:
-        logger.info("backbone %s: architecture overrides %s", name, overrides)
+        log.info("backbone %s: architecture overrides %s", name, overrides)
 
     if name == "tiny_vit":
         # A fixed seed makes the random tiny model identical across runs and test processes.
@@ -544,7 +544,7 @@ def build_backbone(
         model = ViTBackbone(name, spec.family, arch, img_size, scheme, device=device)
     model.build_kwargs = build_kwargs
     if model.reference_bug_compatible:
-        logger.warning(
+        log.warning(
             "backbone %s built with 12 attention heads: the reference's bug-compatible DINO ViT-S "
             "(official DINO ViT-S has 6); use it only to reproduce the released ViT-S heads "
             "(docs/method.md §2.5)",
@@ -561,7 +561,7 @@ def build_backbone(
     if str(device) == "meta":
         raise ValueError(f"cannot load weights into backbone {name!r} built on the meta device")
     report = model.load_weights(path, spec.reader)
-    logger.info(
+    log.info(
         "backbone %s: loaded %s (%s container%s)",
         name,
         path,

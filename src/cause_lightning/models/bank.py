@@ -13,7 +13,6 @@ keeps its own (never broadcast by DDP), and it starts empty.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -21,9 +20,11 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
+from cause_lightning.logs import get_logger
+
 __all__ = ["ConceptBank"]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class ConceptBank(nn.Module):
@@ -124,7 +125,7 @@ class ConceptBank(nn.Module):
                 device=projections.device,
                 dtype=projections.dtype,
             )  # K cap P
-            logger.debug(
+            log.debug(
                 "concept bank allocated: [%d, %d, %d] %s on %s",
                 self.num_concepts,
                 self.capacity,

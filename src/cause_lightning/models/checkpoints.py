@@ -22,7 +22,6 @@ the key, the shapes and the likely cause (method.md §11, rule 6).
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import os
 import pickle
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from cause_lightning.logs import get_logger
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -46,7 +47,7 @@ __all__ = [
     "read_file",
 ]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -516,7 +517,7 @@ def read_checkpoint(
             del state_dict[key]
             report.dropped.append(key)
     if report.dropped:
-        logger.info(
+        log.info(
             "%s: dropped %d non-backbone keys allowed for %s (%s)",
             path_str,
             len(report.dropped),
@@ -524,7 +525,7 @@ def read_checkpoint(
             _short_list(report.dropped, 4),
         )
     for note in report.notes:
-        logger.info("%s: %s", path_str, note)
+        log.info("%s: %s", path_str, note)
     return state_dict, report
 
 
@@ -617,7 +618,7 @@ def load_backbone_weights(
             f"or belongs to a different model (check the backbone name).{hint}"
         )
     if declared:
-        logger.warning(
+        log.warning(
             "%s: %d keys absent, allowed for %s and left at their initial values: %s",
             where,
             len(declared),
@@ -643,7 +644,7 @@ def load_backbone_weights(
                 f"position table of {value.shape[1] - 1} patches adopted "
                 f"(model default {target.shape[1] - 1})"
             )
-            logger.info("%s: %s", where, report.notes[-1])
+            log.info("%s: %s", where, report.notes[-1])
             continue
         raise CheckpointError(
             f"{where}: shape mismatch for {key!r}: {model_name} expects {list(target.shape)}, the "

@@ -10,11 +10,11 @@ float32; ``rope_periods`` chooses which ones the model uses (method.md §2.7).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
+from cause_lightning.logs import get_logger
 from cause_lightning.models.checkpoints import (
     DINOV3_LAYOUT,
     CheckpointError,
@@ -25,7 +25,7 @@ from cause_lightning.models.frozen import BackboneSpec, FrozenBackbone
 
 __all__ = ["DINOv3Backbone", "ROPE_PERIODS", "build_dinov3", "dinov3_rope_periods"]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ROPE_PERIODS = ("reference", "fp32")
 ROPE_BASE = 100.0
@@ -209,7 +209,7 @@ def build_dinov3(spec: BackboneSpec, path: str | None, **kw: Any) -> DINOv3Backb
     overrides = {k: v for k, v in kw.items() if v is not None and v != arch.get(k)}
     arch.update(overrides)
     if overrides:
-        logger.info("backbone %s: architecture overrides %s", spec.name, overrides)
+        log.info("backbone %s: architecture overrides %s", spec.name, overrides)
 
     state: dict[str, torch.Tensor] | None = None
     file_periods = None
@@ -227,7 +227,7 @@ def build_dinov3(spec: BackboneSpec, path: str | None, **kw: Any) -> DINOv3Backb
         except CheckpointError as err:
             raise CheckpointError(f"{err} A {spec.name} file holds {DINOV3_LAYOUT}.") from None
         model.weights = path
-        logger.info(
+        log.info(
             "backbone %s: loaded %s as timm %s (%s)",
             spec.name,
             path,

@@ -17,7 +17,6 @@ whose dropout is a stage option (docs/method.md §6.3), not a side effect of ``t
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
+from cause_lightning.logs import get_logger
 from cause_lightning.ops import nearest_concept
 from cause_lightning.specs import HeadSpec
 
@@ -40,7 +40,7 @@ __all__ = [
     "head_spec",
 ]
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Hidden width of the TR decoder's feed-forward block (docs/method.md §5.2).
 TR_FFN_DIM = 2048

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from cause_lightning.logs import get_logger
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics
 from cause_lightning.models import ClusterProbe, LinearProbe
 from cause_lightning.modules.base import StageModule, linear_probe_loss, upsample_to
 from cause_lightning.modules.head import supervised_metrics
 from cause_lightning.ops import grid_sample_tokens, modularity_loss
-from cause_lightning.utils import get_logger
 
 __all__ = ["ProbeModule"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing
 import os
 import time
@@ -27,10 +26,11 @@ from cause_lightning.data.crops.codec import encode_crop_label
 from cause_lightning.data.crops.recipes import CropRecipe, make_crops
 from cause_lightning.data.datasets import open_image, open_label
 from cause_lightning.data.progress import make_progress
+from cause_lightning.logs import get_logger
 
 __all__ = ["build_crop_cache"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _decodes(path: Path) -> bool:
