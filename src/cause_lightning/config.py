@@ -363,7 +363,7 @@ RANGES: dict[str, Bound] = {
     "trainer.num_nodes": COUNT,
     "trainer.log_every_n_steps": COUNT,
     "trainer.accumulate_grad_batches": COUNT,
-    "trainer.limit_train_batches": POSITIVE,
+    "trainer.limit_train_batches": NON_NEGATIVE,  # 0 runs a stage without an optimiser step
     "trainer.limit_val_batches": NON_NEGATIVE,
     "trainer.num_sanity_val_steps": Bound(low=-1, integer=True),
     "callbacks.stage_checkpoint.every_n_train_steps": Bound(low=1, integer=True, optional=True),
