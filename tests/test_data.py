@@ -35,6 +35,7 @@ from cause_lightning.data.transforms import (
     center_crop,
     denormalize,
     normalize,
+    normalize_uint8,
     resize_short_side_nearest,
     squash_resize,
     to_tensor_normalized,
@@ -128,8 +129,9 @@ def test_seg_transform_label_geometry_and_ignore(mode):
     label[10:30, 20:60] = 255
     image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8))
     img_t, lab_t = SegTransform(res, mode=mode)(image, label)
-    assert img_t.shape == (3, res, res) and img_t.dtype == torch.float32
-    assert lab_t.shape == (res, res) and lab_t.dtype == torch.long
+    # uint8 across the worker boundary; normalised on the device (normalize_uint8).
+    assert img_t.shape == (3, res, res) and img_t.dtype == torch.uint8
+    assert lab_t.shape == (res, res) and lab_t.dtype == torch.uint8
     if mode == "crop":
         ow, oh = ref_short_side(w, h, res)
         rows, cols = pil_nearest_index(h, oh), pil_nearest_index(w, ow)
@@ -141,8 +143,9 @@ def test_seg_transform_label_geometry_and_ignore(mode):
     assert (lab_t == 255).any()
     # The image goes through the same geometry: compare one channel after undoing the normalisation.
     img_arr = np.asarray(image)
+    np.testing.assert_array_equal(img_t.numpy().transpose(1, 2, 0), img_arr[rows][:, cols])
     expected = (img_arr[rows][:, cols][..., 0] / 255.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
-    np.testing.assert_allclose(img_t[0].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(normalize_uint8(img_t)[0].numpy(), expected, atol=1e-5)
 
 
 def test_seg_transform_wide_label_values_survive():
@@ -473,8 +476,8 @@ def test_mosaic_datamodule_batches(mosaic):
     dm = MosaicDataModule(root=mosaic.root, train_res=32, test_res=40, batch_size=4, **MOSAIC_KW)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == torch.long
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == torch.uint8
     assert batch["index"].dtype == torch.long and batch["index"].shape == (4,)
     assert int(batch["label"].max()) < dm.num_classes
     val = next(iter(dm.val_dataloader()))
@@ -562,3 +565,20 @@ def test_folder_errors(tmp_path):
     assert len(dm.train_dataset) == 3 and dm.val_dataloader() == []
     with pytest.raises(ValueError, match="class_names"):
         FolderDataModule(tmp_path, num_classes=3, class_names=["a"])
+
+
+def test_normalize_uint8_equals_the_float_pipeline_and_labels_can_be_skipped(mosaic):
+    """Device-side normalisation of uint8 pixels gives the old in-worker float values exactly,
+    and a training split with ``train_labels`` off reads no label."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    pixels = SegTransform(16).image(image)  # 3 16 16 uint8
+    assert pixels.dtype == torch.uint8
+    geometry = SegTransform(16).geometry(image, Image.NEAREST)
+    assert torch.equal(normalize_uint8(pixels[None])[0], to_tensor_normalized(geometry))
+    dm = MosaicDataModule(root=mosaic.root, train_res=32, test_res=32, batch_size=4, **MOSAIC_KW)
+    dm.train_labels = False
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "label" not in batch and batch["image"].dtype == torch.uint8
+    assert "label" in next(iter(dm.val_dataloader()))

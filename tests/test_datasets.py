@@ -545,7 +545,7 @@ def test_cocostuff27_module_end_to_end(tmp_path: Path) -> None:
     dm.setup("fit")
     assert len(dm.train_dataset) == 15 and len(dm.val_dataset) == 2
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.long
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.uint8
     assert set(batch["label"].unique().tolist()) <= set(range(27)) | {255}
     lut27 = np.full(256, 255)
     for coarse, fines in COCO27_TABLE.items():

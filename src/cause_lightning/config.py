@@ -87,8 +87,9 @@ class EvalStageConfig:
     alpha: float = 3.0
     variants: list[str] = field(default_factory=lambda: ["raw", "flip", "crf", "flip_crf"])
     crf_iterations: int = 10
-    crf_workers: int = 0
+    crf_workers: int | None = None
     crf_timeout: float = 600.0
+    linear_crf: bool = True
     baselines: bool = True
     kmeans_iters: int = 30
     kmeans_restarts: int = 10

@@ -6,8 +6,11 @@ srgb=3, compat=4``, 10 mean-field iterations, on the de-normalised uint8 image (
 C-contiguous).
 
 ``pydensecrf`` (PyPI package ``pydensecrf2``, extra ``cause-lightning[crf]``) is optional and
-imported lazily. :class:`CRFRunner` runs images serially or in a small process pool with a
-per-batch timeout (reference defect #8 of method.md §11: the reference blocks on a 40-process pool).
+imported lazily. :class:`CRFRunner` runs images serially or in a process pool with a timeout
+(reference defect #8 of method.md §11: the reference blocks on a 40-process pool); its
+:meth:`~CRFRunner.submit` / :meth:`~CRFRunner.collect` pair lets the evaluation keep the
+accelerator busy with the next batches while the pool works, and returns label maps rather than
+probabilities when only the argmax is needed.
 
 This module imports only numpy at import time, so pool workers start without loading torch.
 """
@@ -218,9 +221,17 @@ def denormalize_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _crf_task(
-    image: np.ndarray, logits: np.ndarray, iterations: int, channel_order: Literal["rgb", "bgr"]
+    image: np.ndarray,
+    logits: np.ndarray,
+    iterations: int,
+    channel_order: Literal["rgb", "bgr"],
+    argmax: bool = False,
 ) -> np.ndarray:
-    return dense_crf(image, logits, iterations, channel_order)
+    probabilities = dense_crf(image, logits, iterations, channel_order)  # C H W
+    if not argmax:
+        return probabilities
+    # The label map is C times smaller than the probabilities: only it crosses back to the parent.
+    return probabilities.argmax(0).astype(np.uint8 if probabilities.shape[0] <= 256 else np.int64)
 
 
 def _default_start_method() -> str:
@@ -233,9 +244,10 @@ class CRFRunner:
     """Apply :func:`dense_crf` to a batch of images, serially or in a small reusable process pool.
 
     With ``num_workers > 0`` the pool is created on first use and reused across calls. If a batch
-    is not finished ``timeout`` seconds after submission, the pending work is cancelled, the
-    workers are terminated (never waited on), and :class:`TimeoutError` is raised; the next call
-    starts a fresh pool. The serial path cannot be interrupted and ignores ``timeout``.
+    is not finished ``timeout`` seconds after the caller starts waiting for it (:meth:`collect`),
+    the pending work is cancelled, the workers are terminated (never waited on), and
+    :class:`TimeoutError` is raised; the next call starts a fresh pool. The serial path cannot be
+    interrupted and ignores ``timeout``.
 
     The first pooled call also pays worker start-up: about 0.3 s, plus, when the parent was
     started from a script path (not ``python -m ...``), the time each worker needs to re-import
@@ -244,7 +256,7 @@ class CRFRunner:
 
     Args:
         num_workers: 0 for in-process execution, otherwise the number of worker processes.
-        timeout: seconds allowed per batch in pool mode.
+        timeout: seconds a caller waits for one batch in pool mode.
         iterations: mean-field iterations per image.
         start_method: multiprocessing start method (default ``forkserver`` where available, else
             ``spawn``; ``fork`` is refused because the parent usually holds torch threads).
@@ -282,49 +294,90 @@ class CRFRunner:
         self._executor: cf.ProcessPoolExecutor | None = None
 
     def __call__(
-        self, images: Sequence[np.ndarray], logits: Sequence[np.ndarray | torch.Tensor]
+        self,
+        images: Sequence[np.ndarray],
+        logits: Sequence[np.ndarray | torch.Tensor],
+        argmax: bool = False,
     ) -> list[np.ndarray]:
-        """Run the CRF on each (image, logits) pair.
+        """Run the CRF on each (image, logits) pair and wait for the results.
 
         Args:
             images: uint8 ``[H, W, 3]`` arrays.
             logits: ``[C, H, W]`` scores (numpy or torch), one per image.
+            argmax: Return label maps ``[H, W]`` (uint8 up to 256 classes, else int64) instead of
+                probabilities.
 
         Returns:
-            float32 ``[C, H, W]`` probabilities, in input order.
+            float32 ``[C, H, W]`` probabilities (or ``[H, W]`` labels), in input order.
 
         Raises:
             ValueError: if the two lists differ in length.
             TimeoutError: if a pooled batch exceeds ``timeout`` (the pool is then shut down).
             RuntimeError: if ``pydensecrf`` is missing or a worker process died.
         """
+        return self.collect(self.submit(images, logits, argmax=argmax))
+
+    def submit(
+        self,
+        images: Sequence[np.ndarray],
+        logits: Sequence[np.ndarray | torch.Tensor],
+        argmax: bool = False,
+    ) -> list[cf.Future]:
+        """Start the CRF of each (image, logits) pair and return without waiting.
+
+        With a pool the work runs in the workers while the caller goes on (e.g. with the next
+        batch on the accelerator); without one it runs here, before this returns.
+
+        Args:
+            images: uint8 ``[H, W, 3]`` arrays.
+            logits: ``[C, H, W]`` scores (numpy or torch), one per image.
+            argmax: Return label maps instead of probabilities (see :meth:`__call__`).
+
+        Returns:
+            One future per image; pass the list to :meth:`collect`.
+
+        Raises:
+            ValueError: if the two lists differ in length.
+            RuntimeError: if ``pydensecrf`` is missing or the pool is broken.
+        """
         if len(images) != len(logits):
             raise ValueError(f"got {len(images)} images but {len(logits)} logit maps.")
         _import_pydensecrf()  # fail fast in the parent with the install hint
         # Validate (and move off the GPU) in the parent so errors name the caller's problem.
         pairs = [(_check_image(im), _check_logits(lg)) for im, lg in zip(images, logits)]
-        if self.num_workers == 0 or not pairs:
-            return [dense_crf(im, lg, self.iterations, self.channel_order) for im, lg in pairs]
-        return self._run_pool(pairs)
-
-    def _pool(self) -> cf.ProcessPoolExecutor:
-        if self._executor is None:
-            context = multiprocessing.get_context(self.start_method)
-            self._executor = cf.ProcessPoolExecutor(self.num_workers, mp_context=context)
-        return self._executor
-
-    def _run_pool(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        if self.num_workers == 0:
+            futures = []
+            for im, lg in pairs:
+                future: cf.Future = cf.Future()
+                future.set_result(_crf_task(im, lg, self.iterations, self.channel_order, argmax))
+                futures.append(future)
+            return futures
         executor = self._pool()
-        start = time.monotonic()
         try:
-            futures = [
-                executor.submit(_crf_task, im, lg, self.iterations, self.channel_order)
+            return [
+                executor.submit(_crf_task, im, lg, self.iterations, self.channel_order, argmax)
                 for im, lg in pairs
             ]
-            done, pending = cf.wait(futures, timeout=self.timeout, return_when=cf.FIRST_EXCEPTION)
         except cf.process.BrokenProcessPool as err:
             self._kill_pool()
             raise RuntimeError(_BROKEN_POOL) from err
+
+    def collect(self, futures: Sequence[cf.Future]) -> list[np.ndarray]:
+        """Wait for futures of :meth:`submit` (at most ``timeout`` seconds from this call).
+
+        Args:
+            futures: Futures returned by :meth:`submit`.
+
+        Returns:
+            Their results, in order.
+
+        Raises:
+            TimeoutError: if they are not all done within ``timeout`` (the pool is shut down).
+            RuntimeError: if a worker process died (the pool is shut down).
+        """
+        start = time.monotonic()
+        try:
+            done, pending = cf.wait(futures, timeout=self.timeout, return_when=cf.FIRST_EXCEPTION)
         except BaseException:
             # e.g. KeyboardInterrupt while waiting: never leave busy workers behind
             self._kill_pool()
@@ -341,12 +394,18 @@ class CRFRunner:
         if pending:
             self._kill_pool()
             raise TimeoutError(
-                f"DenseCRF on {len(pairs)} images did not finish within {self.timeout:.1f} s "
+                f"DenseCRF on {len(futures)} images did not finish within {self.timeout:.1f} s "
                 f"({len(pending)} unfinished; elapsed {time.monotonic() - start:.1f} s). The "
-                "worker pool was terminated. Raise CRFRunner(timeout=...), lower the batch size, "
-                "or use more workers."
+                "worker pool was terminated. Raise the timeout (method.eval.crf_timeout), lower "
+                "the batch size, or use more workers."
             )
         return [f.result() for f in futures]
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        if self._executor is None:
+            context = multiprocessing.get_context(self.start_method)
+            self._executor = cf.ProcessPoolExecutor(self.num_workers, mp_context=context)
+        return self._executor
 
     def _kill_pool(self) -> None:
         executor, self._executor = self._executor, None

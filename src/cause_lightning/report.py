@@ -232,7 +232,14 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
     variant = report["record_variant"]
     used, total = report["clusters_used"], report["num_clusters"]
     probe_used = used[f"cluster/{variant}"]
-    kmeans = f", k-means {used['baseline/kmeans']}" if "baseline/kmeans" in used else ""
+    kmeans = "".join(
+        f", {label} {used[key]}"
+        for key, label in (
+            ("baseline/kmeans", "k-means (backbone)"),
+            ("baseline/kmeans_head", "k-means (head)"),
+        )
+        if key in used
+    )
     console.print(f"clusters predicting any pixel: cluster probe {probe_used}{kmeans} (of {total})")
     if probe_used < total:
         log.warning(

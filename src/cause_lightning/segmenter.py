@@ -376,11 +376,16 @@ class Segmenter(nn.Module):
         """Cluster ids for a normalised batch.
 
         Args:
-            images: normalised ``[B, 3, H, W]`` (sizes as in the class docstring).
+            images: normalised ``[B, 3, H, W]`` (sizes as in the class docstring), or uint8
+                pixels as the data loaders give them.
 
         Returns:
             LongTensor ``[B, H, W]`` with values in ``[0, C)``, on the module's device.
         """
+        if images.dtype == torch.uint8:  # a batch straight from the data loaders
+            from cause_lightning.data.transforms import normalize_uint8
+
+            images = normalize_uint8(images.to(self.centroids.device))
         cos = self.logits(images)  # B C H W
         pixels = None
         if self._use_crf():

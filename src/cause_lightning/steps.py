@@ -8,7 +8,9 @@ alone, chained by ``stage=all``, inside a multirun, or on another machine find e
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
+import tempfile
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -35,9 +37,10 @@ from cause_lightning.config import derive, to_plain
 from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
 from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
+from cause_lightning.sharing import ensure_tensor_sharing
 from cause_lightning.specs import BackboneRef, HeadSpec, ModelSpec, Resolution, SpecError
 from cause_lightning.tracking import instantiate_logger, publish_step
-from cause_lightning.utils import instantiate_group
+from cause_lightning.utils import cores_per_rank, instantiate_group
 
 __all__ = ["Pipeline", "STEPS"]
 
@@ -82,6 +85,11 @@ class Pipeline:
         else:
             count = int(devices)
         return count * int(trainer.get("num_nodes", 1) or 1)
+
+    @property
+    def local_processes(self) -> int:
+        """Processes of this run on one node (the world size divided by the nodes)."""
+        return max(1, self.world_size // int(self.cfg.trainer.get("num_nodes", 1) or 1))
 
     @property
     def derived(self) -> DictConfig:
@@ -157,13 +165,16 @@ class Pipeline:
     def datamodule(self, step: str, batch_size: int) -> pl.LightningDataModule:
         resolution = self.derived.resolution
         train_res = resolution["mediator" if step == "mediator" else "head"]
-        return instantiate(
+        data = instantiate(
             self.cfg.data.module,
             train_res=int(train_res),
             test_res=int(resolution.test),
             batch_size=int(batch_size),
             seed=int(self.cfg.seed),
         )
+        if step == "mediator" and hasattr(data, "train_labels"):
+            data.train_labels = False  # stage 1 is label-free: do not decode them
+        return data
 
     def trainer(
         self, step: str, max_epochs: int | None = None, clip: float | None = None
@@ -178,6 +189,8 @@ class Pipeline:
                 and callback.dirpath is None
             ):
                 callback.dirpath = str(self.checkpoint_dir(step))
+        if "spawn" in str(self.cfg.trainer.get("strategy") or ""):
+            ensure_tensor_sharing()
         if step != "eval" and self.cfg.trainer.get("strategy") == "ddp_spawn":
             from cause_lightning.callbacks import DestroyProcessGroup
 
@@ -640,6 +653,7 @@ class Pipeline:
             alpha=eval_cfg.alpha,
             variants=variants,
             crf_runner=crf_runner,
+            linear_crf=bool(eval_cfg.linear_crf),
             baselines=eval_cfg.baselines,
             kmeans_iters=eval_cfg.kmeans_iters,
             kmeans_restarts=eval_cfg.kmeans_restarts,
@@ -649,14 +663,19 @@ class Pipeline:
         )
         trainer = self.trainer("eval")
         data = self.datamodule("eval", eval_cfg.batch_size)
+        # A spawning strategy runs the loop in child processes: rank 0 leaves its outcome here.
+        module.handoff = Path(tempfile.mkdtemp(prefix="cause-eval-")) / "outcome.pt"
         try:
             trainer.test(module, datamodule=data, verbose=False)
+            module.receive()
             if eval_cfg.baselines:
                 module.phase = "kmeans"
                 trainer.test(module, datamodule=data, verbose=False)
+                module.receive()
         finally:
             if crf_runner is not None:
                 crf_runner.close()
+            shutil.rmtree(module.handoff.parent, ignore_errors=True)
         results = dict(module.results)
         if trainer.is_global_zero:
             results.update(
@@ -684,8 +703,11 @@ class Pipeline:
                 '(pip install "cause-lightning[crf]" to report the published protocol)'
             )
             return None
+        workers = eval_cfg.crf_workers
+        if workers is None:  # the cores of this process, less one for the loop itself
+            workers = max(1, cores_per_rank(self.local_processes) - 1)
         return CRFRunner(
-            num_workers=int(eval_cfg.crf_workers),
+            num_workers=int(workers),
             timeout=float(eval_cfg.crf_timeout),
             iterations=int(eval_cfg.crf_iterations),
         )

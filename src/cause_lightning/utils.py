@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig
 
 from cause_lightning.logs import get_logger, is_global_zero
 
-__all__ = ["get_logger", "instantiate_group", "finish_wandb", "is_global_zero"]
+__all__ = [
+    "get_logger",
+    "instantiate_group",
+    "finish_wandb",
+    "is_global_zero",
+    "cores_per_rank",
+]
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -40,3 +47,22 @@ def finish_wandb(exit_code: int = 0) -> None:
         return
     if wandb.run is not None:
         wandb.finish(exit_code=exit_code)
+
+
+def cores_per_rank(local_processes: int = 1) -> int:
+    """CPU cores this process may use, shared fairly among the processes of one node.
+
+    Counts the cores the process is allowed to run on (CPU affinity, which containers and job
+    schedulers restrict), not the machine's total.
+
+    Args:
+        local_processes: Processes of this run on the node (DDP ranks per node).
+
+    Returns:
+        At least 1.
+    """
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        available = os.cpu_count() or 1
+    return max(1, available // max(1, int(local_processes)))

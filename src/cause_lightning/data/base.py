@@ -8,9 +8,11 @@ A concrete data module fills the class attributes ``name``, ``num_classes``, ``c
   :class:`DatasetNotFoundError` with the layout and the ``stage=prepare`` command;
 * ``setup(stage)``: the train split at ``train_res`` and the val split at ``test_res`` (test = val
   split);
-* loaders yielding ``{"image": [B,3,H,W], "label": long [B,H,W], "index": long [B]}`` with seeded
-  shuffling, ``pin_memory`` only when CUDA exists and ``persistent_workers`` when ``num_workers >
-  0`` (rule P9);
+* loaders yielding ``{"image": uint8 [B,3,H,W], "label": uint8 [B,H,W], "index": long [B]}``
+  (the stage modules normalise on the accelerator) with seeded shuffling, ``pin_memory`` only when
+  CUDA exists and ``persistent_workers`` when ``num_workers > 0`` (rule P9); ``num_workers=None``
+  takes the cores available to each process of the node, less one;
+* ``train_labels = False`` (set by the mediator stage) skips reading training labels;
 * a resumable training loader in a single-process run: the order of epoch ``e`` is a function of
   ``(seed, e)`` and the loader's state (epoch, batches served) goes into Lightning checkpoints, so a
   run resumed mid-epoch sees exactly the batches the interrupted run had left.
@@ -167,7 +169,8 @@ class SegDataModule(L.LightningDataModule):
         train_res: Side of the training images (protocol: 320 TR / 224 MLP / 322 DINOv2 TR).
         test_res: Side of the validation/test images (320, or 322 for DINOv2).
         batch_size: Training batch size per device.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers per process; ``None``: the cores available to each
+            process of the node, less one for the process itself.
         eval_batch_size: Val/test batch size (defaults to ``batch_size``).
         limit_train: Use only this many training samples (a seeded random subset), or all when
             ``None``.
@@ -188,7 +191,7 @@ class SegDataModule(L.LightningDataModule):
         train_res: int = 320,
         test_res: int = 320,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         eval_batch_size: int | None = None,
         limit_train: int | None = None,
         seed: int = 0,
@@ -201,15 +204,17 @@ class SegDataModule(L.LightningDataModule):
         for key, value in checks:
             if int(value) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}.")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}.")
+        if num_workers is not None and int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0 or null (automatic), got {num_workers!r}.")
         if limit_train is not None and int(limit_train) < 1:
             raise ValueError(f"limit_train must be a positive integer or None, got {limit_train!r}")
         self.root = Path(root).expanduser()
         self.train_res = int(train_res)
         self.test_res = int(test_res)
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = None if num_workers is None else int(num_workers)
+        #: Read labels of the training split (stage 1 trains without them).
+        self.train_labels = True
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size else self.batch_size
         self.limit_train = None if limit_train is None else int(limit_train)
         self.seed = int(seed)
@@ -298,6 +303,9 @@ class SegDataModule(L.LightningDataModule):
         """
         if stage in ("fit", None) and self.train_dataset is None:
             self.train_dataset = self._limit(self.build_dataset("train", self.train_res))
+            base = getattr(self.train_dataset, "dataset", self.train_dataset)  # through a Subset
+            if hasattr(base, "load_labels"):
+                base.load_labels = self.train_labels
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self.build_dataset("val", self.test_res)
         if stage in ("test", None) and self.test_dataset is None:
@@ -330,12 +338,13 @@ class SegDataModule(L.LightningDataModule):
         # A loader-owned generator: creating an iterator never draws from the global random state
         # (dropout's), so evaluating or resuming does not shift the training draws.
         generator = torch.Generator().manual_seed(self.seed)
+        workers = self.workers()
         common: dict[str, Any] = {
             "batch_size": batch_size,
             "drop_last": False,
-            "num_workers": self.num_workers,
+            "num_workers": workers,
             "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
+            "persistent_workers": workers > 0,
             "generator": generator,
         }
         trainer = getattr(self, "trainer", None)
@@ -344,6 +353,16 @@ class SegDataModule(L.LightningDataModule):
             return ResumableLoader(dataset, sampler=sampler, **common)
         sampler = self._distributed_sampler(dataset, split)
         return DataLoader(dataset, shuffle=shuffle, sampler=sampler, **common)
+
+    def workers(self) -> int:
+        """DataLoader workers of this process (``num_workers``, or from the available cores)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        from cause_lightning.utils import cores_per_rank
+
+        trainer = getattr(self, "trainer", None)
+        local = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1
+        return cores_per_rank(local) - 1
 
     def _distributed_sampler(self, dataset: Dataset, split: str) -> Sampler | None:
         """The DDP samplers Lightning would not choose by itself (``None``: Lightning's default).

@@ -2,8 +2,9 @@
 
 * :class:`SegmentationDataset`: a list of ``(image path, label path | None)`` pairs, an optional
   label decoder (raw ids -> contiguous class ids, everything else 255) and a
-  :class:`~.transforms.SegTransform`. Items are ``{"image": float [3,H,W], "label": long [H,W],
-  "index": int}``.
+  :class:`~.transforms.SegTransform`. Items are ``{"image": uint8 [3,H,W], "label": uint8 [H,W],
+  "index": int}`` (normalised on the accelerator by the stage modules); with ``load_labels``
+  off (stage 1 needs none) the label file is not read and the item has no ``"label"``.
 * :class:`ImageFolderDataset`: unlabelled images for ``stage=predict``; images keep their aspect
   ratio (shorter side -> ``res``, both sides snapped to a multiple of the backbone's patch). Items
   are ``{"image": [3,H,W], "path": str, "size": long [2] (original H, W)}``; :func:`collate_predict`
@@ -130,8 +131,12 @@ class SegmentationDataset(Dataset):
             workers.
 
     Returns from ``__getitem__``:
-        ``{"image": float32 [3,res,res], "label": long [res,res], "index": int}``.
+        ``{"image": uint8 [3,res,res], "label": uint8 [res,res], "index": int}``; without the
+        ``"label"`` entry when :attr:`load_labels` is off.
     """
+
+    #: Read and transform the label files (the mediator stage switches this off).
+    load_labels: bool = True
 
     def __init__(
         self,
@@ -159,6 +164,8 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.samples[index]
         image = open_image(image_path)
+        if not self.load_labels:
+            return {"image": self.transform.image(image), "index": index}
         label = None
         if label_path is not None:
             label = open_label(label_path)

@@ -85,7 +85,7 @@ class FolderDataModule(SegDataModule):
         train_res: Training side after the protocol transform.
         test_res: Evaluation side.
         batch_size: Training batch size.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers per process (None: from the available cores).
         eval_batch_size: Val/test batch size.
         limit_train: Use only this many training images.
         seed: Shuffle / subset seed.
@@ -110,7 +110,7 @@ class FolderDataModule(SegDataModule):
         train_res: int = 320,
         test_res: int = 320,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         eval_batch_size: int | None = None,
         limit_train: int | None = None,
         seed: int = 0,

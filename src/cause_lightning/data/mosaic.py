@@ -360,7 +360,7 @@ class MosaicDataModule(SegDataModule):
         train_res: Training side after the protocol transform (default ``image_size``).
         test_res: Evaluation side (default ``image_size``).
         batch_size: Training batch size.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers per process (None: from the available cores).
         eval_batch_size: Val/test batch size.
         limit_train: Use only this many training scenes.
         shuffle: Shuffle the training loader (see :class:`SegDataModule`).
@@ -390,7 +390,7 @@ class MosaicDataModule(SegDataModule):
         train_res: int | None = None,
         test_res: int | None = None,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         eval_batch_size: int | None = None,
         limit_train: int | None = None,
         shuffle: bool = True,

@@ -231,7 +231,7 @@ class RealSegDataModule(SegDataModule):
         train_res: side of the training crops after the protocol transform.
         test_res: side of the evaluation images (320; DINOv2 322).
         batch_size: training batch size per device.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers per process (None: from the available cores).
         eval_batch_size: val/test batch size (default ``batch_size``).
         limit_train: use only a seeded random subset of this many training crops.
         seed: seeds the shuffle and the subset.
@@ -264,7 +264,7 @@ class RealSegDataModule(SegDataModule):
         train_res: int = 320,
         test_res: int = 320,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         eval_batch_size: int | None = None,
         limit_train: int | None = None,
         seed: int = 0,

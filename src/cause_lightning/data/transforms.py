@@ -3,7 +3,9 @@
 Train and test share one recipe: resize the **shorter side** to ``res`` with PIL's *nearest*
     interpolation
 (image and label alike), then centre-crop ``res x res`` (COCO, Cityscapes, mosaic); VOC squashes to
-``res x res`` instead. Images are then scaled to [0, 1] and ImageNet-normalised.
+``res x res`` instead. :class:`SegTransform` returns uint8 images and labels (what crosses the
+DataLoader's worker boundary); the stage modules scale them to [0, 1] and ImageNet-normalise them
+on the accelerator (:func:`normalize_uint8`).
 
 Exact geometry (torchvision/PIL semantics, needed for pixel parity with the reference evaluation):
 
@@ -31,12 +33,15 @@ __all__ = [
     "denormalize",
     "ensure_rgb",
     "label_to_pil",
+    "label_to_compact_tensor",
     "label_to_tensor",
     "normalize",
+    "normalize_uint8",
     "resize_short_side_nearest",
     "short_side_size",
     "squash_resize",
     "to_tensor_normalized",
+    "to_tensor_uint8",
 ]
 
 
@@ -191,6 +196,23 @@ def normalize(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor - mean) / std
 
 
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``[3,H,W]`` or ``[B,3,H,W]`` -> ImageNet-normalised float32, on their device.
+
+    The data loaders hand uint8 images across the worker boundary (4x less memory than float32)
+    and the stage modules normalise them here, on the accelerator. The arithmetic is that of
+    :func:`to_tensor_normalized` (float32 ``x / 255``, then :func:`normalize`), so the values are
+    identical on the CPU.
+
+    Args:
+        images: uint8 tensor with the channel axis at -3.
+
+    Returns:
+        float32 tensor of the same shape.
+    """
+    return normalize(images.float() / 255.0)
+
+
 def denormalize(tensor: torch.Tensor) -> torch.Tensor:
     """Invert :func:`normalize` (values back in [0, 1] for a normalised image).
 
@@ -217,6 +239,19 @@ def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(ensure_rgb(img), dtype=np.float32) / 255.0  # H W 3
     tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # 3 H W
     return normalize(tensor)
+
+
+def to_tensor_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL image -> uint8 tensor ``[3,H,W]`` (normalise with :func:`normalize_uint8`).
+
+    Args:
+        img: PIL image (converted to RGB if needed).
+
+    Returns:
+        uint8 tensor ``[3,H,W]``.
+    """
+    arr = np.asarray(ensure_rgb(img), dtype=np.uint8)  # H W 3
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # 3 H W
 
 
 def label_to_pil(label: np.ndarray | Image.Image) -> Image.Image:
@@ -263,6 +298,26 @@ def label_to_tensor(label: np.ndarray | Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
 
 
+def label_to_compact_tensor(label: np.ndarray | Image.Image) -> torch.Tensor:
+    """Label map -> uint8 tensor ``[H,W]`` when every id fits (255 = ignore), else ``torch.long``.
+
+    Labels cross the DataLoader's worker boundary in uint8 (8x less than int64); the stage
+    modules widen them to long on the accelerator.
+
+    Args:
+        label: ``[H,W]`` integer array or a label PIL image (``L``/``P``/``I``).
+
+    Returns:
+        uint8 or long tensor ``[H,W]``.
+    """
+    arr = np.asarray(label)
+    if arr.ndim != 2:
+        raise ValueError(f"A label map must be 2-D [H,W], got shape {arr.shape}.")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        return torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64)))
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.uint8)))
+
+
 class SegTransform:
     """Joint protocol transform for an image and its label map (protocol.md §2).
 
@@ -300,6 +355,17 @@ class SegTransform:
             return squash_resize(img, self.res, resample=resample)
         return center_crop(resize_short_side_nearest(img, self.res, resample=resample), self.res)
 
+    def image(self, image: Image.Image) -> torch.Tensor:
+        """Transform an image alone (no label decoded).
+
+        Args:
+            image: PIL image (non-RGB images are converted).
+
+        Returns:
+            uint8 ``[3,res,res]``.
+        """
+        return to_tensor_uint8(self.geometry(ensure_rgb(image), self.image_resample))
+
     def __call__(
         self,
         image: Image.Image,
@@ -312,7 +378,8 @@ class SegTransform:
             label: ``[H,W]`` class-id map of the image's size, or ``None`` (then all 255).
 
         Returns:
-            ``(image [3,res,res] float32 normalised, label [res,res] long)``.
+            ``(image [3,res,res] uint8, label [res,res] uint8)`` (labels with ids above 255 come
+            as long).
 
         Raises:
             ValueError: If the label's size differs from the image's, or the image is empty.
@@ -320,7 +387,7 @@ class SegTransform:
         image = ensure_rgb(image)
         img_out = self.geometry(image, self.image_resample)
         if label is None:
-            label_t = torch.full((self.res, self.res), IGNORE_INDEX, dtype=torch.long)
+            label_t = torch.full((self.res, self.res), IGNORE_INDEX, dtype=torch.uint8)
         else:
             label_img = label_to_pil(label)
             if label_img.size != image.size:
@@ -328,5 +395,5 @@ class SegTransform:
                     f"Label size {label_img.size} (WxH) does not match image size {image.size}; "
                     "masks must have exactly the image's pixel grid."
                 )
-            label_t = label_to_tensor(self.geometry(label_img, Image.NEAREST))  # res res
-        return to_tensor_normalized(img_out), label_t
+            label_t = label_to_compact_tensor(self.geometry(label_img, Image.NEAREST))  # res res
+        return to_tensor_uint8(img_out), label_t

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.data.transforms import normalize_uint8
 from cause_lightning.ops import grid_sample_index
 
 __all__ = [
@@ -173,6 +174,22 @@ class StageModule(pl.LightningModule):
         """Global-batch position of each local image: ``arange(B) * W + rank`` (long ``[B]``)."""
         world, rank = self.world()
         return torch.arange(batch, device=self.device) * world + rank
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise uint8 images and widen uint8 labels on the device (every stage).
+
+        The loaders send uint8 pixels and labels across the worker boundary and to the device
+        (a quarter and an eighth of float32 / int64); float images pass unchanged.
+        """
+        if not isinstance(batch, dict):
+            return batch
+        image = batch.get("image")
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            batch["image"] = normalize_uint8(image)  # B 3 H W float32
+        label = batch.get("label")
+        if isinstance(label, torch.Tensor) and label.dtype != torch.long:
+            batch["label"] = label.long()  # B H W
+        return batch
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:

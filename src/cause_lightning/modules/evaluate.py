@@ -1,15 +1,29 @@
 """Evaluation (method.md §7, protocol.md §4-§5): four unsupervised variants, the linear-probe
-diagnostic and two label-free baselines, all scored by one dataset-level Hungarian matching.
+diagnostic and three label-free baselines, all scored by one dataset-level Hungarian matching.
 
 Variants of the cluster probe: ``raw`` (no flip, no CRF), ``flip`` (h-flip average on the token
 grid), ``crf`` and ``flip_crf`` (the published protocol: ``log_softmax(alpha * cos)`` refined by
-DenseCRF). The linear probe is supervised and reported as a labelled diagnostic (``raw``, ``crf``).
-Baselines: k-means on the raw backbone features (fitted on the evaluated images, a second pass) and
-the majority class.
+DenseCRF). The linear probe is supervised and reported as a labelled diagnostic (``raw``, and
+``crf`` unless switched off). Baselines: spherical k-means on the raw backbone features
+(``kmeans``) and on the trained head's features (``kmeans_head``), both fitted on tokens of the
+evaluated images and scored in a second pass, and the majority class.
+
+The CRF runs on the CPU, off the accelerator's critical path: each batch's unaries are handed to
+the :class:`~cause_lightning.crf.CRFRunner` pool, which returns label maps (the argmax is taken in
+the workers), and the loop goes on with the next batches while the pool works. The metrics are
+updated as results come back (confusion counts do not depend on the order).
+
+Under a spawning DDP strategy (``ddp_spawn``) the loop runs in child processes: global rank 0
+writes what the report needs (metrics, examples, k-means centroids) to :attr:`EvalModule.handoff`
+at the end of each test run, and the parent reads it back with :meth:`EvalModule.receive`.
 """
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +37,13 @@ from cause_lightning.models import LinearProbe
 from cause_lightning.modules.base import StageModule, upsample_to
 from cause_lightning.modules.head import supervised_metrics
 
-__all__ = ["EvalModule", "VARIANTS", "cosine_logits"]
+__all__ = ["EvalModule", "VARIANTS", "KMEANS_BASELINES", "cosine_logits", "cosine_argmax"]
 
 VARIANTS = ("raw", "flip", "crf", "flip_crf")
+# k-means baselines: name -> which features they cluster.
+KMEANS_BASELINES = {"kmeans": "backbone", "kmeans_head": "head"}
+# Upsampled features kept at once by `cosine_argmax` (floats): ~1 GiB in float32.
+COSINE_CHUNK_ELEMENTS = 1 << 28
 
 
 def cosine_logits(
@@ -33,16 +51,59 @@ def cosine_logits(
 ) -> torch.Tensor:
     """Cosine similarity of upsampled, per-pixel normalised features to normalised centroids.
 
+    Computed in float32 whatever the autocast context, so near-tie argmaxes do not depend on the
+    training precision.
+
     Args:
         features: ``[B, R, h, w]`` head (or backbone) features.
         centroids: ``[C, R]`` centroids (normalised here).
         size: Label size ``(H, W)``.
 
     Returns:
-        ``[B, C, H, W]`` cosine similarities.
+        ``[B, C, H, W]`` float32 cosine similarities.
     """
-    pixels = F.normalize(upsample_to(features, size), dim=1)  # B R H W
-    return torch.einsum("brhw,cr->bchw", pixels, F.normalize(centroids, dim=1))
+    with torch.autocast(features.device.type, enabled=False):
+        pixels = F.normalize(upsample_to(features.float(), size), dim=1)  # B R H W
+        return torch.einsum("brhw,cr->bchw", pixels, F.normalize(centroids.float(), dim=1))
+
+
+def cosine_argmax(
+    features: torch.Tensor,
+    centroids: torch.Tensor,
+    size: tuple[int, int],
+    max_elements: int = COSINE_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Argmax of :func:`cosine_logits`, a few images at a time.
+
+    The upsampled features of a whole batch of wide backbone features are large (768 channels at
+    320x320 is 315 MB per image); chunks of images keep at most ``max_elements`` of them at once.
+    Each image is computed exactly as in one call.
+
+    Args:
+        features: ``[B, R, h, w]`` features.
+        centroids: ``[C, R]`` centroids.
+        size: Label size ``(H, W)``.
+        max_elements: Upsampled feature values allowed at once (at least one image is taken).
+
+    Returns:
+        ``[B, H, W]`` long cluster indices.
+    """
+    per_image = features.shape[1] * size[0] * size[1]
+    step = max(1, max_elements // max(1, per_image))
+    return torch.cat(
+        [cosine_logits(chunk, centroids, size).argmax(1) for chunk in features.split(step)]
+    )
+
+
+@dataclass
+class _PendingCRF:
+    """CRF label maps of one batch and one row, still being computed by the pool."""
+
+    metric: Any
+    labels: torch.Tensor  # B H W, on the module's device
+    futures: list[Future]
+    variant: str | None = None  # cluster variant whose examples wait for these maps
+    examples: list[int | None] = field(default_factory=list)  # example slot per image
 
 
 class EvalModule(StageModule):
@@ -56,12 +117,15 @@ class EvalModule(StageModule):
         num_classes: C.
         alpha: Softmax sharpness of the CRF unary (3 in the reference).
         variants: Cluster-probe variants to compute (subset of ``VARIANTS``).
-        crf_runner: Callable ``(images, logits) -> probabilities`` (``crf.CRFRunner``) or None
-            when CRF variants are not requested.
+        crf_runner: ``crf.CRFRunner`` or None when CRF variants are not requested.
+        linear_crf: Also refine the linear probe with the CRF (a third CRF per image).
+        crf_in_flight: CRF images submitted but not collected before the loop waits for the
+            oldest batch (bounds host memory; default: four per pool worker, at least 8).
         baselines: Also compute the k-means and majority baselines.
-        kmeans_iters: Lloyd iterations of the k-means baseline.
-        kmeans_restarts: k-means++ seedings of the baseline; the best objective is kept.
-        kmeans_max_tokens: Tokens sampled from the evaluated images to fit k-means.
+        kmeans_iters: Lloyd iterations of the k-means baselines.
+        kmeans_restarts: k-means++ seedings of the baselines; the best objective is kept.
+        kmeans_max_tokens: Tokens sampled from the evaluated images to fit k-means, over all
+            processes (each samples its share).
         save_images: Number of images whose predictions are kept for the report.
         seed: Seed of the k-means token sampling and seeding.
     """
@@ -76,6 +140,8 @@ class EvalModule(StageModule):
         alpha: float = 3.0,
         variants: tuple[str, ...] | list[str] = VARIANTS,
         crf_runner: Any = None,
+        linear_crf: bool = True,
+        crf_in_flight: int | None = None,
         baselines: bool = True,
         kmeans_iters: int = 30,
         kmeans_restarts: int = 10,
@@ -83,7 +149,7 @@ class EvalModule(StageModule):
         save_images: int = 16,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, seed=seed)
         unknown = sorted(set(variants) - set(VARIANTS))
         if unknown:
             raise ValueError(f"unknown eval variants {unknown}; choose from {list(VARIANTS)}")
@@ -102,32 +168,42 @@ class EvalModule(StageModule):
         self.crf_runner = crf_runner
         if crf_runner is None and any("crf" in v for v in self.variants):
             raise ValueError("CRF variants requested without a CRF runner")
+        workers = int(getattr(crf_runner, "num_workers", 0) or 0)
+        self.crf_in_flight = int(crf_in_flight or max(8, 4 * workers))
         self.baselines = baselines
         self.kmeans_iters = kmeans_iters
         self.kmeans_restarts = kmeans_restarts
         self.kmeans_max_tokens = kmeans_max_tokens
         self.save_images = save_images
-        self.seed = seed
-        self.phase = "main"  # "main", then "kmeans" for the baseline's second pass
+        self.phase = "main"  # "main", then "kmeans" for the baselines' second pass
+        self.handoff: Path | None = None  # where rank 0 leaves its outcome for a spawning parent
         self.cluster_metrics = nn.ModuleDict(
             {v: UnsupervisedSegmentationMetrics(num_classes) for v in self.variants}
         )
         self.linear_metrics = nn.ModuleDict(
             {
                 "raw": supervised_metrics(num_classes, ""),
-                **({"crf": supervised_metrics(num_classes, "")} if crf_runner else {}),
+                **(
+                    {"crf": supervised_metrics(num_classes, "")}
+                    if crf_runner and linear_crf
+                    else {}
+                ),
             }
         )
         self.baseline_metrics = nn.ModuleDict(
             {
                 "majority": UnsupervisedSegmentationMetrics(num_classes),
-                "kmeans": UnsupervisedSegmentationMetrics(num_classes),
+                **{name: UnsupervisedSegmentationMetrics(num_classes) for name in KMEANS_BASELINES},
             }
         )
-        self.kmeans_centroids: torch.Tensor | None = None
-        self._token_samples: list[torch.Tensor] = []
+        self.kmeans_centroids: dict[str, torch.Tensor] = {}
+        self._token_samples: dict[str, list[torch.Tensor]] = {k: [] for k in KMEANS_BASELINES}
         self._sampled_tokens = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        # Built when a test run starts: a torch.Generator held here would be pickled into spawned
+        # processes as a temporary tensor, which torch's file-descriptor sharing cannot pass on.
+        self._generator: torch.Generator | None = None
+        self._pending: list[_PendingCRF] = []
+        self._ran_here = False
         self.examples: list[dict[str, np.ndarray]] = []
         self.results: dict[str, Any] = {}
 
@@ -136,85 +212,175 @@ class EvalModule(StageModule):
         self.head.eval()
         return self
 
-    def _crf(self, images: torch.Tensor, log_probabilities: torch.Tensor) -> torch.Tensor:
-        from cause_lightning.crf import denormalize_to_uint8
+    # ------------------------------------------------------------------ batches
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.phase == "main" and isinstance(batch, dict) and self._needs_pixels():
+            batch["crf_pixels"] = _crf_pixels(batch["image"])  # stays on the host (numpy)
+        return batch
 
-        pictures = [denormalize_to_uint8(image) for image in images]
-        logits = [lp.float().cpu().numpy() for lp in log_probabilities]
-        refined = self.crf_runner(pictures, logits)
-        return torch.from_numpy(np.stack(refined)).to(log_probabilities.device).argmax(1)
+    def _needs_pixels(self) -> bool:
+        return self.crf_runner is not None or len(self.examples) < self.save_images
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_test_start(self) -> None:
+        self._ran_here = True
+        if self.phase == "main":
+            self._generator = torch.Generator().manual_seed(self.seed)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.phase == "kmeans":
             self._kmeans_step(batch)
             return
         images, labels = batch["image"], batch["label"]
+        pixels = batch.get("crf_pixels")
+        if pixels is None and self._needs_pixels():
+            pixels = _crf_pixels(images)
         size = tuple(labels.shape[-2:])
         features = self.extract(images)  # B D h w
         segment = self.head(features)  # B R h w
         if self.baselines:
-            self._sample_tokens(features)
+            self._sample_tokens(features, segment)
             self.baseline_metrics["majority"].update(torch.zeros_like(labels), labels)
         grids = {"": segment}
         if any(v.startswith("flip") for v in self.variants):
             flipped = self.head(self.extract(images.flip(-1))).flip(-1)  # B R h w
             grids["flip"] = (segment + flipped) / 2
-        predictions: dict[str, torch.Tensor] = {}
+        slots = self._example_slots(pixels, labels)
         for variant in self.variants:
             grid = grids["flip" if variant.startswith("flip") else ""]
             cosine = cosine_logits(grid, self.centroids, size)  # B C H W
+            metric = self.cluster_metrics[variant]
             if variant.endswith("crf"):
-                prediction = self._crf(images, F.log_softmax(self.alpha * cosine, dim=1))
-            else:
-                prediction = cosine.argmax(1)  # B H W
-            self.cluster_metrics[variant].update(prediction, labels)
-            predictions[variant] = prediction
-        linear_logits = upsample_to(self.linear(segment), size)  # B C H W
+                unary = F.log_softmax(self.alpha * cosine, dim=1)
+                self._submit_crf(metric, pixels, unary, labels, variant, slots)
+                continue
+            prediction = cosine.argmax(1)  # B H W
+            metric.update(prediction, labels)
+            self._fill_examples(slots, variant, prediction)
+        with torch.autocast(segment.device.type, enabled=False):
+            linear_logits = upsample_to(self.linear(segment.float()), size)  # B C H W
         self.linear_metrics["raw"].update(linear_logits.argmax(1), labels)
         if "crf" in self.linear_metrics:
-            refined = self._crf(images, F.log_softmax(linear_logits, dim=1))
-            self.linear_metrics["crf"].update(refined, labels)
-        self._keep_examples(images, labels, predictions)
+            unary = F.log_softmax(linear_logits, dim=1)
+            self._submit_crf(self.linear_metrics["crf"], pixels, unary, labels)
+        self._drain(wait=False)
 
-    def _keep_examples(
-        self, images: torch.Tensor, labels: torch.Tensor, predictions: dict[str, torch.Tensor]
+    # ------------------------------------------------------------------ CRF in the background
+    def _submit_crf(
+        self,
+        metric: Any,
+        pixels: np.ndarray,
+        unary: torch.Tensor,
+        labels: torch.Tensor,
+        variant: str | None = None,
+        slots: list[int | None] | None = None,
     ) -> None:
-        from cause_lightning.crf import denormalize_to_uint8
+        unaries = unary.float().cpu().numpy()  # B C H W, the one copy the CRF needs
+        futures = self.crf_runner.submit(list(pixels), list(unaries), argmax=True)
+        self._pending.append(_PendingCRF(metric, labels, futures, variant, list(slots or [])))
+        self._drain(wait=False)
 
-        for i in range(images.shape[0]):
-            if len(self.examples) >= self.save_images:
+    def _drain(self, wait: bool) -> None:
+        """Score finished CRF batches in submission order; block while too many are in flight
+        (or on everything when ``wait``)."""
+        while self._pending:
+            in_flight = sum(len(p.futures) for p in self._pending)
+            oldest = self._pending[0]
+            if not (
+                wait or in_flight > self.crf_in_flight or all(f.done() for f in oldest.futures)
+            ):
                 return
-            self.examples.append(
-                {
-                    "image": denormalize_to_uint8(images[i]),
-                    "label": labels[i].cpu().numpy(),
-                    **{v: p[i].cpu().numpy() for v, p in predictions.items()},
-                }
-            )
+            maps = self.crf_runner.collect(oldest.futures)
+            self._pending.pop(0)
+            prediction = torch.from_numpy(np.stack(maps)).to(oldest.labels.device).long()
+            oldest.metric.update(prediction, oldest.labels)
+            if oldest.variant is not None:
+                self._fill_examples(oldest.examples, oldest.variant, prediction)
 
-    def _sample_tokens(self, features: torch.Tensor) -> None:
-        tokens = features.flatten(2).transpose(1, 2).flatten(0, 1)  # (B h w) D
-        budget = self.kmeans_max_tokens - self._sampled_tokens
+    # ------------------------------------------------------------------ examples
+    def _example_slots(self, pixels: np.ndarray, labels: torch.Tensor) -> list[int | None]:
+        slots: list[int | None] = []
+        for i in range(labels.shape[0]):
+            if len(self.examples) >= self.save_images:
+                slots.append(None)
+                continue
+            slots.append(len(self.examples))
+            self.examples.append({"image": pixels[i], "label": labels[i].cpu().numpy()})
+        return slots
+
+    def _fill_examples(
+        self, slots: list[int | None], variant: str, prediction: torch.Tensor
+    ) -> None:
+        for i, slot in enumerate(slots):
+            if slot is not None:
+                self.examples[slot][variant] = prediction[i].cpu().numpy()
+
+    # ------------------------------------------------------------------ k-means baselines
+    def _sample_tokens(self, features: torch.Tensor, segment: torch.Tensor) -> None:
+        world, _ = self.world()
+        # Each process samples its share of the budget from its own images.
+        budget = math.ceil(self.kmeans_max_tokens / world) - self._sampled_tokens
         if budget <= 0:
             return
+        tokens = features.flatten(2).transpose(1, 2).flatten(0, 1)  # (B h w) D
         # A fixed share per batch keeps the sample spread over the whole split.
         share = max(1, min(budget, tokens.shape[0] // 4 or 1))
-        pick = torch.randperm(tokens.shape[0], generator=self._generator)[:share]
-        self._token_samples.append(tokens[pick.to(tokens.device)].float().cpu())
+        pick = torch.randperm(tokens.shape[0], generator=self._generator)[:share].to(tokens.device)
+        head_tokens = segment.flatten(2).transpose(1, 2).flatten(0, 1)  # (B h w) R
+        # The head runs on the backbone's grid: the same positions serve both baselines.
+        self._token_samples["kmeans"].append(tokens[pick].float().cpu())
+        self._token_samples["kmeans_head"].append(head_tokens[pick].float().cpu())
         self._sampled_tokens += share
 
     def _kmeans_step(self, batch: dict[str, torch.Tensor]) -> None:
         labels = batch["label"]
-        features = self.extract(batch["image"])
-        cosine = cosine_logits(
-            features, self.kmeans_centroids.to(features.device), labels.shape[-2:]
-        )
-        self.baseline_metrics["kmeans"].update(cosine.argmax(1), labels)
+        size = tuple(labels.shape[-2:])
+        features = self.extract(batch["image"])  # B D h w
+        inputs = {"backbone": features, "head": self.head(features)}
+        for name, source in KMEANS_BASELINES.items():
+            centroids = self.kmeans_centroids[name].to(features.device)
+            prediction = cosine_argmax(inputs[source], centroids, size)  # B H W
+            self.baseline_metrics[name].update(prediction, labels)
 
+    def _fit_kmeans(self) -> None:
+        """Fit each k-means baseline once, on global rank 0's device, and broadcast it."""
+        world, rank = self.world()
+        dims = {"kmeans": int(self.backbone.embed_dim), "kmeans_head": int(self.head.reduced_dim)}
+        for name in KMEANS_BASELINES:
+            chunks = self._token_samples[name]
+            samples = torch.cat(chunks) if chunks else torch.empty(0, dims[name])
+            if world > 1:
+                samples = self._gather_rows(samples)
+            centroids = None
+            if rank == 0:
+                centroids = spherical_kmeans(
+                    samples.to(self.device),
+                    self.num_classes,
+                    iterations=self.kmeans_iters,
+                    seed=self.seed,
+                    restarts=self.kmeans_restarts,
+                ).cpu()
+            if world > 1:
+                centroids = self.trainer.strategy.broadcast(centroids, src=0)
+            self.kmeans_centroids[name] = centroids
+            chunks.clear()
+        self._sampled_tokens = 0
+
+    def _gather_rows(self, samples: torch.Tensor) -> torch.Tensor:
+        """All processes' sampled rows, in rank order (ranks may hold different counts)."""
+        counts = self.all_gather(torch.tensor(samples.shape[0], device=self.device))  # W
+        padded = torch.zeros(int(counts.max()), samples.shape[1], device=self.device)
+        padded[: samples.shape[0]] = samples.to(self.device)
+        gathered = self.all_gather(padded)  # W n D
+        return torch.cat([g[: int(n)] for g, n in zip(gathered, counts)])
+
+    # ------------------------------------------------------------------ epoch end
     def on_test_epoch_end(self) -> None:
         if self.phase == "kmeans":
-            self._finish_metrics({"baseline/kmeans": self.baseline_metrics["kmeans"]})
+            self._finish_metrics(
+                {f"baseline/{n}": self.baseline_metrics[n] for n in KMEANS_BASELINES}
+            )
             return
+        self._drain(wait=True)
         metrics: dict[str, Any] = {f"cluster/{v}": m for v, m in self.cluster_metrics.items()}
         metrics.update({f"linear/{v}": m for v, m in self.linear_metrics.items()})
         if self.baselines:
@@ -222,24 +388,12 @@ class EvalModule(StageModule):
             self._fit_kmeans()
         self._finish_metrics(metrics)
 
-    def _fit_kmeans(self) -> None:
-        dim = int(self.backbone.embed_dim)
-        samples = torch.cat(self._token_samples) if self._token_samples else torch.empty(0, dim)
-        if self.trainer.world_size > 1:
-            # Ranks may sample different counts: pad to the largest, gather, then trim.
-            counts = self.all_gather(torch.tensor(samples.shape[0], device=self.device))  # W
-            padded = torch.zeros(int(counts.max()), dim, device=self.device)
-            padded[: samples.shape[0]] = samples.to(self.device)
-            gathered = self.all_gather(padded)  # W n D
-            samples = torch.cat([g[: int(n)] for g, n in zip(gathered, counts)]).cpu()
-        self._token_samples.clear()
-        self.kmeans_centroids = spherical_kmeans(
-            samples,
-            self.num_classes,
-            iterations=self.kmeans_iters,
-            seed=self.seed,
-            restarts=self.kmeans_restarts,
-        )
+    def on_test_end(self) -> None:
+        self._generator = None
+        if self.crf_runner is not None:
+            self.crf_runner.close()  # a spawned process must not exit with a live pool
+        if self.handoff is not None and self.trainer.is_global_zero:
+            torch.save(self.outcome(), self.handoff)
 
     def _finish_metrics(self, metrics: dict[str, Any]) -> None:
         for name, metric in metrics.items():
@@ -255,3 +409,41 @@ class EvalModule(StageModule):
                 self.results[f"details/{name}/assignment"] = [int(x) for x in scores["assignment"]]
                 self.results[f"details/{name}/confusion"] = scores["confusion"].tolist()
             metric.reset()
+
+    # ------------------------------------------------------------------ hand-off
+    def outcome(self) -> dict[str, Any]:
+        """What the report and the k-means pass need from a test run (plain, picklable)."""
+        return {
+            "results": dict(self.results),
+            "examples": list(self.examples),
+            "kmeans_centroids": {k: v.cpu() for k, v in self.kmeans_centroids.items()},
+        }
+
+    def receive(self) -> None:
+        """Take over the outcome of a test run that ran in other processes (``ddp_spawn``).
+
+        Does nothing when the loop ran in this process. The hand-off file is removed.
+        """
+        if self.handoff is None or not self.handoff.is_file():
+            return
+        if not self._ran_here:
+            state = torch.load(self.handoff, weights_only=False)  # written by this run's rank 0
+            self.results = state["results"]
+            self.examples = state["examples"]
+            self.kmeans_centroids = state["kmeans_centroids"]
+        self.handoff.unlink()
+
+
+def _crf_pixels(images: torch.Tensor) -> np.ndarray:
+    """Host uint8 ``[B, H, W, 3]`` pictures for the CRF's bilateral kernel and the report.
+
+    The reference gives the CRF its normalised image de-normalised and truncated to uint8, which
+    can be one level below the decoded pixel; uint8 batches go through the same round trip on the
+    host so the CRF sees exactly the reference's picture.
+    """
+    from cause_lightning.crf import denormalize_to_uint8
+    from cause_lightning.data.transforms import normalize_uint8
+
+    if images.dtype == torch.uint8:
+        images = normalize_uint8(images.cpu())
+    return np.stack([denormalize_to_uint8(image) for image in images])

@@ -27,8 +27,12 @@ class CropDataset(Dataset):
         transform: the protocol transform applied to image and label.
 
     Returns from ``__getitem__``:
-        ``{"image": float32 [3,res,res], "label": long [res,res] (255 = ignore), "index": int}``.
+        ``{"image": uint8 [3,res,res], "label": uint8 [res,res] (255 = ignore), "index": int}``;
+        without the ``"label"`` entry when :attr:`load_labels` is off.
     """
+
+    #: Read and transform the label files (the mediator stage switches this off).
+    load_labels: bool = True
 
     def __init__(
         self, cache: str | Path, num_crops: int, num_classes: int, transform: SegTransform
@@ -53,6 +57,8 @@ class CropDataset(Dataset):
         if not 0 <= index < self.num_crops:
             raise IndexError(f"crop index {index} out of range 0..{self.num_crops - 1}")
         image_path, label_path = self.paths(index)
+        if not self.load_labels:
+            return {"image": self.transform.image(open_image(image_path)), "index": index}
         label = self.lut[open_label(label_path)]  # H W class ids, 255 = ignore
         image_t, label_t = self.transform(open_image(image_path), label)
         return {"image": image_t, "label": label_t, "index": index}
