@@ -62,7 +62,7 @@ def batch(size: int) -> list[str]:
     return [f"method.{s}.batch_size={size}" for s in ("mediator", "head", "probe", "eval")]
 
 
-def cli(root: Path, *overrides: str) -> str:
+def cli(root: Path, *overrides: str, timeout: float = 240) -> str:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -72,7 +72,9 @@ def cli(root: Path, *overrides: str) -> str:
         f"paths.root_dir={root}",
         f"hydra.run.dir={root / 'run'}",
     ]
-    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        command, env=env, cwd=root, capture_output=True, text=True, timeout=timeout
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     return output
@@ -143,3 +145,44 @@ def test_ddp_equals_one_process_on_the_global_batch(
         key = f"details/cluster/{variant}/confusion"
         assert ddp_report["details"][key] == single_report["details"][key]
         assert sum(map(sum, single_report["details"][key])) == 5 * 64 * 64  # every pixel once
+
+
+@pytest.mark.timeout(1500)
+def test_ddp_spawn_evaluation_equals_one_process(
+    compose, tmp_path: Path, shared_data_dir: Path
+) -> None:
+    """Under ``ddp_spawn`` the test loop runs in child processes; stage=all and stage=eval must
+    still write the one-process metrics.json (k-means baselines sample tokens per rank, so their
+    rows are compared between the two spawned runs only)."""
+    data = f"data.module.root={shared_data_dir / 'mosaic'}"
+    common = [o for o in COMMON if not o.startswith("method.eval.baselines")]
+    common += ["method.eval.baselines=true", "method.eval.kmeans_restarts=2", *batch(2)]
+    spawn = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
+    roots = {name: tmp_path / name for name in ("all", "eval", "single")}
+    for root in roots.values():
+        root.mkdir()
+    # Every stage spawns its processes (and the k-means pass once more): slow on a shared CPU.
+    output = cli(roots["all"], *common, data, "stage=all", *spawn, timeout=900)
+    assert output.count("sharing strategy") <= 1  # the file_system fallback warns once at most
+
+    def head_dir(name: str) -> Path:
+        return roots[name] / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
+
+    for name in ("eval", "single"):
+        shutil.copytree(head_dir("all").parent, head_dir(name).parent)
+        (head_dir(name) / "metrics.json").unlink()
+    cli(roots["eval"], *common, data, "stage=eval", *spawn, timeout=600)
+    run(compose(*common, data, "stage=eval", "trainer=cpu", paths=roots["single"]))
+    reports = {n: json.loads((head_dir(n) / "metrics.json").read_text()) for n in roots}
+    kmeans = [k for k in reports["single"]["metrics"] if "kmeans" in k]
+    assert kmeans and reports["all"]["metrics"] == reports["eval"]["metrics"]
+    assert reports["all"]["details"] == reports["eval"]["details"]
+    for name in ("all", "eval"):
+        metrics = {k: v for k, v in reports[name]["metrics"].items() if k not in kmeans}
+        single = {k: v for k, v in reports["single"]["metrics"].items() if k not in kmeans}
+        assert metrics == single and metrics["test/cluster/raw/mIoU"] > 0
+        for variant in ("raw", "flip"):
+            key = f"details/cluster/{variant}/confusion"
+            assert reports[name]["details"][key] == reports["single"]["details"][key]
+    # Every report has its prediction images: the examples came back from rank 0.
+    assert list((roots["eval"] / "run" / "predictions").glob("*.png"))

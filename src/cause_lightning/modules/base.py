@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import Metric
 
 from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.data.transforms import normalize_uint8
@@ -175,17 +176,32 @@ class StageModule(pl.LightningModule):
         world, rank = self.world()
         return torch.arange(batch, device=self.device) * world + rank
 
+    def setup(self, stage: str) -> None:
+        """Give every metric private state in this process.
+
+        A spawning strategy (``ddp_spawn``) hands the module to its processes through shared
+        memory, metric states included: without this, the ranks would all count into one
+        confusion matrix, and the sum across ranks would count every pixel once per rank.
+        """
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise uint8 images and widen uint8 labels on the device (every stage).
 
         The loaders send uint8 pixels and labels across the worker boundary and to the device
-        (a quarter and an eighth of float32 / int64); float images pass unchanged.
+        (a quarter and an eighth of float32 / int64), and Lightning's precision plugin converts
+        inputs before the transfer, when they are still uint8; float images pass unchanged.
         """
         if not isinstance(batch, dict):
             return batch
         image = batch.get("image")
         if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
-            batch["image"] = normalize_uint8(image)  # B 3 H W float32
+            image = normalize_uint8(image)  # B 3 H W float32
+            if self._trainer is not None:  # the precision's input dtype (e.g. float64, bf16-true)
+                image = self.trainer.precision_plugin.convert_input(image)
+            batch["image"] = image
         label = batch.get("label")
         if isinstance(label, torch.Tensor) and label.dtype != torch.long:
             batch["label"] = label.long()  # B H W

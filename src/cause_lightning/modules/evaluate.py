@@ -60,11 +60,17 @@ def cosine_logits(
         size: Label size ``(H, W)``.
 
     Returns:
-        ``[B, C, H, W]`` float32 cosine similarities.
+        ``[B, C, H, W]`` cosine similarities, float32 (float64 for float64 features).
     """
+    dtype = _at_least_float32(features)
     with torch.autocast(features.device.type, enabled=False):
-        pixels = F.normalize(upsample_to(features.float(), size), dim=1)  # B R H W
-        return torch.einsum("brhw,cr->bchw", pixels, F.normalize(centroids.float(), dim=1))
+        pixels = F.normalize(upsample_to(features.to(dtype), size), dim=1)  # B R H W
+        return torch.einsum("brhw,cr->bchw", pixels, F.normalize(centroids.to(dtype), dim=1))
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for half inputs, the input's dtype for float32 and float64."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def cosine_argmax(
@@ -256,8 +262,9 @@ class EvalModule(StageModule):
             prediction = cosine.argmax(1)  # B H W
             metric.update(prediction, labels)
             self._fill_examples(slots, variant, prediction)
+        logits = self.linear(segment)  # B C h w, in the precision's dtype
         with torch.autocast(segment.device.type, enabled=False):
-            linear_logits = upsample_to(self.linear(segment.float()), size)  # B C H W
+            linear_logits = upsample_to(logits.to(_at_least_float32(logits)), size)  # B C H W
         self.linear_metrics["raw"].update(linear_logits.argmax(1), labels)
         if "crf" in self.linear_metrics:
             unary = F.log_softmax(linear_logits, dim=1)
