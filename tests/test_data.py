@@ -582,3 +582,15 @@ def test_normalize_uint8_equals_the_float_pipeline_and_labels_can_be_skipped(mos
     batch = next(iter(dm.train_dataloader()))
     assert "label" not in batch and batch["image"].dtype == torch.uint8
     assert "label" in next(iter(dm.val_dataloader()))
+
+
+def test_num_workers_null_takes_the_cores_of_each_process(mosaic, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    dm = MosaicDataModule(root=mosaic.root, num_workers=None, **MOSAIC_KW)
+    assert dm.workers() == 7  # one process: its 8 cores less one for itself
+    dm.trainer = SimpleNamespace(num_devices=2, world_size=2, global_rank=0)
+    assert dm.workers() == 3  # two ranks on the node share the 8 cores
+    assert MosaicDataModule(root=mosaic.root, num_workers=2, **MOSAIC_KW).workers() == 2

@@ -298,6 +298,7 @@ class Bound:
 
 COUNT = Bound(low=1, integer=True)
 NON_NEGATIVE_INT = Bound(low=0, integer=True)
+OPTIONAL_NON_NEGATIVE_INT = Bound(low=0, integer=True, optional=True)
 POSITIVE = Bound(low=0, low_open=True)
 NON_NEGATIVE = Bound(low=0)
 FRACTION = Bound(low=0, high=1)
@@ -342,7 +343,7 @@ RANGES: dict[str, Bound] = {
     "method.eval.batch_size": COUNT,
     "method.eval.alpha": POSITIVE,
     "method.eval.crf_iterations": COUNT,
-    "method.eval.crf_workers": NON_NEGATIVE_INT,
+    "method.eval.crf_workers": OPTIONAL_NON_NEGATIVE_INT,  # null: from the cores
     "method.eval.crf_timeout": POSITIVE,
     "method.eval.kmeans_iters": COUNT,
     "method.eval.kmeans_restarts": COUNT,
@@ -354,7 +355,7 @@ RANGES: dict[str, Bound] = {
     "data.recipe.weight_decay": NON_NEGATIVE,
     "data.recipe.clip.head.*": OPTIONAL_POSITIVE,
     "data.recipe.clip.probe.*": OPTIONAL_POSITIVE,
-    "data.module.num_workers": NON_NEGATIVE_INT,
+    "data.module.num_workers": OPTIONAL_NON_NEGATIVE_INT,  # null: from the cores
     "data.module.limit_train": Bound(low=1, integer=True, optional=True),
     "data.module.eval_batch_size": Bound(low=1, integer=True, optional=True),
     "data.module.num_train": COUNT,
