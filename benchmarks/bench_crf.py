@@ -5,9 +5,22 @@ on a batch, serially and with a small worker pool, at the evaluation resolution 
 COCO-Stuff classes by default). The logits mimic the evaluation pipeline: a coarse score grid
 (one value per 8x8 patch) upsampled bilinearly, scaled like ``3 * cos``, then log-softmax.
 
+``--eval`` times the evaluation loop's use instead: evaluated images per second spent on the CRF,
+``--crfs`` CRFs per image (two for the cluster probe, one more for the linear probe unless
+``method.eval.linear_crf=false``), ``--batch`` images per submission, for
+
+* the former default (``crf_workers: 0``): serial in the loop's process, probabilities returned
+  and the argmax taken afterwards;
+* the default now (``crf_workers: null``): a pool sized from this process's cores (or
+  ``--workers``), batches submitted without waiting (``CRFRunner.submit``) and label maps returned.
+
+The per-image time of one CRF it prints estimates a dataset's evaluation time (images x CRFs per
+image x seconds / workers; docs/performance.md).
+
 Usage::
 
     python benchmarks/bench_crf.py --size 320 --classes 27 --batch 4 --workers 2
+    python benchmarks/bench_crf.py --eval --images 8 --batch 4
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cause_lightning.crf import CRFRunner, crf_available, dense_crf
+from cause_lightning.utils import cores_per_rank
 
 
 def _image(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -69,7 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=320, help="image side in pixels")
     parser.add_argument("--classes", type=int, default=27, help="number of classes C")
     parser.add_argument("--batch", type=int, default=4, help="images per runner call")
-    parser.add_argument("--workers", type=int, default=2, help="pool size")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="pool size (default 2; --eval: auto)"
+    )
+    parser.add_argument("--eval", action="store_true", help="time the evaluation loop's CRF")
+    parser.add_argument("--images", type=int, default=16, help="--eval: evaluated images timed")
+    parser.add_argument("--crfs", type=int, default=3, help="--eval: CRFs per image")
     parser.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     parser.add_argument("--image", default="astronaut", choices=["astronaut", "noise"])
@@ -78,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     if not crf_available():
         raise SystemExit('pydensecrf is missing: pip install "cause-lightning[crf]"')
 
+    if args.eval:
+        _eval_throughput(args)
+        return
+    args.workers = 2 if args.workers is None else args.workers
     rng = np.random.default_rng(0)
     image = _image(args.image, args.size, rng)
     n = args.batch
@@ -112,6 +135,38 @@ def main(argv: list[str] | None = None) -> None:
     for name, total, per_image, cpu in rows:
         print(f"{name:<36} {total:>8.3f} {per_image:>9.3f} {cpu:>15.3f}")
     print(f"pool speed-up over serial (wall): {t_serial / t_pool:.2f}x")
+
+
+def _eval_throughput(args: argparse.Namespace) -> None:
+    picture = _image(args.image, args.size, np.random.default_rng(0))
+    unary = [_logits(args.classes, args.size, seed) for seed in range(args.batch)]
+    batches = args.images // args.batch
+    jobs = [[picture] * args.batch] * (batches * args.crfs)  # one submission per batch and CRF
+
+    serial = CRFRunner(num_workers=0, iterations=args.iterations)
+    start = time.perf_counter()
+    for pictures in jobs:
+        torch.from_numpy(np.stack(serial(pictures, unary))).argmax(1)
+    t_serial = time.perf_counter() - start
+
+    workers = args.workers if args.workers is not None else max(1, cores_per_rank() - 1)
+    with CRFRunner(num_workers=workers, iterations=args.iterations) as pool:
+        pool.collect(pool.submit([picture], unary[:1]))  # start the workers before timing
+        start = time.perf_counter()
+        futures = [pool.submit(pictures, unary, argmax=True) for pictures in jobs]
+        for batch_futures in futures:
+            pool.collect(batch_futures)
+        t_pool = time.perf_counter() - start
+
+    images = batches * args.batch
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"DenseCRF {args.size}x{args.size}, C={args.classes}, {args.crfs} CRFs per image, "
+        f"{images} images; {cores_per_rank()} usable cores, 1-min load {load:.2f}"
+    )
+    print(f"serial (former default):   {images / t_serial:6.3f} images/s")
+    print(f"pool of {workers} (default now):  {images / t_pool:6.3f} images/s")
+    print(f"one CRF: {t_serial / (images * args.crfs):.3f} s per image (one core)")
 
 
 if __name__ == "__main__":
