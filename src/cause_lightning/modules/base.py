@@ -16,6 +16,7 @@ and a checkpoint of another configuration is recognised.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,13 @@ __all__ = [
     "random_states",
     "restore_random_states",
 ]
+
+# The batch-transfer hooks below are the modules' on purpose (the data modules define none):
+# Lightning's notice that it uses them although a data module was passed says nothing to users.
+warnings.filterwarnings(
+    "ignore",
+    message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but",
+)
 
 # Key of the project's own entries in a Lightning checkpoint.
 CHECKPOINT_KEY = "cause_lightning"
