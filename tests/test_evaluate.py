@@ -13,6 +13,7 @@ import torch
 from cause_lightning.crf import CRFRunner, crf_available
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule, cosine_argmax, cosine_logits
+from cause_lightning.specs import HeadSpec
 
 C = 4
 
@@ -20,7 +21,7 @@ C = 4
 def module(crf_runner: CRFRunner | None = None, **kwargs: object) -> EvalModule:
     torch.manual_seed(0)
     backbone = build_backbone("tiny_vit")
-    head = build_head("mlp", int(backbone.embed_dim), reduced_dim=8).eval()
+    head = build_head(HeadSpec("mlp", int(backbone.embed_dim), 8, 0.1)).eval()
     variants = ["raw", "flip", "crf", "flip_crf"] if crf_runner else ["raw", "flip"]
     return EvalModule(
         backbone,
