@@ -164,6 +164,20 @@ class MaxNumel(TorchDispatchMode):
         return out
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the calls of the aten ops whose name starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if str(func).startswith(self.prefix + ".") or str(func) == self.prefix:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 # --------------------------------------------------------------------------------------------------
 # grid_sample_tokens
 # --------------------------------------------------------------------------------------------------
@@ -709,10 +723,11 @@ def test_contrastive_anchor_index_validation() -> None:
     call(torch.tensor([3, 0]))
 
 
-def test_contrastive_chunked_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows_per_block", [1, 2, 5])
+def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
     case = _random_case(5, 3, 6, 8, dim=3, proj=5, bank_size=40)
 
-    def run() -> tuple[Tensor, Tensor, Tensor]:
+    def run(memory_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
         student = case["student"].clone().requires_grad_(True)  # type: ignore[union-attr]
         terms, empty = concept_contrastive_terms(
             case["tokens"],  # type: ignore[arg-type]
@@ -721,19 +736,51 @@ def test_contrastive_chunked_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -
             case["clusterbook"],  # type: ignore[arg-type]
             case["bank"],
             case["bank_concepts"],
+            memory_bytes=memory_bytes,
         )
         terms.mean().backward()
         return terms.detach(), empty, student.grad  # type: ignore[return-value]
 
-    whole = run()
-    monkeypatch.setattr(ops, "_CONTRASTIVE_CHUNK_ELEMENTS", 50)  # 1-2 anchors per block
+    whole = run(1 << 30)
+    # float64 logits + a bool mask: 9 bytes per [row, candidate] element of the 40-entry bank.
     with MaxNumel() as probe:
-        chunked = run()
-    assert any("logsumexp" in op or "exp" in op for op in probe.ops)
+        blocked = run(rows_per_block * 40 * 9)
+    assert any("exp" in op for op in probe.ops)
     assert probe.max_numel < 18 * 40  # never all anchors x all bank entries at once
-    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
-    assert torch.equal(chunked[1], whole[1])
-    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-14)
+    assert torch.equal(blocked[1], whole[1])
+    torch.testing.assert_close(blocked[2], whole[2], rtol=1e-10, atol=1e-14)
+
+
+def test_contrastive_gradient_formed_in_forward_never_recomputed() -> None:
+    """Each block's product runs once forward and once for the gradient, never again."""
+    case = _random_case(5, 3, 6, 8, dim=3, proj=5, bank_size=40)
+    student = case["student"].clone().requires_grad_(True)  # type: ignore[union-attr]
+    with CountOps("aten.mm") as forward:
+        loss = concept_contrastive_loss(
+            case["tokens"],  # type: ignore[arg-type]
+            student,
+            case["teacher"],  # type: ignore[arg-type]
+            case["clusterbook"],  # type: ignore[arg-type]
+            case["bank"],
+            case["bank_concepts"],
+            memory_bytes=2 * 40 * 9,  # 2 rows per bank block: 9 blocks
+        )
+    with CountOps("aten.mm") as backward:
+        loss.backward()
+    assert backward.count == 0  # the backward pass only scales the stored row gradients
+    with torch.no_grad(), CountOps("aten.mm") as no_grad:
+        concept_contrastive_loss(
+            case["tokens"],  # type: ignore[arg-type]
+            case["student"],  # type: ignore[arg-type]
+            case["teacher"],  # type: ignore[arg-type]
+            case["clusterbook"],  # type: ignore[arg-type]
+            case["bank"],
+            case["bank_concepts"],
+            memory_bytes=2 * 40 * 9,
+        )
+    # With a gradient: the logit and the gradient product of every block; without: logits only.
+    assert forward.count - no_grad.count == 9 + 5  # 9 bank blocks, 5 in-batch blocks (4 rows)
 
 
 def test_contrastive_float32_and_autocast() -> None:

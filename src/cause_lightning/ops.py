@@ -11,24 +11,29 @@
 
 The losses run in at least float32 with autocast disabled: similarity logits and graph weights are
 accumulated in full precision whatever the caller's AMP setting, which keeps them equal to the
-literal formulas. Nothing here touches Lightning, I/O or a specific device.
+literal formulas. Products that feed a threshold, an argmax or a maximum run at the ``"highest"``
+float32 matmul precision (:func:`exact_matmul`) whatever the process-wide setting.
+Nothing here touches Lightning, I/O or a specific device.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from cause_lightning.logs import get_logger
 
 __all__ = [
     "concept_contrastive_loss",
     "concept_contrastive_terms",
+    "contrastive_mean",
+    "exact_matmul",
     "grid_sample_index",
     "grid_sample_tokens",
     "modularity_loss",
@@ -41,9 +46,12 @@ log = get_logger(__name__)
 # (8M float32 = 32 MiB); the default chunk over concepts is derived from it.
 _MODULARITY_CHUNK_ELEMENTS = 1 << 23
 
-# Element budget of one [rows, candidates] logit block in the contrastive loss. A block holds a
-# handful of such temporaries, so peak memory stays around 6 x 4 B x budget (~200 MiB).
-_CONTRASTIVE_CHUNK_ELEMENTS = 1 << 23
+# Default working memory of one block of anchor rows in the contrastive loss (the training config
+# sets its own, `method.head.contrastive_memory_mb`).
+DEFAULT_CONTRASTIVE_MEMORY_BYTES = 1 << 30
+
+# Elements of one slice of candidates upcast at a time for the per-concept sums.
+_CONCEPT_SUM_ELEMENTS = 1 << 22
 
 # Element budget of one [rows, K] similarity block in `nearest_concept`.
 _NEAREST_CHUNK_ELEMENTS = 1 << 24
@@ -69,6 +77,27 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def exact_matmul() -> Iterator[None]:
+    """Full-precision float32 matmuls (no TF32 / reduced-precision inner products) inside.
+
+    The backbone may run with ``torch.set_float32_matmul_precision("high")``; the products whose
+    results go through a threshold, an argmax or a maximum (concept similarities, nearest concepts,
+    the modularity's concept assignment) are computed at ``"highest"`` so that those decisions do
+    not move with the accelerator's matmul mode. The setting is process-wide host state; it is
+    restored on exit.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _check_tokens(tokens: Tensor, name: str = "tokens") -> None:
@@ -246,7 +275,7 @@ def nearest_concept(tokens: Tensor, clusterbook: Tensor) -> Tensor:
     _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
     batch, num_tokens, dim = tokens.shape
     dtype = _compute_dtype(tokens, clusterbook)
-    with _autocast_off(tokens.device):
+    with _autocast_off(tokens.device), exact_matmul():
         flat = F.normalize(tokens.reshape(batch * num_tokens, dim).to(dtype), dim=-1)  # BN D
         concepts = F.normalize(clusterbook.to(device=tokens.device, dtype=dtype), dim=-1)  # K D
         rows = max(1, _NEAREST_CHUNK_ELEMENTS // concepts.shape[0])
@@ -311,7 +340,7 @@ def modularity_loss(
     chunk = chunk_size or _default_modularity_chunk(batch, num_tokens, num_concepts)
     dtype = _compute_dtype(tokens, prototypes)
 
-    with _autocast_off(tokens.device):
+    with _autocast_off(tokens.device), exact_matmul():
         x = F.normalize(tokens.detach().to(dtype), dim=-1)  # B N D
         c = F.normalize(prototypes.to(device=tokens.device, dtype=dtype), dim=-1)  # K D
 
@@ -353,58 +382,119 @@ def modularity_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _contrastive_rows(
-    anchors: Tensor,
-    anchor_sim: Tensor,
-    candidates: Tensor,
-    candidate_scale: Tensor,
-    candidate_concepts: Tensor,
-    self_columns: Tensor | None,
-    pos_thresh: float,
-    neg_thresh: float,
-    matmul_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor sum of ``L_ij`` over positives and the positive count, for a block of anchors.
+def _block_rows(num_rows: int, num_candidates: int, bytes_per_element: int, budget: int) -> int:
+    """Anchor rows per block: a block's ``[rows, candidates]`` working set fits ``budget``."""
+    per_row = max(1, num_candidates * bytes_per_element)
+    return max(1, min(num_rows, budget // per_row))
 
-    Args:
-        anchors: Normalised student projections ``[R, P]`` (with gradient).
-        anchor_sim: Concept similarity of each anchor to every concept ``[R, K]``.
-        candidates: Raw candidate projections ``[C, P]`` (constants).
-        candidate_scale: ``1 / (τ * max(||candidate||, eps))`` per candidate ``[C]``.
-        candidate_concepts: Concept index of each candidate ``[C]``.
-        self_columns: Column of each anchor's own teacher copy ``[R]``, or ``None`` (bank).
-        pos_thresh: Positive threshold (``s > pos_thresh``).
-        neg_thresh: Negative threshold (``s < neg_thresh``).
-        matmul_dtype: Dtype of the anchor x candidate product (``None``: the compute dtype).
 
-    Returns:
-        ``(loss_sum [R], positive_count [R])``.
+def _concept_sums(
+    candidates: Tensor, scale: Tensor, concepts: Tensor, num_concepts: int, dtype: torch.dtype
+) -> Tensor:
+    """``S_k = Σ_{j of concept k} scale_j c_j`` in ``dtype``, ``[K + 1, P]`` (row ``K``: ignored).
+
+    Read in slices of rows so that a half-precision bank is never upcast as a whole.
     """
-    if matmul_dtype is None:
-        logits = anchors @ candidates.T  # R C
-    else:
-        # Mixed precision: the product in half precision, everything after it in float32.
-        logits = (anchors.to(matmul_dtype) @ candidates.to(matmul_dtype).T).to(anchors.dtype)
-    logits = logits.mul_(candidate_scale)  # R C
-    with torch.no_grad():
-        shift = logits.amax(dim=1, keepdim=True)  # R 1: row max over ALL candidates
-    logits = logits.sub_(shift)  # R C; in place: the shift is a constant, mm keeps no output
-    # Thresholds are applied per (anchor, concept) first so that only boolean [R, C] masks exist.
-    positive = (anchor_sim > pos_thresh)[:, candidate_concepts]  # R C
-    negative = (anchor_sim < neg_thresh)[:, candidate_concepts]  # R C
-    if self_columns is not None:
-        rows = torch.arange(anchors.shape[0], device=anchors.device)
-        positive[rows, self_columns] = False
-        negative[rows, self_columns] = False
-    count = positive.sum(dim=1)  # R
-    has_positive = count > 0  # R
-    # Rows without positives contribute nothing; opening their denominator to every candidate only
-    # keeps their log-sum-exp finite so that no NaN reaches the backward pass.
-    denominator = positive | negative | ~has_positive[:, None]  # R C
-    log_den = logits.masked_fill(~denominator, float("-inf")).logsumexp(dim=1)  # R
-    # L_ij = log_den_i - l_ij per pair (each >= 0), summed over the positives of the row.
-    pair_loss = (log_den[:, None] - logits).masked_fill_(~positive, 0.0)  # R C
-    return pair_loss.sum(dim=1), count
+    sums = candidates.new_zeros(num_concepts + 1, candidates.shape[1], dtype=dtype)  # K+1 P
+    rows = max(1, _CONCEPT_SUM_ELEMENTS // max(1, candidates.shape[1]))
+    for start in range(0, candidates.shape[0], rows):
+        part = candidates[start : start + rows].to(dtype) * scale[start : start + rows, None]
+        sums.index_add_(0, concepts[start : start + rows], part)
+    return sums
+
+
+class _ContrastiveTerm(torch.autograd.Function):
+    """Per-anchor ``Σ_{j ∈ pos} L_ij`` and positive count, gradient formed in the same pass.
+
+    Row ``i`` of the output depends on anchor row ``i`` only, so the gradient of every row with
+    respect to its anchor (a ``[R, P]`` matrix) is computed block by block in the forward pass,
+    while each block's logits are at hand; the backward pass only scales it by the incoming
+    gradient. No ``[R, C]`` tensor outlives its block and nothing is recomputed.
+
+    With ``p_ij`` the softmax of row ``i`` over its denominator set and ``n_i`` its positive count,
+    ``Σ_{j ∈ pos} L_ij = n_i · log_den_i - Σ_{j ∈ pos} l_ij`` and
+    ``∂/∂l_ij = n_i · p_ij - [j ∈ pos]``. Positives depend on the candidate's concept only, so the
+    positive sums go through per-concept sums of the scaled candidates (``[K, P]``) instead of an
+    ``[R, C]`` mask.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        anchors: Tensor,
+        positive: Tensor,
+        ignored: Tensor,
+        candidates: Tensor,
+        scale: Tensor,
+        columns: Tensor,
+        sums: Tensor,
+        self_columns: Tensor | None,
+        budget: int,
+    ) -> tuple[Tensor, Tensor]:
+        # anchors R P (compute dtype); positive R K+1 / ignored R K+1 (bool, column K: invalid
+        # candidates); candidates C P (product dtype); scale C; columns C (concept or K); sums K+1 P
+        compute = anchors.dtype
+        product = candidates.dtype
+        num_rows = anchors.shape[0]
+        need_grad = bool(ctx.needs_input_grad[0])
+        positive_f = positive.to(compute)  # R K+1
+        # K+1: candidates per concept (index_add, not bincount: no read of the maximum on the host)
+        per_concept = torch.zeros(sums.shape[0], dtype=compute, device=anchors.device)
+        per_concept.index_add_(0, columns, torch.ones_like(columns, dtype=compute))
+        count = positive_f @ per_concept  # R (exact: integer sums far below 2**24)
+        pos_sums = positive_f @ sums  # R P: Σ_{j ∈ pos} scale_j c_j
+        if self_columns is not None:
+            # The anchor's own teacher copy is neither a positive nor in the denominator.
+            own = candidates[self_columns].to(compute) * scale[self_columns, None]  # R P
+            own_pos = positive.gather(1, columns[self_columns][:, None]).squeeze(1)  # R
+            count = count - own_pos.to(compute)
+            pos_sums = pos_sums - own * own_pos[:, None].to(compute)
+        count = count.round_()
+        has_positive = count > 0  # R
+        log_den = anchors.new_empty(num_rows)  # R
+        grad = anchors.new_empty(anchors.shape) if need_grad else None  # R P
+
+        extra = 0 if product == compute else product.itemsize
+        rows = _block_rows(num_rows, candidates.shape[0], compute.itemsize + 1 + extra, budget)
+        for start in range(0, num_rows, rows):
+            stop = min(start + rows, num_rows)
+            block = anchors[start:stop].to(product)  # r P
+            logits = (block @ candidates.T).to(compute)  # r C
+            logits.mul_(scale)
+            logits.masked_fill_(ignored[start:stop].index_select(1, columns), float("-inf"))
+            if self_columns is not None:
+                local = torch.arange(stop - start, device=anchors.device)
+                logits[local, self_columns[start:stop]] = float("-inf")
+            top = logits.amax(dim=1)  # r; -inf for a row whose denominator is empty
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            weights = logits.sub_(top[:, None]).exp_()  # r C: exp(l - top), 0 outside the set
+            total = weights.sum(dim=1)  # r
+            log_den[start:stop] = top + total.log()
+            if grad is not None:
+                # ∂/∂a_i of n_i · log_den_i: n_i / total_i · Σ_j exp(l_ij - top_i) scale_j c_j.
+                weights.mul_(scale)
+                spread = (weights.to(product) @ candidates).to(compute)  # r P
+                coef = torch.where(
+                    has_positive[start:stop], count[start:stop] / total, torch.zeros_like(total)
+                )
+                grad[start:stop] = spread * coef[:, None]
+            del logits, weights
+
+        linear = (anchors * pos_sums).sum(dim=1)  # R: Σ_{j ∈ pos} l_ij
+        # Rows without positives contribute exactly 0 (their denominator may even be empty).
+        loss_sum = torch.where(has_positive, count * log_den - linear, torch.zeros_like(linear))
+        if grad is not None:
+            grad.sub_(pos_sums * has_positive[:, None].to(compute))
+            ctx.save_for_backward(grad)
+        count = count.long()
+        ctx.mark_non_differentiable(count)
+        return loss_sum, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, _grad_count: Tensor | None) -> tuple[Any, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss[:, None], *(None,) * 8)
 
 
 def _contrastive_term(
@@ -412,55 +502,43 @@ def _contrastive_term(
     anchor_sim: Tensor,
     candidates: Tensor,
     candidate_concepts: Tensor,
+    valid: Tensor | None,
     batch: int,
     self_columns: Tensor | None,
     temperature: float,
     pos_thresh: float,
     neg_thresh: float,
-    matmul_dtype: torch.dtype | None = None,
+    budget: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per-image mean over positive pairs of one term (in-batch or bank), chunked over anchors.
+    """Per-image mean over positive pairs of one term (in-batch or bank).
 
-    Anchor blocks are sized so that a ``[rows, candidates]`` block stays within
-    ``_CONTRASTIVE_CHUNK_ELEMENTS``. When more than one block is needed and gradients are
-    required, each block is recomputed in the backward pass instead of keeping its ``[rows, C]``
-    intermediates alive, so memory stays bounded for large banks. ``self_columns`` (one candidate
-    column per anchor row, or ``None`` for the bank) is the anchor's own teacher copy.
+    ``candidates`` are used in their own dtype for the products (the caller normalises them before
+    any cast to half precision); ``valid`` masks unused slots of a static-shape bank; ``budget`` is
+    the working memory of one block of anchor rows in bytes.
 
     Returns:
         ``(terms [B], empty [B])``.
     """
-    num_rows = anchors.shape[0]
-    num_candidates = candidates.shape[0]
-    scale = 1.0 / (temperature * candidates.norm(dim=1).clamp_min(1e-12))  # C (F.normalize eps)
-    rows_per_block = max(1, _CONTRASTIVE_CHUNK_ELEMENTS // max(1, num_candidates))
-    blocks = list(range(0, num_rows, rows_per_block))
-    recompute = len(blocks) > 1 and torch.is_grad_enabled() and anchors.requires_grad
-
-    sums, counts = [], []
-    for start in blocks:
-        stop = min(start + rows_per_block, num_rows)
-        args = (
-            anchors[start:stop],
-            anchor_sim[start:stop],
-            candidates,
-            scale,
-            candidate_concepts,
-            None if self_columns is None else self_columns[start:stop],  # R
-            pos_thresh,
-            neg_thresh,
-            matmul_dtype,
-        )
-        fn: Callable[..., tuple[Tensor, Tensor]] = _contrastive_rows
-        if recompute:
-            loss_sum, count = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            loss_sum, count = fn(*args)
-        sums.append(loss_sum)
-        counts.append(count)
-
-    loss_sum = torch.cat(sums).view(batch, -1).sum(dim=1)  # B
-    count = torch.cat(counts).view(batch, -1).sum(dim=1)  # B
+    num_concepts = anchor_sim.shape[1]
+    # 1 / (τ · ||c||), F.normalize's eps; accumulated in float32 without a float32 copy.
+    norms = torch.linalg.vector_norm(candidates, dim=1, dtype=anchors.dtype)  # C
+    scale = 1.0 / (temperature * norms.clamp_min(1e-12))  # C
+    columns = candidate_concepts  # C: concept of each candidate, K for an unused slot
+    if valid is not None:
+        columns = torch.where(valid, columns, torch.full_like(columns, num_concepts))
+        scale = torch.where(valid, scale, torch.zeros_like(scale))
+    with torch.no_grad():
+        sums = _concept_sums(candidates, scale, columns, num_concepts, anchors.dtype)  # K+1 P
+        closed = torch.zeros_like(anchor_sim[:, :1], dtype=torch.bool)  # R 1
+        positive = torch.cat([anchor_sim > pos_thresh, closed], dim=1)  # R K+1
+        ignored = torch.cat(
+            [(anchor_sim <= pos_thresh) & (anchor_sim >= neg_thresh), ~closed], dim=1
+        )  # R K+1
+    loss_sum, count = _ContrastiveTerm.apply(
+        anchors, positive, ignored, candidates, scale, columns, sums, self_columns, budget
+    )
+    loss_sum = loss_sum.view(batch, -1).sum(dim=1)  # B
+    count = count.view(batch, -1).sum(dim=1)  # B
     empty = count == 0  # B
     # An empty term is exactly 0 (its sum is 0) and keeps its place in the final mean.
     terms = loss_sum / count.clamp_min(1).to(loss_sum.dtype)  # B
@@ -479,17 +557,28 @@ def concept_contrastive_terms(
     neg_thresh: float = 0.1,
     anchor_index: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
+    *,
+    bank_valid: Tensor | None = None,
+    memory_bytes: int = DEFAULT_CONTRASTIVE_MEMORY_BYTES,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-image terms of the concept-wise InfoNCE of stage 2 (method §5.6).
 
     For anchor ``i`` of image ``b`` and candidate ``j`` (all ``B * N`` teacher tokens of the batch,
     image-major), ``s_ij = q_i · q̄_j`` with ``q = norm(clusterbook[nearest_concept(tokens)])``,
     positives ``s > pos_thresh``, negatives ``s < neg_thresh`` (pairs in between are ignored),
-    ``l_ij = norm(student_i) · norm(teacher_j) / τ`` shifted by its detached row maximum over all
-    candidates, and ``L_ij = -l_ij + log Σ_{k in pos ∪ neg} exp(l_ik)``. The anchor's own teacher
-    copy is removed from the positives and from the denominator. ``T_b`` is the mean of ``L_ij``
-    over all positive pairs of image ``b`` (flattened). The bank term is the same against the bank
-    entries (compared through their concept vectors), without self-removal.
+    ``l_ij = norm(student_i) · norm(teacher_j) / τ``, and
+    ``L_ij = -l_ij + log Σ_{k in pos ∪ neg} exp(l_ik)``. The anchor's own teacher copy is removed
+    from the positives and from the denominator. ``T_b`` is the mean of ``L_ij`` over all positive
+    pairs of image ``b`` (flattened). The bank term is the same against the bank entries (compared
+    through their concept vectors), without self-removal.
+
+    The anchors are processed in blocks of rows whose ``[rows, candidates]`` working set stays
+    within ``memory_bytes``; each block's gradient is formed while its logits are at hand, so no
+    block is ever recomputed in the backward pass and a smaller budget only means more, smaller
+    products. Only the products themselves run in ``matmul_dtype``: the projections are normalised
+    in float32 first (a half-precision product of unit vectors cannot overflow), and a bank already
+    held in ``matmul_dtype`` is used as it is, without a copy.
 
     With ``anchor_index``, the anchors are a subset of the images: ``tokens`` and ``teacher`` hold
     the whole batch of ``G`` images (the candidates), ``student`` only the ``B`` anchor images, and
@@ -503,7 +592,8 @@ def concept_contrastive_terms(
         student: Student projections ``[B, N, P]`` (receive the gradient).
         teacher: Teacher projections ``[G, N, P]`` (treated as constants).
         clusterbook: Concept rows ``[K, D]`` (treated as constants).
-        bank: Teacher projections of earlier steps ``[M, P]`` (constants), or ``None``.
+        bank: Teacher projections of earlier steps ``[M, P]`` (constants, raw or normalised), or
+            ``None``.
         bank_concepts: Long ``[M]`` concept index of each bank entry; required with ``bank``.
         temperature: ``τ > 0``.
         pos_thresh: Concept similarity above which a pair is positive.
@@ -512,12 +602,20 @@ def concept_contrastive_terms(
             ``tokens`` / ``teacher``, or ``None`` when ``student`` covers them all in order.
         matmul_dtype: Dtype of the student x teacher / bank products only (e.g. ``float16``
             under mixed precision, as the reference's AMP runs them); ``None`` keeps them in the
-            float32 compute dtype. Thresholds, shifts and log-sum-exps stay in float32.
+            float32 compute dtype. Thresholds and log-sum-exps stay in float32.
+        bank_valid: Bool ``[M]`` marking the used slots of a static-shape bank
+            (:meth:`ConceptBank.slots`); ``None`` when every row of ``bank`` is an entry. With a
+            mask the bank term is always returned (all empty when no slot is used; see
+            :func:`contrastive_mean`).
+        memory_bytes: Working memory of one block of anchors (default 1 GiB).
+        validate: Check index values (``anchor_index``, ``bank_concepts``) against their ranges.
+            Each check reads a value back from the device, so a training step turns it off.
 
     Returns:
         ``(terms, empty)``: ``terms`` float ``[B]`` (no bank, or ``M == 0``) or ``[2B]`` (in-batch
         terms of images ``0..B-1``, then bank terms), each 0 when the image has no positive pair;
-        ``empty`` bool of the same shape marks those terms. The loss is ``terms.mean()``.
+        ``empty`` bool of the same shape marks those terms. The loss is
+        :func:`contrastive_mean` of them (``terms.mean()`` without ``bank_valid``).
 
     Raises:
         ValueError: On inconsistent shapes, a clusterbook/bank mismatch or a bad temperature.
@@ -543,6 +641,8 @@ def concept_contrastive_terms(
     _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if memory_bytes < 1:
+        raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}.")
     batch, num_tokens, proj_dim = student.shape
     candidates = teacher.shape[0]  # G
     if anchor_index is not None:
@@ -553,11 +653,12 @@ def concept_contrastive_terms(
             )
         if anchor_index.dtype.is_floating_point or anchor_index.dtype == torch.bool:
             raise ValueError(f"anchor_index must be an integer tensor, got {anchor_index.dtype}.")
-        if batch and (int(anchor_index.min()) < 0 or int(anchor_index.max()) >= candidates):
-            raise ValueError(
-                f"anchor_index values must lie in [0, {candidates}) (the images of tokens and "
-                "teacher)."
-            )
+        if validate and batch:
+            if int(anchor_index.min()) < 0 or int(anchor_index.max()) >= candidates:
+                raise ValueError(
+                    f"anchor_index values must lie in [0, {candidates}) (the images of tokens and "
+                    "teacher)."
+                )
     num_concepts = clusterbook.shape[0]
     if batch * num_tokens == 0:
         raise ValueError("concept_contrastive_terms needs at least one token (B * N = 0).")
@@ -579,16 +680,28 @@ def concept_contrastive_terms(
             )
         if bank_concepts.dtype.is_floating_point or bank_concepts.dtype == torch.bool:
             raise ValueError(f"bank_concepts must be an integer tensor, got {bank_concepts.dtype}.")
+        if bank_valid is not None and (
+            bank_valid.shape != (bank.shape[0],) or bank_valid.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"bank_valid must be a bool [M] = [{bank.shape[0]}] mask, got "
+                f"{bank_valid.dtype} {tuple(bank_valid.shape)}."
+            )
         if bank.shape[0] > 0:
-            if int(bank_concepts.min()) < 0 or int(bank_concepts.max()) >= num_concepts:
+            if validate and (
+                int(bank_concepts.min()) < 0 or int(bank_concepts.max()) >= num_concepts
+            ):
                 raise ValueError(
                     f"bank_concepts must lie in [0, {num_concepts}) (the clusterbook size); was "
                     "the bank filled with another clusterbook?"
                 )
             use_bank = True
+    elif bank_valid is not None:
+        raise ValueError("bank_valid needs a bank: pass it with `bank` and `bank_concepts`.")
 
     device = student.device
     dtype = _compute_dtype(student, teacher, clusterbook)
+    product = matmul_dtype or dtype
     token_ids = torch.arange(num_tokens, device=device)  # N
     if anchor_index is None:
         rows = torch.arange(batch, device=device)  # B
@@ -599,41 +712,69 @@ def concept_contrastive_terms(
     with _autocast_off(device):
         concepts = nearest_concept(tokens, clusterbook).view(-1)  # GN
         anchor_concepts = concepts[self_columns]  # BN
-        with torch.no_grad():
+        with torch.no_grad(), exact_matmul():
             book = F.normalize(clusterbook.detach().to(device=device, dtype=dtype), dim=-1)  # K D
             anchor_sim = book[anchor_concepts] @ book.T  # BN K: q_i · norm(clusterbook_k)
         anchors = F.normalize(student.to(dtype), dim=-1).reshape(batch * num_tokens, proj_dim)
-        targets = teacher.detach().to(dtype).reshape(candidates * num_tokens, proj_dim)  # GN P
+        targets = F.normalize(teacher.detach().to(dtype), dim=-1)  # G N P, before any cast
+        targets = targets.reshape(candidates * num_tokens, proj_dim).to(product)  # GN P
 
         terms, empty = _contrastive_term(
             anchors,
             anchor_sim,
             targets,
             concepts,
+            None,
             batch,
             self_columns,
             temperature,
             pos_thresh,
             neg_thresh,
-            matmul_dtype,
+            memory_bytes,
         )
         if use_bank:
             assert bank is not None and bank_concepts is not None
+            bank = bank.detach().to(device=device)
+            if bank.dtype != product:
+                # A raw bank of another dtype: normalised in the compute dtype before the cast.
+                bank = F.normalize(bank.to(dtype), dim=-1).to(product)
             bank_terms, bank_empty = _contrastive_term(
                 anchors,
                 anchor_sim,
-                bank.detach().to(device=device, dtype=dtype),
+                bank,
                 bank_concepts.to(device=device, dtype=torch.long),
+                None if bank_valid is None else bank_valid.to(device),
                 batch,
                 None,
                 temperature,
                 pos_thresh,
                 neg_thresh,
-                matmul_dtype,
+                memory_bytes,
             )
             terms = torch.cat([terms, bank_terms])  # 2B
             empty = torch.cat([empty, bank_empty])  # 2B
     return terms, empty
+
+
+def contrastive_mean(terms: Tensor, bank_valid: Tensor | None = None) -> Tensor:
+    """The loss from :func:`concept_contrastive_terms`: the mean of its terms.
+
+    With a static-shape bank (``bank_valid``) the bank terms are always present; while no slot is
+    used they are left out of the mean, as an empty bank is without the mask. Decided on the
+    device (no read-back).
+
+    Args:
+        terms: ``[B]`` or ``[2B]`` terms.
+        bank_valid: The bank's slot mask passed to :func:`concept_contrastive_terms`, or ``None``.
+
+    Returns:
+        Scalar loss.
+    """
+    if bank_valid is None:
+        return terms.mean()
+    half = terms.shape[0] // 2
+    counted = half * (1 + bank_valid.any().to(terms.dtype))
+    return terms.sum() / counted
 
 
 def concept_contrastive_loss(
@@ -648,8 +789,12 @@ def concept_contrastive_loss(
     neg_thresh: float = 0.1,
     anchor_index: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
+    *,
+    bank_valid: Tensor | None = None,
+    memory_bytes: int = DEFAULT_CONTRASTIVE_MEMORY_BYTES,
+    validate: bool = True,
 ) -> Tensor:
-    """Concept-wise InfoNCE of stage 2: the mean of :func:`concept_contrastive_terms`.
+    """Concept-wise InfoNCE of stage 2: :func:`contrastive_mean` of the per-image terms.
 
     Empty terms (images without a positive pair) count as 0 and stay in the denominator (``B`` or
     ``2B``), which reproduces the reference gradient with a finite value (method §5.6).
@@ -667,6 +812,9 @@ def concept_contrastive_loss(
         anchor_index: Positions of the student images among the candidate images (see
             :func:`concept_contrastive_terms`).
         matmul_dtype: Dtype of the projection products (see :func:`concept_contrastive_terms`).
+        bank_valid: Used slots of a static-shape bank (see :func:`concept_contrastive_terms`).
+        memory_bytes: Working memory of one block of anchors.
+        validate: Check index values (see :func:`concept_contrastive_terms`).
 
     Returns:
         Scalar loss.
@@ -686,5 +834,8 @@ def concept_contrastive_loss(
         neg_thresh=neg_thresh,
         anchor_index=anchor_index,
         matmul_dtype=matmul_dtype,
+        bank_valid=bank_valid,
+        memory_bytes=memory_bytes,
+        validate=validate,
     )
-    return terms.mean()
+    return contrastive_mean(terms, bank_valid if bank is not None and bank.shape[0] else None)
