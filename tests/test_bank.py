@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from cause_lightning.models.bank import ConceptBank
-from cause_lightning.ops import concept_contrastive_terms, nearest_concept
+from cause_lightning.ops import concept_contrastive_terms, contrastive_mean, nearest_concept
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -133,7 +133,7 @@ def test_generator_reproducible() -> None:
     assert len(draws) > 1
 
 
-def test_ring_buffer_preallocated_once_and_not_persistent() -> None:
+def test_ring_buffer_preallocated_once_and_not_a_buffer() -> None:
     bank = ConceptBank(3, capacity=2, dim=5)
     assert bank.storage is None and not bank.is_allocated
     entries, concepts = bank.view()
@@ -143,12 +143,11 @@ def test_ring_buffer_preallocated_once_and_not_persistent() -> None:
     bank.update(c, p)
     assert bank.storage is not None
     assert bank.storage.shape == (3, 2, 5) and bank.storage.dtype == torch.float64
-    assert bank.memory_bytes() == 3 * 2 * 5 * 8
+    assert bank.memory_bytes() == (3 * 2 + 1) * 5 * 8  # one spare row for discarded writes
     pointer = bank.storage.data_ptr()
     for _ in range(5):
         bank.update(c, p)
     assert bank.storage.data_ptr() == pointer
-    assert bank.state_dict() == {}
     # Not a registered buffer: DDP would otherwise broadcast rank 0's bank before every forward.
     assert list(bank.named_buffers()) == [] and list(bank.parameters()) == []
     # Inputs of another dtype are stored in the buffer's dtype.
@@ -248,3 +247,140 @@ def test_bank_feeds_contrastive_loss(device: str) -> None:
     assert terms.shape == (4,)
     terms.mean().backward()
     assert torch.isfinite(student.grad).all()
+
+
+def _filled(seed: int = 0, steps: int = 6) -> ConceptBank:
+    bank = ConceptBank(5, capacity=4, dim=6)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        concepts = torch.randint(0, 4, (13,), generator=gen)  # concept 4 never seen
+        bank.update(concepts, torch.randn(13, 6, generator=gen), generator=gen)
+        if step == 2:
+            assert len(bank) < 4 * 4  # some concepts not yet full
+    return bank
+
+
+def test_slots_are_the_buffer_with_a_mask_equal_to_the_view() -> None:
+    bank = ConceptBank(5, capacity=4, dim=6)
+    assert bank.slots() is None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        concepts = torch.randint(0, 4, (9,), generator=gen)
+        bank.update(concepts, torch.randn(9, 6, generator=gen), generator=gen)
+        entries, concepts_of_slots, valid = bank.slots()  # type: ignore[misc]
+        assert entries.shape == (20, 6) and valid.shape == (20,) and valid.dtype == torch.bool
+        assert entries.data_ptr() == bank.storage.data_ptr()  # a view, not a copy
+        assert concepts_of_slots.tolist() == [k for k in range(5) for _ in range(4)]
+        view, view_concepts = bank.view()
+        assert int(valid.sum()) == len(bank) == view.shape[0]
+        # The used slots hold the same entries as the compact view (another order within a concept).
+        for k in range(5):
+            used = entries[(concepts_of_slots == k) & valid]
+            listed = view[view_concepts == k]
+            assert sorted(map(tuple, used.tolist())) == sorted(map(tuple, listed.tolist()))
+        assert not valid[16:].any()  # concept 4 is never seen
+
+
+def test_loss_on_slots_equals_loss_on_the_compact_view() -> None:
+    bank = _filled(1)
+    gen = torch.Generator().manual_seed(2)
+    tokens, book = torch.randn(2, 7, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    teacher = torch.randn(2, 7, 6, generator=gen)
+    student = torch.randn(2, 7, 6, generator=gen)
+    results = []
+    for slots in (True, False):
+        leaf = student.clone().requires_grad_(True)
+        if slots:
+            entries, concepts, valid = bank.slots()  # type: ignore[misc]
+            kwargs = {"bank_valid": valid}
+        else:
+            entries, concepts = bank.view()
+            kwargs = {}
+        terms, empty = concept_contrastive_terms(
+            tokens, leaf, teacher, book, entries, concepts, temperature=0.5, **kwargs
+        )
+        loss = contrastive_mean(terms, kwargs.get("bank_valid"))
+        loss.backward()
+        results.append((terms.detach(), empty, loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][3], results[1][3], rtol=1e-5, atol=1e-6)
+
+
+def test_all_empty_slots_count_like_an_empty_bank() -> None:
+    bank = _filled(3)
+    bank.reset()
+    entries, concepts, valid = bank.slots()  # type: ignore[misc]
+    gen = torch.Generator().manual_seed(4)
+    tokens, book = torch.randn(2, 7, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    student, teacher = torch.randn(2, 7, 6, generator=gen), torch.randn(2, 7, 6, generator=gen)
+    terms, empty = concept_contrastive_terms(
+        tokens, student, teacher, book, entries, concepts, bank_valid=valid
+    )
+    assert terms.shape == (4,) and empty[2:].all() and torch.equal(terms[2:], torch.zeros(2))
+    without, _ = concept_contrastive_terms(tokens, student, teacher, book)
+    torch.testing.assert_close(contrastive_mean(terms, valid), without.mean())
+
+
+def test_state_dict_round_trip_restores_the_bank_and_its_future() -> None:
+    bank = _filled(5)
+    state = bank.state_dict()
+    assert set(state) == {"_extra_state"}
+    assert set(state["_extra_state"]) == {"count", "pointer", "storage"}
+    restored = ConceptBank(5, capacity=4, dim=6)
+    restored.load_state_dict(state)
+    for name in ("count", "pointer", "storage"):
+        assert torch.equal(getattr(restored, name), getattr(bank, name))
+    assert [torch.equal(a, b) for a, b in zip(restored.slots(), bank.slots(), strict=True)] == [
+        True
+    ] * 3
+    # The state is a copy, and both banks continue identically from it.
+    state["_extra_state"]["count"].zero_()
+    assert len(restored) == len(bank) > 0
+    c = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3])
+    p = torch.randn(9, 6)
+    for target in (bank, restored):
+        target.update(c, p, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(restored.storage, bank.storage)
+    assert torch.equal(restored.pointer, bank.pointer)
+    # Through a module that holds the bank (a stage module and its Lightning checkpoint).
+    holder, other = torch.nn.Sequential(bank), torch.nn.Sequential(ConceptBank(5, 4, 6))
+    other.load_state_dict(holder.state_dict())
+    assert torch.equal(other[0].storage, bank.storage)
+    # An empty, unallocated bank round-trips as empty; a bank of another shape is refused.
+    empty = ConceptBank(5, capacity=4, dim=6)
+    filled = _filled(6)
+    filled.load_state_dict(empty.state_dict())
+    assert not filled.is_allocated and len(filled) == 0
+    with pytest.raises(ValueError, match="bank_capacity"):
+        ConceptBank(5, capacity=3, dim=6).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        ConceptBank(5, capacity=4, dim=6).load_state_dict({})
+
+
+def test_update_reads_nothing_back_without_validation() -> None:
+    from host_sync import HostSyncs
+
+    bank = _filled(8)
+    gen = torch.Generator().manual_seed(9)
+    concepts, projections = torch.randint(0, 5, (40,), generator=gen), torch.randn(40, 6)
+    with HostSyncs() as syncs:
+        bank.update(concepts, projections, generator=gen, validate=False)
+        bank.slots()
+    assert syncs.total == 0, syncs.counts
+    with HostSyncs() as syncs:
+        bank.update(concepts, projections, generator=gen)
+    assert syncs.total > 0  # the range check reads the ids back
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bank_keeps_the_dtype_of_its_product(dtype: torch.dtype) -> None:
+    bank = ConceptBank(3, capacity=4, dim=5)
+    bank.update(
+        torch.tensor([0, 0, 1, 1]), torch.nn.functional.normalize(torch.randn(4, 5)).to(dtype)
+    )
+    entries, _, _ = bank.slots()  # type: ignore[misc]
+    assert entries.dtype == dtype and bank.storage.dtype == dtype
+    bank.update(torch.tensor([2, 2]), torch.randn(2, 5))  # float32 input: stored as the buffer
+    assert bank.storage.dtype == dtype

@@ -64,6 +64,7 @@ class HeadStageConfig:
     bank_capacity: int = 100
     bank_keep: float = 0.5
     sync_bank: bool = False
+    contrastive_memory_mb: int = 1024
 
 
 @dataclass
@@ -103,6 +104,7 @@ class MethodConfig:
     num_concepts: int = 2048
     window: int = 4
     scale_lr_with_world_size: bool = False
+    debug_checks: bool | None = None
     mediator: MediatorConfig = field(default_factory=MediatorConfig)
     head: HeadStageConfig = field(default_factory=HeadStageConfig)
     probe: ProbeStageConfig = field(default_factory=ProbeStageConfig)

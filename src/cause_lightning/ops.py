@@ -181,6 +181,7 @@ def grid_sample_tokens(
     index: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Keep one token per non-overlapping ``window x window`` cell of a feature map.
 
@@ -197,6 +198,8 @@ def grid_sample_tokens(
             or ``None`` to draw them uniformly and independently for every cell of every image.
         generator: Random generator for the draw when ``index`` is ``None`` (the global RNG of the
             generator's device otherwise; the features' device when no generator is given).
+        validate: Check the values of a given ``index`` against ``[0, window**2)`` (reads them
+            back from the device; a training step turns it off).
 
     Returns:
         ``(tokens [B, N, C], index [B, N])`` with ``N = (h // window) * (w // window)``; ``tokens``
@@ -235,7 +238,7 @@ def grid_sample_tokens(
         if index.dtype.is_floating_point or index.dtype == torch.bool:
             raise ValueError(f"index must be an integer tensor, got {index.dtype}.")
         index = index.to(device=features.device, dtype=torch.long)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= cell_area):
+        if validate and index.numel() and (int(index.min()) < 0 or int(index.max()) >= cell_area):
             raise ValueError(
                 f"index values must lie in [0, {cell_area}) for window {window}; was the index "
                 "drawn with another window?"

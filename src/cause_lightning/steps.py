@@ -92,6 +92,17 @@ class Pipeline:
         return max(1, self.world_size // int(self.cfg.trainer.get("num_nodes", 1) or 1))
 
     @property
+    def debug_checks(self) -> bool:
+        """``method.debug_checks``, or when unset: on for CPU runs, off on accelerators."""
+        setting = self.cfg.method.get("debug_checks")
+        if setting is not None:
+            return bool(setting)
+        accelerator = str(self.cfg.trainer.get("accelerator", "auto"))
+        if accelerator == "auto":
+            return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        return accelerator == "cpu"
+
+    @property
     def derived(self) -> DictConfig:
         _ = self.backbone  # derived values need the patch size
         return self.cfg.derived
@@ -571,6 +582,8 @@ class Pipeline:
             bank_capacity=head_cfg.bank_capacity,
             bank_keep=head_cfg.bank_keep,
             sync_bank=bool(head_cfg.sync_bank),
+            contrastive_memory_mb=int(head_cfg.contrastive_memory_mb),
+            debug_checks=self.debug_checks,
             seed=int(self.cfg.seed),
         )
         trainer = self.trainer("head", max_epochs=head_cfg.epochs, clip=head_cfg.clip)

@@ -1,14 +1,18 @@
 """Concept bank of stage 2 (docs/method.md §5.5).
 
-A per-concept FIFO of teacher projections from earlier steps, stored un-normalised and detached in
-one preallocated ring buffer ``[K, capacity, P]``. After every optimiser step, each concept
-present in the batch keeps a random ``floor(n_k * keep_fraction)`` of its ``n_k`` sampled teacher
-projections (50 %: a concept seen once keeps nothing); only the newest ``capacity`` entries per
-concept survive.
-Before the loss, :meth:`ConceptBank.view` concatenates all FIFOs (concept-major, oldest first).
+A per-concept FIFO of teacher projections from earlier steps, detached, in one preallocated
+static-shape ring buffer ``[K, capacity, P]``. After every optimiser step, each concept present in
+the batch keeps a random ``floor(n_k * keep_fraction)`` of its ``n_k`` sampled teacher projections
+(50 %: a concept seen once keeps nothing); only the newest ``capacity`` entries per concept survive.
 
-The bank is run state, not model state: it is never saved (not in the state dict), each process
-keeps its own (never broadcast by DDP), and it starts empty.
+The loss reads the buffer as it is (:meth:`ConceptBank.slots`: every slot, its concept and whether
+it is used), so a training step never copies or compacts the bank and never reads a size back from
+the device; the buffer keeps the dtype of the first projections written to it (the dtype of the
+loss's product). :meth:`ConceptBank.view` gives the compact, ordered entries for inspection.
+
+The bank is run state: it travels in the state dict (a Lightning checkpoint restores it on
+resume) as the module's extra state, not as registered buffers, so DDP never broadcasts rank 0's
+bank over the other processes' (each process keeps its own unless the stage synchronises it).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +33,16 @@ log = get_logger(__name__)
 
 
 class ConceptBank(nn.Module):
-    """Per-concept FIFO of teacher projections held in one ring buffer.
+    """Per-concept FIFO of teacher projections held in one static-shape ring buffer.
 
-    The ring buffer ``storage [K, capacity, P]`` and the per-concept ``count`` / ``pointer``
-    (next write slot) are plain tensor attributes rather than registered buffers: they are not
-    saved, and DDP does not broadcast them, so every process keeps its own bank. Module moves and
-    casts (``.to()``, ``.double()``) still apply to them.
+    Concept ``k`` owns slots ``[k * capacity, (k + 1) * capacity)`` of the flat buffer. Slots are
+    written from 0 upwards and wrap once a concept is full, so the used slots of concept ``k`` are
+    exactly ``s < count[k]``: the validity mask is a function of the per-concept ``count``, and
+    ``pointer`` is the next slot to write. The buffer has one extra row after the last slot that
+    takes the writes a step discards, which keeps :meth:`update` free of data-dependent shapes.
+
+    ``storage``, ``count`` and ``pointer`` are plain tensor attributes, saved and restored as the
+    module's extra state; module moves and casts (``.to()``, ``.double()``) apply to them.
 
     Args:
         num_concepts: Number of concepts ``K`` (clusterbook rows).
@@ -46,7 +55,6 @@ class ConceptBank(nn.Module):
         ValueError: On non-positive sizes or a fraction outside ``[0, 1]``.
     """
 
-    storage: Tensor | None
     count: Tensor
     pointer: Tensor
 
@@ -72,16 +80,12 @@ class ConceptBank(nn.Module):
         # floor(n * f) in exact integer arithmetic (no float64 needed on any device).
         ratio = Fraction(self.keep_fraction).limit_denominator(1_000_000)
         self._keep_num, self._keep_den = ratio.numerator, ratio.denominator
-        # The ring buffer and its counters are plain tensor attributes, not registered buffers:
-        # they stay out of the state dict, and out of `named_buffers()` so that DDP's per-forward
-        # buffer broadcast never overwrites a process's bank with rank 0's (one bank per process,
-        # method §5.5). `_apply` still moves and casts them with the module.
-        self.storage = None  # K cap P, allocated on the first update with that input's device/dtype
-        self.count = torch.zeros(self.num_concepts, dtype=torch.long)  # K: valid entries
+        self._data: Tensor | None = None  # K*cap+1 P, allocated on the first update
+        self.count = torch.zeros(self.num_concepts, dtype=torch.long)  # K: used slots
         self.pointer = torch.zeros(self.num_concepts, dtype=torch.long)  # K: next slot to write
+        self._slot_concepts: Tensor | None = None  # K*cap, cached per device
         self._view_index: Tensor | None = None
         self._view_concepts: Tensor | None = None
-        self._size: int | None = 0
 
     def extra_repr(self) -> str:
         return (
@@ -89,42 +93,80 @@ class ConceptBank(nn.Module):
             f"keep_fraction={self.keep_fraction}"
         )
 
+    @property
+    def slot_count(self) -> int:
+        """Number of slots ``K * capacity`` (the static size of :meth:`slots`)."""
+        return self.num_concepts * self.capacity
+
+    @property
+    def storage(self) -> Tensor | None:
+        """The ring buffer ``[K, capacity, P]`` (a view, ``None`` before the first update)."""
+        if self._data is None:
+            return None
+        return self._data[: self.slot_count].view(self.num_concepts, self.capacity, self.dim)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConceptBank:
         # `.to()`, `.cuda()`, `.double()` ... reach the bank state like they reach buffers.
-        if self.storage is not None:
-            self.storage = fn(self.storage)
+        if self._data is not None:
+            self._data = fn(self._data)
         self.count = fn(self.count)
         self.pointer = fn(self.pointer)
         self._invalidate()
+        self._slot_concepts = None
         return super()._apply(fn, recurse)
 
     def _invalidate(self) -> None:
         self._view_index = None
         self._view_concepts = None
-        self._size = None
 
+    # ------------------------------------------------------------------ state dict
+    def get_extra_state(self) -> dict[str, Any]:
+        """Counters and, once allocated, the ring buffer (for checkpoints)."""
+        state: dict[str, Any] = {"count": self.count.clone(), "pointer": self.pointer.clone()}
+        if self.storage is not None:
+            state["storage"] = self.storage.clone()
+        return state
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved (a bank of the same K, capacity and P)."""
+        expected = (self.num_concepts, self.capacity, self.dim)
+        storage = state.get("storage")
+        if tuple(state["count"].shape) != (self.num_concepts,) or (
+            storage is not None and tuple(storage.shape) != expected
+        ):
+            shape = None if storage is None else tuple(storage.shape)
+            raise ValueError(
+                f"the saved concept bank has counters {tuple(state['count'].shape)} and storage "
+                f"{shape}, this bank is [K, capacity, P] = {list(expected)}: resume with the "
+                "num_concepts, bank_capacity and projection_dim the checkpoint was trained with."
+            )
+        device = self.count.device
+        self.count = state["count"].to(device=device, dtype=torch.long).clone()
+        self.pointer = state["pointer"].to(device=device, dtype=torch.long).clone()
+        if storage is None:
+            self._data = None
+        else:
+            self._allocate(storage.to(device))
+            assert self.storage is not None
+            self.storage.copy_(storage)
+        self._invalidate()
+
+    # ------------------------------------------------------------------ contents
     def reset(self) -> None:
         """Empty the bank (the ring buffer stays allocated)."""
         self.count.zero_()
         self.pointer.zero_()
         self._invalidate()
-        self._size = 0
 
     def __len__(self) -> int:
-        """Number of valid entries ``M``."""
-        if self._size is None:
-            self._size = int(self.count.sum())
-        return self._size
+        """Number of used slots ``M`` (reads the count back from the device)."""
+        return int(self.count.sum())
 
     def _allocate(self, projections: Tensor) -> Tensor:
-        if self.storage is None:
-            self.storage = torch.zeros(
-                self.num_concepts,
-                self.capacity,
-                self.dim,
-                device=projections.device,
-                dtype=projections.dtype,
-            )  # K cap P
+        if self._data is None:
+            self._data = torch.zeros(
+                self.slot_count + 1, self.dim, device=projections.device, dtype=projections.dtype
+            )  # K*cap+1 P; the last row takes the discarded writes
             log.debug(
                 "concept bank allocated: [%d, %d, %d] %s on %s",
                 self.num_concepts,
@@ -133,11 +175,11 @@ class ConceptBank(nn.Module):
                 projections.dtype,
                 projections.device,
             )
-        storage = self.storage
-        if self.count.device != storage.device:
-            self.count = self.count.to(storage.device)
-            self.pointer = self.pointer.to(storage.device)
-        return storage
+        data = self._data
+        if self.count.device != data.device:
+            self.count = self.count.to(data.device)
+            self.pointer = self.pointer.to(data.device)
+        return data
 
     @torch.no_grad()
     def update(
@@ -145,16 +187,21 @@ class ConceptBank(nn.Module):
         concepts: Tensor,
         projections: Tensor,
         generator: torch.Generator | None = None,
+        *,
+        validate: bool = True,
     ) -> None:
         """Append a random ``floor(n_k * keep_fraction)`` of each concept's projections.
 
         Kept entries are appended in their input order (image-major, then token order); once a
-        concept holds ``capacity`` entries the oldest are overwritten.
+        concept holds ``capacity`` entries the oldest are overwritten. Every shape is fixed by the
+        input size, so nothing is read back from the device unless ``validate`` is on.
 
         Args:
             concepts: Long ``[n]`` nearest concept of each sampled token.
-            projections: Teacher projections ``[n, P]`` of the same tokens (stored detached).
+            projections: Teacher projections ``[n, P]`` of the same tokens (stored detached, in
+                the buffer's dtype).
             generator: Random generator for the subset draw (global RNG when ``None``).
+            validate: Check that the concept ids lie in ``[0, K)`` (reads them back).
 
         Raises:
             ValueError: On shape mismatches or concept ids outside ``[0, K)``.
@@ -173,18 +220,18 @@ class ConceptBank(nn.Module):
             )
         if concepts.dtype.is_floating_point or concepts.dtype == torch.bool:
             raise ValueError(f"concepts must be an integer tensor, got {concepts.dtype}.")
-        storage = self._allocate(projections)
+        data = self._allocate(projections)
         num = concepts.shape[0]
         if num == 0:
             return
-        device = storage.device
+        device = data.device
         concepts = concepts.to(device=device, dtype=torch.long)
-        if int(concepts.min()) < 0 or int(concepts.max()) >= self.num_concepts:
+        if validate and (int(concepts.min()) < 0 or int(concepts.max()) >= self.num_concepts):
             raise ValueError(
                 f"concept ids must lie in [0, {self.num_concepts}); got values in "
                 f"[{int(concepts.min())}, {int(concepts.max())}]."
             )
-        projections = projections.detach().to(device=device, dtype=storage.dtype)
+        projections = projections.detach().to(device=device, dtype=data.dtype)
 
         seen = torch.zeros(self.num_concepts, dtype=torch.long, device=device)
         seen.index_add_(0, concepts, torch.ones_like(concepts))  # K: n_k
@@ -192,28 +239,53 @@ class ConceptBank(nn.Module):
 
         # Random subset per concept: shuffle, group by concept (stable), keep the first `keep`.
         draw_device = generator.device if generator is not None else device
-        perm = torch.randperm(num, generator=generator, device=draw_device).to(device)  # n
+        perm = torch.randperm(num, generator=generator, device=draw_device)  # n
+        if perm.device != device:
+            if device.type == "cuda":
+                perm = perm.pin_memory()  # an asynchronous copy needs page-locked memory
+            perm = perm.to(device, non_blocking=True)
         perm = perm[torch.sort(concepts[perm], stable=True).indices]  # n, grouped by concept
         start = torch.cumsum(seen, 0) - seen  # K: first position of each concept's group
         rank = torch.arange(num, device=device) - start[concepts[perm]]  # n
-        chosen = perm[rank < keep[concepts[perm]]]  # kept token ids, grouped by concept
+        kept = torch.zeros(num, dtype=torch.bool, device=device)
+        kept[perm] = rank < keep[concepts[perm]]  # n, in input order
 
-        # Back to input order within each concept; the FIFO appends in that order.
-        chosen = chosen.sort().values
-        chosen = chosen[torch.sort(concepts[chosen], stable=True).indices]
-        chosen_concepts = concepts[chosen]
-        kept_start = torch.cumsum(keep, 0) - keep  # K
-        order = torch.arange(chosen.shape[0], device=device) - kept_start[chosen_concepts]
-        # Entries that a later entry of the same step would overwrite are skipped, which keeps the
-        # write slots unique (index_put with duplicate slots has no defined winner).
-        survive = order >= (keep - self.capacity)[chosen_concepts]
-        chosen, chosen_concepts, order = chosen[survive], chosen_concepts[survive], order[survive]
-        slots = (self.pointer[chosen_concepts] + order) % self.capacity
-        storage[chosen_concepts, slots] = projections[chosen]
+        # The FIFO appends each concept's kept tokens in input order.
+        group = torch.sort(concepts, stable=True).indices  # n: by concept, input order within
+        group_concepts = concepts[group]
+        kept = kept[group]
+        before = torch.cumsum(kept, 0) - kept.long()  # kept tokens ahead in the grouped order
+        order = before - (torch.cumsum(keep, 0) - keep)[group_concepts]  # rank within the concept
+        # Entries that a later entry of the same step would overwrite are dropped, which keeps the
+        # write slots unique; dropped and unkept tokens all go to the spare last row.
+        survive = kept & (order >= (keep - self.capacity)[group_concepts])
+        slots = (
+            group_concepts * self.capacity + (self.pointer[group_concepts] + order) % self.capacity
+        )
+        slots = torch.where(survive, slots, torch.full_like(slots, self.slot_count))
+        data.index_copy_(0, slots, projections[group])
 
         self.pointer.copy_((self.pointer + keep) % self.capacity)
         self.count.copy_(torch.clamp(self.count + keep, max=self.capacity))
         self._invalidate()
+
+    def slots(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Every slot of the buffer, its concept and whether it is used: the loss's input.
+
+        Returns:
+            ``(entries [K * capacity, P], concepts [K * capacity] long, valid [K * capacity]
+            bool)``: ``entries`` is a view of the buffer (no copy), ``concepts`` is fixed, and
+            ``valid`` is computed on the device from the counters. ``None`` before the first
+            update.
+        """
+        if self._data is None:
+            return None
+        device = self._data.device
+        if self._slot_concepts is None or self._slot_concepts.device != device:
+            concept_ids = torch.arange(self.num_concepts, device=device)
+            self._slot_concepts = concept_ids.repeat_interleave(self.capacity)  # K*cap
+        used = torch.arange(self.capacity, device=device) < self.count[:, None]  # K cap
+        return self._data[: self.slot_count], self._slot_concepts, used.reshape(-1)
 
     def _build_view(self) -> None:
         count = self.count  # K
@@ -228,16 +300,19 @@ class ConceptBank(nn.Module):
         slots = (oldest[entry_concepts] + offset) % self.capacity  # M
         self._view_index = entry_concepts * self.capacity + slots  # M, into [K * cap]
         self._view_concepts = entry_concepts
-        self._size = size
 
     def view(self) -> tuple[Tensor, Tensor]:
-        """All valid entries, concept by concept (ascending), oldest first within a concept.
+        """All used entries, concept by concept (ascending), oldest first within a concept.
+
+        A compact copy whose size is read back from the device: for inspection, tests and callers
+        of the plain ``(bank, bank_concepts)`` interface. A training step uses :meth:`slots`.
 
         Returns:
             ``(bank [M, P], bank_concepts [M] long)``. Before the first update: ``[0, P]`` float32
             and ``[0]`` on the device of the bank's counters.
         """
-        if self.storage is None:
+        storage = self.storage
+        if storage is None:
             device = self.count.device
             return (
                 torch.empty(0, self.dim, device=device),
@@ -246,16 +321,16 @@ class ConceptBank(nn.Module):
         if self._view_index is None or self._view_concepts is None:
             self._build_view()
         assert self._view_index is not None and self._view_concepts is not None
-        flat = self.storage.view(self.num_concepts * self.capacity, self.dim)  # K*cap P
+        flat = storage.reshape(self.slot_count, self.dim)  # K*cap P (a view)
         return flat.index_select(0, self._view_index), self._view_concepts
 
     @property
     def is_allocated(self) -> bool:
         """Whether the ring buffer exists (after the first update)."""
-        return self.storage is not None
+        return self._data is not None
 
     def memory_bytes(self) -> int:
         """Bytes held by the ring buffer (0 before the first update)."""
-        if self.storage is None:
+        if self._data is None:
             return 0
-        return math.prod(self.storage.shape) * self.storage.element_size()
+        return math.prod(self._data.shape) * self._data.element_size()

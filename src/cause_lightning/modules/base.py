@@ -35,6 +35,7 @@ __all__ = [
     "StageModule",
     "NonFiniteLossError",
     "upsample_to",
+    "to_device",
     "linear_probe_loss",
     "step_generator",
     "GRID_STREAM",
@@ -165,7 +166,7 @@ class StageModule(pl.LightningModule):
         batch, _, height, width = features.shape
         generator = step_generator(self.seed, GRID_STREAM, self.global_step, batch_idx)
         index = grid_sample_index(batch * world, height, width, window, generator=generator)
-        return index[rank::world].to(features.device)  # B N
+        return to_device(index[rank::world], features.device)  # B N
 
     def gather_global(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-gather a per-rank batch ``[B, ...]`` into the global batch ``[B * W, ...]``.
@@ -239,7 +240,40 @@ class StageModule(pl.LightningModule):
         do its work once per step whoever calls it first. Default: nothing.
         """
 
+    def defer_finite_check(self, loss: torch.Tensor) -> None:
+        """Record on the device whether ``loss`` is finite; :meth:`raise_if_nonfinite` reads it.
+
+        The sync-free counterpart of :meth:`check_finite` for steps that must not wait for the
+        device: the flag is read at the end of every training epoch and before every checkpoint
+        is written, so a non-finite loss still stops the run before it reaches a checkpoint.
+        """
+        finite = torch.isfinite(loss.detach()).all()
+        flag = getattr(self, "_finite_flag", None)
+        self._finite_flag = finite if flag is None else flag & finite
+        if getattr(self, "_finite_since", None) is None:
+            self._finite_since = int(self.global_step)
+
+    def raise_if_nonfinite(self) -> None:
+        """Read the flag of :meth:`defer_finite_check` (one read-back) and stop on a bad loss."""
+        flag = getattr(self, "_finite_flag", None)
+        since = getattr(self, "_finite_since", None)
+        self._finite_flag, self._finite_since = None, None
+        if flag is None or bool(flag):
+            return
+        raise NonFiniteLossError(
+            f"non-finite training loss between global steps {since} and {self.global_step} "
+            f"(epoch {self.current_epoch}), found at the deferred check (debug checks are off, so "
+            "steps are not checked one by one); updates after it were applied, and no checkpoint "
+            "was written after it: resume from the stage's last.ckpt after fixing the cause "
+            "(learning rate, clipping, or NaN inputs), with method.debug_checks=true to stop at "
+            "the exact step"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_if_nonfinite()
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]
@@ -263,6 +297,15 @@ class StageModule(pl.LightningModule):
         return super().load_state_dict(merged, strict=strict, assign=assign)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait (page-locked, non-blocking)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda":
+        tensor = tensor.contiguous().pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def upsample_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling ``[B,C,h,w] -> [B,C,H,W]`` (align_corners=False, as the reference)."""
     if tuple(features.shape[-2:]) == tuple(size):
@@ -282,10 +325,11 @@ def linear_probe_loss(
         ignore_index: Label value of unlabelled pixels.
 
     Returns:
-        Scalar mean cross-entropy over labelled pixels (0 when a batch has none).
+        Scalar mean cross-entropy over labelled pixels (0 when a batch has none), formed as a sum
+        over a device-side count so that no value is read back.
     """
     logits = upsample_to(logits, tuple(labels.shape[-2:]))  # B C H W
     target = torch.where((labels >= 0) & (labels < num_classes), labels, ignore_index)
-    if not (target != ignore_index).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    labelled = (target != ignore_index).sum()
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return total / labelled.clamp_min(1).to(total.dtype)

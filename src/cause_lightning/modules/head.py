@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -32,7 +33,12 @@ from cause_lightning.modules.base import (
     step_generator,
     upsample_to,
 )
-from cause_lightning.ops import concept_contrastive_terms, grid_sample_tokens, nearest_concept
+from cause_lightning.ops import (
+    concept_contrastive_terms,
+    contrastive_mean,
+    grid_sample_tokens,
+    nearest_concept,
+)
 
 __all__ = ["HeadModule", "supervised_metrics"]
 
@@ -72,6 +78,11 @@ class HeadModule(StageModule):
         sync_bank: Under DDP, use the global batch as in-batch candidates and keep one identical
             bank on every rank (equal to one process on the global batch); ``False`` keeps the
             reference's per-process bank and candidates.
+        contrastive_memory_mb: Working memory of one block of anchors in the contrastive loss
+            (MiB); the gradient is formed in the same pass, so no block is recomputed.
+        debug_checks: Check index ranges and the loss's finiteness at every step (each check reads
+            a value back from the device). Off: the step never waits for the device, and the loss
+            is checked at the end of each epoch and before each checkpoint.
         seed: Seed of the per-step grid sampling and bank subset draws.
     """
 
@@ -94,6 +105,8 @@ class HeadModule(StageModule):
         bank_capacity: int = 100,
         bank_keep: float = 0.5,
         sync_bank: bool = False,
+        contrastive_memory_mb: int = 1024,
+        debug_checks: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(backbone, seed=seed)
@@ -129,6 +142,7 @@ class HeadModule(StageModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sampled tokens, student and teacher projections, and the teacher's full grid."""
         window = self.hparams.window
+        check = bool(self.hparams.debug_checks)
         if self.head_type == "tr":
             # Attention mixes tokens, so the heads run on the full grid and are sampled after.
             with torch.no_grad():
@@ -136,13 +150,13 @@ class HeadModule(StageModule):
                 teacher_proj = self.projection_ema(teacher)  # B P h w
             student_proj = self.projection(self.head(features))  # B P h w
             index = self.grid_index(features, window, batch_idx)  # B N
-            tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
-            student_tok, _ = grid_sample_tokens(student_proj, window=window, index=index)
-            teacher_tok, _ = grid_sample_tokens(teacher_proj, window=window, index=index)
+            tokens, _ = grid_sample_tokens(features, window, index, validate=check)  # B N D
+            student_tok, _ = grid_sample_tokens(student_proj, window, index, validate=check)
+            teacher_tok, _ = grid_sample_tokens(teacher_proj, window, index, validate=check)
             return tokens, student_tok, teacher_tok, teacher
         # MLP heads are per token: sampling first is equal and much cheaper (method.md §5.4).
         index = self.grid_index(features, window, batch_idx)  # B N
-        tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
+        tokens, _ = grid_sample_tokens(features, window, index, validate=check)  # B N D
         grid = tokens.transpose(1, 2).unsqueeze(-1)  # B D N 1
         student_tok = self.projection(self.head(grid)).squeeze(-1).transpose(1, 2)  # B N P
         with torch.no_grad():
@@ -171,7 +185,11 @@ class HeadModule(StageModule):
         # per-process banks (reference) draw independently.
         keys = (rank,) if world > 1 and not synced else ()
         generator = step_generator(self.seed, BANK_STREAM, self.global_step, batch_idx, *keys)
-        bank, bank_concepts = self.bank.view()
+        check = bool(self.hparams.debug_checks)
+        product = self._matmul_dtype()
+        # The static-shape bank as it is: no copy, no size read back (None before the first step).
+        slots = self.bank.slots()
+        bank, bank_concepts, bank_valid = slots if slots is not None else (None, None, None)
         terms, empty = concept_contrastive_terms(
             tokens,
             student_tok,
@@ -183,22 +201,31 @@ class HeadModule(StageModule):
             pos_thresh=self.hparams.pos_thresh,
             neg_thresh=self.hparams.neg_thresh,
             anchor_index=anchor_index,
-            matmul_dtype=self._matmul_dtype(),
+            matmul_dtype=product,
+            bank_valid=bank_valid,
+            memory_bytes=int(self.hparams.contrastive_memory_mb) << 20,
+            validate=check,
         )
-        loss_front = terms.mean()
+        loss_front = contrastive_mean(terms, bank_valid)
         loss_linear = linear_probe_loss(
             self.linear(teacher.detach()), batch["label"], self.hparams.num_classes
         )
         loss = loss_front + loss_linear
-        self.check_finite(loss, loss_front=loss_front, loss_linear=loss_linear)
+        if check:
+            self.check_finite(loss, loss_front=loss_front, loss_linear=loss_linear)
+        else:
+            self.defer_finite_check(loss)
         with torch.no_grad():
             concepts = nearest_concept(tokens, self.clusterbook)  # B N (global batch if synced)
-        self._pending_bank = (concepts.flatten(), teacher_tok.detach().flatten(0, 1), generator)
+            # Stored normalised, in the dtype of the loss's product: the bank is used as it is.
+            entries = F.normalize(teacher_tok.detach().flatten(0, 1).float(), dim=-1)  # BN P
+            entries = entries.to(product or torch.float32)
+        self._pending_bank = (concepts.flatten(), entries, generator)
         batch_size = student_tok.shape[0]
         self.log("train/loss_front", loss_front, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_linear", loss_linear, batch_size=batch_size)
         self.log("train/empty_pos_terms", empty.sum().float(), batch_size=batch_size)
-        self.log("train/bank_size", float(len(self.bank)), batch_size=batch_size)
+        self.log("train/bank_size", self.bank.count.sum().float(), batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -211,7 +238,9 @@ class HeadModule(StageModule):
         ema_update(self.head_ema, self.head, self.hparams.ema_decay)
         ema_update(self.projection_ema, self.projection, self.hparams.ema_decay)
         concepts, projections, generator = self._pending_bank
-        self.bank.update(concepts, projections, generator=generator)
+        self.bank.update(
+            concepts, projections, generator=generator, validate=bool(self.hparams.debug_checks)
+        )
         self._pending_bank = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

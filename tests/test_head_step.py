@@ -1,0 +1,143 @@
+"""The stage-2 training step as the GPU runs it: no host synchronisation with debug checks off, a
+deferred finiteness check, a bank in the product's dtype that travels in the state dict."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from cause_lightning.models import TRHead, build_backbone
+from cause_lightning.modules.base import NonFiniteLossError
+from cause_lightning.modules.head import HeadModule
+from host_sync import HostSyncs
+
+# Host synchronisations allowed in one head step with debug checks off (there are none today).
+MAX_SYNCS = 2
+
+
+def _module(**kwargs: object) -> HeadModule:
+    torch.manual_seed(0)
+    return HeadModule(
+        build_backbone("tiny_vit"),
+        functools.partial(TRHead, reduced_dim=16, dropout=0.1),
+        torch.randn(32, 64),
+        num_classes=5,
+        head_type="tr",
+        num_queries=64,
+        projection_dim=32,
+        bank_capacity=4,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "image": torch.randn(4, 3, 64, 64, generator=gen),
+        "label": torch.randint(0, 5, (4, 64, 64), generator=gen),
+    }
+
+
+def _step(module: HeadModule, optimizer: torch.optim.Optimizer, index: int) -> torch.Tensor:
+    batch = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        loss = module.training_step(batch, index)
+        loss.backward()
+        optimizer.step()  # Adam's step counters live on the host: not part of the count
+        optimizer.zero_grad()
+        module.on_train_batch_end(None, batch, index)
+    return loss
+
+
+def _counted_step(module: HeadModule, optimizer: torch.optim.Optimizer, index: int) -> HostSyncs:
+    batch = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with HostSyncs() as syncs:
+            loss = module.training_step(batch, index)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with HostSyncs() as after:
+            module.on_train_batch_end(None, batch, index)
+    syncs.counts.update(after.counts)
+    return syncs
+
+
+@pytest.mark.parametrize("head_type", ["tr", "mlp"])
+def test_head_step_has_no_host_sync_without_debug_checks(head_type: str) -> None:
+    module = _module(debug_checks=False) if head_type == "tr" else _mlp_module(debug_checks=False)
+    optimizer = module.configure_optimizers()
+    for index in range(3):  # fill the bank
+        _step(module, optimizer, index)
+    assert len(module.bank) > 0
+    syncs = _counted_step(module, optimizer, 3)
+    assert syncs.total <= MAX_SYNCS, dict(syncs.counts)
+    # The instrument sees the checks that the debug mode makes.
+    checked = _module(debug_checks=True) if head_type == "tr" else _mlp_module(debug_checks=True)
+    optimizer = checked.configure_optimizers()
+    _step(checked, optimizer, 0)
+    assert _counted_step(checked, optimizer, 1).total > MAX_SYNCS
+
+
+def _mlp_module(**kwargs: object) -> HeadModule:
+    from cause_lightning.models import MLPHead
+
+    torch.manual_seed(0)
+    return HeadModule(
+        build_backbone("tiny_vit"),
+        functools.partial(MLPHead, reduced_dim=16),
+        torch.randn(32, 64),
+        num_classes=5,
+        head_type="mlp",
+        projection_dim=32,
+        bank_capacity=4,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_deferred_finite_check_stops_before_a_checkpoint() -> None:
+    module = _module(debug_checks=False)
+    module.defer_finite_check(torch.tensor(1.0))
+    module.on_train_epoch_end()  # finite: nothing to report, flag cleared
+    module.defer_finite_check(torch.tensor(float("nan")))
+    module.defer_finite_check(torch.tensor(2.0))  # a later finite step does not clear it
+    with pytest.raises(NonFiniteLossError, match="between global steps"):
+        module.on_save_checkpoint({"state_dict": {}})
+    module.defer_finite_check(torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLossError, match="debug_checks=true"):
+        module.on_train_epoch_end()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_step_keeps_the_bank_in_the_product_dtype(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _module(debug_checks=False)
+    monkeypatch.setattr(module, "_matmul_dtype", lambda: dtype)
+    optimizer = module.configure_optimizers()
+    losses = [_step(module, optimizer, index) for index in range(3)]
+    assert module.bank.storage.dtype == dtype
+    entries, _, valid = module.bank.slots()  # type: ignore[misc]
+    norms = entries[valid].float().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-2)  # normalised
+    assert all(torch.isfinite(loss) for loss in losses)
+    module.raise_if_nonfinite()
+
+
+def test_head_checkpoint_state_carries_the_bank() -> None:
+    module = _module(debug_checks=False)
+    optimizer = module.configure_optimizers()
+    for index in range(2):
+        _step(module, optimizer, index)
+    state = module.state_dict()
+    assert "bank._extra_state" in state
+    fresh = _module(debug_checks=False)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.bank.storage, module.bank.storage)
+    assert torch.equal(fresh.bank.count, module.bank.count)
+    assert torch.equal(fresh.bank.pointer, module.bank.pointer)
