@@ -867,22 +867,67 @@ def test_ops_device_agnostic(device: str) -> None:
     torch.testing.assert_close(sampled.cpu(), literal_grid_sample(features, 4, index.cpu()))
 
 
-def test_contrastive_half_precision_products_stay_close_to_float32() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_contrastive_half_precision_products_stay_close_to_float32(dtype: torch.dtype) -> None:
     torch.manual_seed(3)
     tokens, clusterbook = torch.randn(3, 12, 8), torch.randn(10, 8)
     teacher, bank = torch.randn(3, 12, 16), torch.randn(40, 16)
     bank_concepts = torch.randint(10, (40,))
     results = {}
-    for dtype in (None, torch.bfloat16):
+    for product in (None, dtype):
         student = torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(0))
         student.requires_grad_(True)
         loss = concept_contrastive_loss(
-            tokens, student, teacher, clusterbook, bank, bank_concepts, matmul_dtype=dtype
+            tokens, student, teacher, clusterbook, bank, bank_concepts, matmul_dtype=product
         )
         loss.backward()
-        results[dtype] = (loss.detach(), student.grad)
-    (exact, exact_grad), (half, half_grad) = results[None], results[torch.bfloat16]
+        results[product] = (loss.detach(), student.grad)
+    (exact, exact_grad), (half, half_grad) = results[None], results[dtype]
     assert half.dtype == torch.float32  # only the products are in half precision
     assert not torch.equal(exact, half)  # the dtype is really used
     torch.testing.assert_close(half, exact, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(half_grad, exact_grad, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_contrastive_half_products_of_huge_projections_stay_finite(dtype: torch.dtype) -> None:
+    """Projections are normalised before the cast: a norm above float16's 65,504 cannot overflow."""
+    torch.manual_seed(4)
+    tokens, clusterbook = torch.randn(2, 9, 8), torch.randn(6, 8)
+    teacher, bank = torch.randn(2, 9, 16) * 1e6, torch.randn(30, 16) * 1e6
+    bank_concepts = torch.randint(6, (30,))
+    student = (torch.randn(2, 9, 16) * 1e6).requires_grad_(True)
+    loss = concept_contrastive_loss(
+        tokens, student, teacher, clusterbook, bank, bank_concepts, matmul_dtype=dtype
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    exact = concept_contrastive_loss(
+        tokens, student.detach(), teacher / 1e6, clusterbook, bank / 1e6, bank_concepts
+    )
+    torch.testing.assert_close(loss.detach(), exact, rtol=2e-2, atol=2e-2)
+    # A bank already held normalised in the product dtype is used as it is.
+    stored = F.normalize(bank, dim=-1).to(dtype)
+    same = concept_contrastive_loss(
+        tokens, student.detach(), teacher, clusterbook, stored, bank_concepts, matmul_dtype=dtype
+    )
+    torch.testing.assert_close(same, loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_losses_of_half_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    tokens, clusterbook = torch.randn(2, 9, 8), torch.randn(6, 8)
+    student, teacher = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    half = [t.to(dtype) for t in (tokens, student, teacher, clusterbook)]
+    terms, _ = concept_contrastive_terms(*half)
+    assert terms.dtype == torch.float32
+    ref, _ = concept_contrastive_terms(*[t.float() for t in half])
+    torch.testing.assert_close(terms, ref)
+    loss = modularity_loss(half[0], half[3])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, modularity_loss(half[0].float(), half[3].float()))
+    assert torch.equal(
+        nearest_concept(half[0], half[3]),
+        nearest_concept(tokens.to(dtype).float(), clusterbook.to(dtype).float()),
+    )

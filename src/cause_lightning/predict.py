@@ -28,6 +28,7 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.data.datasets import find_images, open_image
 from cause_lightning.logs import get_logger
+from cause_lightning.precision import apply_stage_precision
 from cause_lightning.visualize import (
     contact_sheet,
     contact_sheet_html,
@@ -97,6 +98,7 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
     if cfg.predict.crf:
         segmenter.crf = True
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+    apply_stage_precision("predict", on_gpu=device == "cuda")
     segmenter.to(device)
     to_classes = segmenter.assignment is not None
     rows: list[list[np.ndarray]] = []

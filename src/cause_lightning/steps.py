@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +38,7 @@ from cause_lightning.config import derive, to_plain
 from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
 from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
+from cause_lightning.precision import apply_stage_precision, float32_warning
 from cause_lightning.sharing import ensure_tensor_sharing
 from cause_lightning.specs import BackboneRef, HeadSpec, ModelSpec, Resolution, SpecError
 from cause_lightning.tracking import instantiate_logger, publish_step
@@ -65,6 +67,7 @@ class Pipeline:
         self.cfg = cfg
         self.trainers: list[pl.Trainer] = []
         self._input_checksums: dict[str, str | None] = {}
+        self._warned_float32 = False
 
     # ------------------------------------------------------------------ shared pieces
     @cached_property
@@ -217,6 +220,12 @@ class Pipeline:
             kwargs["gradient_clip_val"] = float(clip)
             kwargs["gradient_clip_algorithm"] = "norm"
         trainer = instantiate(self.cfg.trainer, **kwargs)
+        on_gpu = isinstance(trainer.accelerator, CUDAAccelerator)
+        apply_stage_precision(step, on_gpu)
+        advice = float32_warning(on_gpu, trainer.precision)
+        if advice is not None and not self._warned_float32:
+            self._warned_float32 = True
+            log.warning(advice)
         self.trainers.append(trainer)
         return trainer
 
