@@ -6,7 +6,7 @@ PYTEST := WANDB_MODE=disabled HF_HUB_OFFLINE=1 HYDRA_FULL_ERROR=1 $(PY) -m pytes
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-all lint format pipeline clean
+.PHONY: help install demo test test-slow test-all lint format pipeline bench clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ pipeline: $(STAMP) ## Run mediator, head, probe, eval as separate stages (pass A
 	for stage in mediator head probe eval; do \
 	  $(PY) -m cause_lightning stage=$$stage $(ARGS) || exit $$?; \
 	done
+
+bench: $(STAMP) ## CPU cost table vs floors -> benchmarks/results/cpu.json (ARGS="--batch 4" scales it)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/bench.py --threads 2 $(ARGS)
 
 clean: ## Remove run outputs and caches (keeps .venv, data and artifacts)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache
