@@ -8,6 +8,7 @@ code with the implementation.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -723,21 +724,20 @@ def test_contrastive_anchor_index_validation() -> None:
     call(torch.tensor([3, 0]))
 
 
+def _inputs(case: dict[str, Tensor | None], student: Tensor) -> tuple[Any, ...]:
+    """Positional inputs of the loss for ``case`` with ``student`` in place of its own."""
+    keys = ("tokens", "teacher", "clusterbook", "bank", "bank_concepts")
+    tokens, teacher, book, bank, concepts = (case[k] for k in keys)
+    return tokens, student, teacher, book, bank, concepts
+
+
 @pytest.mark.parametrize("rows_per_block", [1, 2, 5])
 def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
     case = _random_case(5, 3, 6, 8, dim=3, proj=5, bank_size=40)
 
     def run(memory_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
         student = case["student"].clone().requires_grad_(True)  # type: ignore[union-attr]
-        terms, empty = concept_contrastive_terms(
-            case["tokens"],  # type: ignore[arg-type]
-            student,
-            case["teacher"],  # type: ignore[arg-type]
-            case["clusterbook"],  # type: ignore[arg-type]
-            case["bank"],
-            case["bank_concepts"],
-            memory_bytes=memory_bytes,
-        )
+        terms, empty = concept_contrastive_terms(*_inputs(case, student), memory_bytes=memory_bytes)
         terms.mean().backward()
         return terms.detach(), empty, student.grad  # type: ignore[return-value]
 
@@ -755,30 +755,19 @@ def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
 def test_contrastive_gradient_formed_in_forward_never_recomputed() -> None:
     """Each block's product runs once forward and once for the gradient, never again."""
     case = _random_case(5, 3, 6, 8, dim=3, proj=5, bank_size=40)
+
+    def loss_of(student: Tensor) -> Tensor:
+        # 2 rows per bank block: 9 blocks
+        return concept_contrastive_loss(*_inputs(case, student), memory_bytes=2 * 40 * 9)
+
     student = case["student"].clone().requires_grad_(True)  # type: ignore[union-attr]
     with CountOps("aten.mm") as forward:
-        loss = concept_contrastive_loss(
-            case["tokens"],  # type: ignore[arg-type]
-            student,
-            case["teacher"],  # type: ignore[arg-type]
-            case["clusterbook"],  # type: ignore[arg-type]
-            case["bank"],
-            case["bank_concepts"],
-            memory_bytes=2 * 40 * 9,  # 2 rows per bank block: 9 blocks
-        )
+        loss = loss_of(student)
     with CountOps("aten.mm") as backward:
         loss.backward()
     assert backward.count == 0  # the backward pass only scales the stored row gradients
     with torch.no_grad(), CountOps("aten.mm") as no_grad:
-        concept_contrastive_loss(
-            case["tokens"],  # type: ignore[arg-type]
-            case["student"],  # type: ignore[arg-type]
-            case["teacher"],  # type: ignore[arg-type]
-            case["clusterbook"],  # type: ignore[arg-type]
-            case["bank"],
-            case["bank_concepts"],
-            memory_bytes=2 * 40 * 9,
-        )
+        loss_of(case["student"])  # type: ignore[arg-type]
     # With a gradient: the logit and the gradient product of every block; without: logits only.
     assert forward.count - no_grad.count == 9 + 5  # 9 bank blocks, 5 in-batch blocks (4 rows)
 
