@@ -50,8 +50,11 @@ _MODULARITY_CHUNK_ELEMENTS = 1 << 23
 # sets its own, `method.head.contrastive_memory_mb`).
 DEFAULT_CONTRASTIVE_MEMORY_BYTES = 1 << 30
 
-# Elements of one slice of candidates upcast at a time for the per-concept sums.
-_CONCEPT_SUM_ELEMENTS = 1 << 22
+# Elements of the temporaries of one slice of columns inside a contrastive block.
+_SLICE_ELEMENTS = 1 << 22
+
+# Kinds of an (anchor, candidate) pair in the contrastive loss.
+_IGNORED, _NEGATIVE, _POSITIVE = 0, 1, 2
 
 # Element budget of one [rows, K] similarity block in `nearest_concept`.
 _NEAREST_CHUNK_ELEMENTS = 1 << 24
@@ -391,19 +394,10 @@ def _block_rows(num_rows: int, num_candidates: int, bytes_per_element: int, budg
     return max(1, min(num_rows, budget // per_row))
 
 
-def _concept_sums(
-    candidates: Tensor, scale: Tensor, concepts: Tensor, num_concepts: int, dtype: torch.dtype
-) -> Tensor:
-    """``S_k = Σ_{j of concept k} scale_j c_j`` in ``dtype``, ``[K + 1, P]`` (row ``K``: ignored).
-
-    Read in slices of rows so that a half-precision bank is never upcast as a whole.
-    """
-    sums = candidates.new_zeros(num_concepts + 1, candidates.shape[1], dtype=dtype)  # K+1 P
-    rows = max(1, _CONCEPT_SUM_ELEMENTS // max(1, candidates.shape[1]))
-    for start in range(0, candidates.shape[0], rows):
-        part = candidates[start : start + rows].to(dtype) * scale[start : start + rows, None]
-        sums.index_add_(0, concepts[start : start + rows], part)
-    return sums
+def _column_slices(rows: int, columns: int) -> list[slice]:
+    """Column slices of a ``[rows, columns]`` block whose temporaries stay small."""
+    step = max(1, _SLICE_ELEMENTS // max(1, rows))
+    return [slice(start, start + step) for start in range(0, columns, step)]
 
 
 class _ContrastiveTerm(torch.autograd.Function):
@@ -416,80 +410,74 @@ class _ContrastiveTerm(torch.autograd.Function):
 
     With ``p_ij`` the softmax of row ``i`` over its denominator set and ``n_i`` its positive count,
     ``Σ_{j ∈ pos} L_ij = n_i · log_den_i - Σ_{j ∈ pos} l_ij`` and
-    ``∂/∂l_ij = n_i · p_ij - [j ∈ pos]``. Positives depend on the candidate's concept only, so the
-    positive sums go through per-concept sums of the scaled candidates (``[K, P]``) instead of an
-    ``[R, C]`` mask.
+    ``∂/∂l_ij = n_i · p_ij - [j ∈ pos]``. A block holds its float logits and one byte per pair
+    (ignored / negative / positive, gathered from a per-concept table); every other temporary is
+    limited to a slice of columns.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         anchors: Tensor,
-        positive: Tensor,
-        ignored: Tensor,
+        table: Tensor,
         candidates: Tensor,
         scale: Tensor,
         columns: Tensor,
-        sums: Tensor,
         self_columns: Tensor | None,
         budget: int,
     ) -> tuple[Tensor, Tensor]:
-        # anchors R P (compute dtype); positive R K+1 / ignored R K+1 (bool, column K: invalid
-        # candidates); candidates C P (product dtype); scale C; columns C (concept or K); sums K+1 P
+        # anchors R P (compute dtype); table R K+1 int8 (0 ignored, 1 negative, 2 positive; column
+        # K: unused slots); candidates C P (product dtype); scale C; columns C (concept or K)
         compute = anchors.dtype
         product = candidates.dtype
-        num_rows = anchors.shape[0]
+        num_rows, num_candidates = anchors.shape[0], candidates.shape[0]
         need_grad = bool(ctx.needs_input_grad[0])
-        positive_f = positive.to(compute)  # R K+1
-        # K+1: candidates per concept (index_add, not bincount: no read of the maximum on the host)
-        per_concept = torch.zeros(sums.shape[0], dtype=compute, device=anchors.device)
-        per_concept.index_add_(0, columns, torch.ones_like(columns, dtype=compute))
-        count = positive_f @ per_concept  # R (exact: integer sums far below 2**24)
-        pos_sums = positive_f @ sums  # R P: Σ_{j ∈ pos} scale_j c_j
-        if self_columns is not None:
-            # The anchor's own teacher copy is neither a positive nor in the denominator.
-            own = candidates[self_columns].to(compute) * scale[self_columns, None]  # R P
-            own_pos = positive.gather(1, columns[self_columns][:, None]).squeeze(1)  # R
-            count = count - own_pos.to(compute)
-            pos_sums = pos_sums - own * own_pos[:, None].to(compute)
-        count = count.round_()
-        has_positive = count > 0  # R
-        log_den = anchors.new_empty(num_rows)  # R
+        loss_sum = anchors.new_empty(num_rows)  # R
+        count = torch.empty(num_rows, dtype=torch.long, device=anchors.device)  # R
         grad = anchors.new_empty(anchors.shape) if need_grad else None  # R P
 
         extra = 0 if product == compute else product.itemsize
-        rows = _block_rows(num_rows, candidates.shape[0], compute.itemsize + 1 + extra, budget)
+        rows = _block_rows(num_rows, num_candidates, compute.itemsize + 1 + extra, budget)
         for start in range(0, num_rows, rows):
             stop = min(start + rows, num_rows)
             block = anchors[start:stop].to(product)  # r P
             logits = (block @ candidates.T).to(compute)  # r C
-            logits.mul_(scale)
-            logits.masked_fill_(ignored[start:stop].index_select(1, columns), float("-inf"))
+            code = table[start:stop].index_select(1, columns)  # r C
             if self_columns is not None:
+                # The anchor's own teacher copy is neither a positive nor in the denominator.
                 local = torch.arange(stop - start, device=anchors.device)
-                logits[local, self_columns[start:stop]] = float("-inf")
+                code[local, self_columns[start:stop]] = _IGNORED
+            linear = anchors.new_zeros(stop - start)  # r: Σ_{j ∈ pos} l_ij
+            positives = torch.zeros(stop - start, dtype=torch.long, device=anchors.device)  # r
+            for part in _column_slices(stop - start, num_candidates):
+                values, kinds = logits[:, part], code[:, part]
+                values.mul_(scale[part])
+                positive = kinds == _POSITIVE
+                linear += (values * positive).sum(dim=1)
+                positives += positive.sum(dim=1)
+                values.masked_fill_(kinds == _IGNORED, float("-inf"))
             top = logits.amax(dim=1)  # r; -inf for a row whose denominator is empty
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
             weights = logits.sub_(top[:, None]).exp_()  # r C: exp(l - top), 0 outside the set
             total = weights.sum(dim=1)  # r
-            log_den[start:stop] = top + total.log()
+            has_positive = positives > 0
+            counted = positives.to(compute)
+            # Rows without positives contribute exactly 0 (their denominator may even be empty).
+            loss_sum[start:stop] = torch.where(
+                has_positive, counted * (top + total.log()) - linear, torch.zeros_like(linear)
+            )
+            count[start:stop] = positives
             if grad is not None:
-                # ∂/∂a_i of n_i · log_den_i: n_i / total_i · Σ_j exp(l_ij - top_i) scale_j c_j.
-                weights.mul_(scale)
-                spread = (weights.to(product) @ candidates).to(compute)  # r P
-                coef = torch.where(
-                    has_positive[start:stop], count[start:stop] / total, torch.zeros_like(total)
-                )
-                grad[start:stop] = spread * coef[:, None]
-            del logits, weights
+                # n_i p_ij - [j ∈ pos], times ∂l_ij/∂a_i = scale_j c_j (in the product).
+                coef = torch.where(has_positive, counted / total, torch.zeros_like(total))
+                for part in _column_slices(stop - start, num_candidates):
+                    values = weights[:, part].mul_(coef[:, None])
+                    values.sub_((code[:, part] == _POSITIVE).to(compute)).mul_(scale[part])
+                grad[start:stop] = (weights.to(product) @ candidates).to(compute)  # r P
+            del logits, weights, code
 
-        linear = (anchors * pos_sums).sum(dim=1)  # R: Σ_{j ∈ pos} l_ij
-        # Rows without positives contribute exactly 0 (their denominator may even be empty).
-        loss_sum = torch.where(has_positive, count * log_den - linear, torch.zeros_like(linear))
         if grad is not None:
-            grad.sub_(pos_sums * has_positive[:, None].to(compute))
             ctx.save_for_backward(grad)
-        count = count.long()
         ctx.mark_non_differentiable(count)
         return loss_sum, count
 
@@ -497,7 +485,7 @@ class _ContrastiveTerm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, _grad_count: Tensor | None) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss[:, None], *(None,) * 8)
+        return (grad * grad_loss[:, None], *(None,) * 6)
 
 
 def _contrastive_term(
@@ -531,14 +519,17 @@ def _contrastive_term(
         columns = torch.where(valid, columns, torch.full_like(columns, num_concepts))
         scale = torch.where(valid, scale, torch.zeros_like(scale))
     with torch.no_grad():
-        sums = _concept_sums(candidates, scale, columns, num_concepts, anchors.dtype)  # K+1 P
-        closed = torch.zeros_like(anchor_sim[:, :1], dtype=torch.bool)  # R 1
-        positive = torch.cat([anchor_sim > pos_thresh, closed], dim=1)  # R K+1
-        ignored = torch.cat(
-            [(anchor_sim <= pos_thresh) & (anchor_sim >= neg_thresh), ~closed], dim=1
+        # Kind of every (anchor, concept) pair; an extra ignored column for unused slots.
+        table = torch.full(
+            (anchor_sim.shape[0], num_concepts + 1),
+            _IGNORED,
+            dtype=torch.int8,
+            device=anchor_sim.device,
         )  # R K+1
+        table[:, :num_concepts].masked_fill_(anchor_sim < neg_thresh, _NEGATIVE)
+        table[:, :num_concepts].masked_fill_(anchor_sim > pos_thresh, _POSITIVE)
     loss_sum, count = _ContrastiveTerm.apply(
-        anchors, positive, ignored, candidates, scale, columns, sums, self_columns, budget
+        anchors, table, candidates, scale, columns, self_columns, budget
     )
     loss_sum = loss_sum.view(batch, -1).sum(dim=1)  # B
     count = count.view(batch, -1).sum(dim=1)  # B
