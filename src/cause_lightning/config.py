@@ -333,6 +333,7 @@ RANGES: dict[str, Bound] = {
     "method.head.neg_thresh": SIMILARITY,
     "method.head.bank_capacity": COUNT,
     "method.head.bank_keep": FRACTION,
+    "method.head.contrastive_memory_mb": COUNT,
     "method.probe.epochs": COUNT,
     "method.probe.lr": POSITIVE,
     "method.probe.cluster_lr": POSITIVE,
