@@ -186,7 +186,7 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
             results[stage] = seconds
             extra = f", bank {len(module.bank)} entries bf16" if stage == "head" else ""
             print(
-                f"[steps] {stage:<8} TR step, batch {args.batch}{extra}: {seconds * 1e3:8.1f} "
+                f"[steps] {stage:<8} step, batch {args.batch}{extra}: {seconds * 1e3:8.1f} "
                 f"ms/step, {args.batch / seconds:8.1f} img/s, peak GPU memory "
                 f"{_peak_gib(device):.2f} GiB",
                 flush=True,
