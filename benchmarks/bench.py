@@ -396,10 +396,16 @@ def bench_eval(s: Setup, backbone_s: float) -> list[dict[str, Any]]:
 
     if crf_available():
         rng = np.random.default_rng(0)
-        image = rng.integers(0, 256, (s.args.resolution, s.args.resolution, 3), dtype=np.uint8)
-        logits = torch.log_softmax(
-            torch.randn(s.args.classes, s.args.resolution, s.args.resolution), 0
-        ).numpy()
+        # A photo-like image (smooth regions): per-pixel noise is DenseCRF's worst case.
+        coarse = torch.from_numpy(rng.integers(0, 256, (1, 3, 10, 10)).astype(np.float32))
+        smooth = F.interpolate(
+            coarse, size=(s.args.resolution, s.args.resolution), mode="bilinear"
+        )[0]
+        image = smooth.permute(1, 2, 0).round().to(torch.uint8).numpy()  # H W 3
+        # Scores as the eval pipeline makes them: one per patch, upsampled, 3 x cosine.
+        cos = torch.rand(1, s.args.classes, s.grid, s.grid) * 2 - 1
+        up = F.interpolate(cos, size=image.shape[:2], mode="bilinear")[0]
+        logits = torch.log_softmax(3.0 * up, 0).numpy()
         fn = functools.partial(dense_crf, image, logits, 10)
         ((crf_s, crf_peak),) = measure({"c": fn}, s.args.repeats, s.args.long, s.device).values()
         rows.append(

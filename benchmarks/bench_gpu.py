@@ -240,8 +240,14 @@ def eval_figures(
 
     if crf_available():
         rng = np.random.default_rng(0)
-        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        logits = torch.log_softmax(torch.randn(args.classes, size, size), 0).numpy()
+        # A photo-like image (smooth regions): per-pixel noise is DenseCRF's worst case.
+        coarse = torch.from_numpy(rng.integers(0, 256, (1, 3, 10, 10)).astype(np.float32))
+        smooth = F.interpolate(coarse, size=(size, size), mode="bilinear")[0]
+        image = smooth.permute(1, 2, 0).round().to(torch.uint8).numpy()  # H W 3
+        # Scores as the eval pipeline makes them: one per patch, upsampled, 3 x cosine.
+        cos = torch.rand(1, args.classes, grid, grid) * 2 - 1
+        up = F.interpolate(cos, size=(size, size), mode="bilinear")[0]
+        logits = torch.log_softmax(3.0 * up, 0).numpy()
         crf = timed(lambda: dense_crf(image, logits, 10), torch.device("cpu"), 1, 3)
         print(
             f"[eval] DenseCRF {size}px, {args.classes} classes, 10 iterations, one CPU "
