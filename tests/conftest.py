@@ -60,3 +60,14 @@ def tiny(compose: Callable[..., object], shared_data_dir: Path) -> Callable[...,
 def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data directory per session, so generated datasets are made once."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def full_fp32_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA products in full float32, so a GPU result can be compared with the CPU's at 1e-4.
+
+    cuDNN convolutions (the patch embedding) default to TF32 on Ampere and newer GPUs, which
+    differs from float32 by about 1e-3 relative: a precision choice, not a placement bug.
+    """
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

@@ -326,8 +326,9 @@ def test_unmasked_key_bias_and_foreign_mask_are_refused(tmp_path):
         build_backbone("dinov3_vits16", weights=_save(tmp_path / "m.pth", sd), **SMALL)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_keeps_the_file_periods_and_matches_cpu(tmp_path):
+def test_cuda_keeps_the_file_periods_and_matches_cpu(tmp_path, full_fp32_cuda):
     reference = random_timm(seed=6)
     periods = bf16_periods(reference)
     model = build_backbone(

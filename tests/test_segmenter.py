@@ -503,7 +503,7 @@ def test_crf_path(backbone):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_runs_on_gpu(backbone):
+def test_runs_on_gpu(backbone, full_fp32_cuda):
     seg = _segmenter(backbone, "tr")
     x = _images()
     cpu = seg.logits(x)
