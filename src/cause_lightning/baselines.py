@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["spherical_kmeans"]
+__all__ = ["spherical_kmeans", "spherical_kmeans_plus_plus"]
 
 
 def spherical_kmeans(
@@ -54,6 +54,36 @@ def spherical_kmeans(
         if objective > best_objective:
             best, best_objective = centroids, objective
     return best
+
+
+def spherical_kmeans_plus_plus(
+    points: torch.Tensor, num_clusters: int, generator: torch.Generator
+) -> torch.Tensor:
+    """k-means++ seeding on cosine distance: spread-out unit seeds drawn from the points.
+
+    The first seed is uniform; each next one is drawn with probability proportional to the squared
+    cosine distance to the nearest seed so far. The draws use only ``generator`` (a CPU
+    generator), so the same generator state gives the same seeds on every process.
+
+    Args:
+        points: ``[N, D]`` feature vectors (normalised inside).
+        num_clusters: k.
+        generator: CPU generator of the draws.
+
+    Returns:
+        Unit-norm seeds ``[k, D]`` (rows of the normalised points).
+
+    Raises:
+        ValueError: With fewer points than clusters or points that are not ``[N, D]``.
+    """
+    if points.ndim != 2:
+        raise ValueError(f"points must be [N, D], got shape {tuple(points.shape)}")
+    if num_clusters < 1 or points.shape[0] < num_clusters:
+        raise ValueError(
+            f"k-means++ needs at least num_clusters={num_clusters} >= 1 points, "
+            f"got {points.shape[0]}"
+        )
+    return _kmeans_plus_plus(F.normalize(points.float(), dim=1), num_clusters, generator)
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -33,9 +33,13 @@ __all__ = [
     "check_overcluster",
     "derive",
     "to_plain",
+    "PROBE_INITS",
 ]
 
 log = get_logger(__name__)
+
+# Starting points of the cluster probe's centroids (docs/method.md §6.1).
+PROBE_INITS = ("reference", "kmeans++")
 
 
 @dataclass
@@ -80,6 +84,9 @@ class ProbeStageConfig:
     gamma: float = 0.5
     head_dropout: bool = True
     reference_leak: bool = False
+    init: str = "kmeans++"
+    restarts: int = 4
+    sample_images: int = 64
 
 
 @dataclass
@@ -105,6 +112,8 @@ class MethodConfig:
     window: int = 4
     scale_lr_with_world_size: bool = False
     debug_checks: bool | None = None
+    reference_schedule: bool = False
+    reference_world_size: int = 4
     mediator: MediatorConfig = field(default_factory=MediatorConfig)
     head: HeadStageConfig = field(default_factory=HeadStageConfig)
     probe: ProbeStageConfig = field(default_factory=ProbeStageConfig)
@@ -343,6 +352,9 @@ RANGES: dict[str, Bound] = {
     "method.probe.temperature": POSITIVE,
     "method.probe.step_size": COUNT,
     "method.probe.gamma": POSITIVE,
+    "method.probe.restarts": COUNT,
+    "method.probe.sample_images": COUNT,
+    "method.reference_world_size": COUNT,
     "method.eval.batch_size": COUNT,
     "method.eval.alpha": POSITIVE,
     "method.eval.crf_iterations": COUNT,
@@ -421,6 +433,12 @@ def validate(cfg: DictConfig) -> None:
                 f"method.head.neg_thresh={head.neg_thresh} must not exceed "
                 f"method.head.pos_thresh={head.pos_thresh}"
             )
+    init = OmegaConf.select(cfg, "method.probe.init", default=None)
+    if init is not None and init not in PROBE_INITS:
+        problems.append(
+            f"method.probe.init={init!r} must be one of {', '.join(PROBE_INITS)} (reference = "
+            "uniform(±1/C) centroids, the published recipe)"
+        )
     overcluster = OmegaConf.select(cfg, "method.eval.overcluster", default=None)
     classes = OmegaConf.select(cfg, "data.num_classes", default=None)
     if overcluster is not None and COUNT.accepts(classes):

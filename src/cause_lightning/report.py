@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from cause_lightning.modules.evaluate import EvalModule
 
-__all__ = ["write_report", "RECORD_VARIANT", "clusters_used"]
+__all__ = ["write_report", "RECORD_VARIANT", "clusters_used", "describe_probe"]
 
 log = get_logger(__name__)
 
@@ -46,6 +46,7 @@ def write_report(
     head_root: Path,
     output_dir: Path,
     segmenter_kwargs: dict[str, Any],
+    probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write and print the evaluation report (rank 0 only).
 
@@ -58,6 +59,8 @@ def write_report(
         output_dir: The run directory (``metrics.json``, prediction images).
         segmenter_kwargs: ``Segmenter`` arguments of the evaluated model besides class names,
             palette and assignment, which the report adds.
+        probe: The ``fit`` record of ``probe.pt`` (init, restarts, held-out objectives, kept
+            index); ``None`` for centroids of unknown origin (an imported release).
 
     Returns:
         Paths of what was written, under ``artifacts/...`` keys.
@@ -94,6 +97,7 @@ def write_report(
         "metrics": {k: v for k, v in results.items() if k.startswith("test/")},
         "details": {k: v for k, v in results.items() if k.startswith("details/")},
         "clusters_used": clusters_used(results),
+        "cluster_probe": probe,
     }
     written: dict[str, Any] = {}
     for directory in (head_root, output_dir):
@@ -128,6 +132,23 @@ def clusters_used(results: dict[str, Any]) -> dict[str, int]:
             counts = np.asarray(confusion).sum(axis=0)  # per cluster
             used[key[len("details/") : -len("/confusion")]] = int((counts > 0).sum())
     return used
+
+
+def describe_probe(probe: dict[str, Any] | None) -> str:
+    """One line naming how the cluster probe's centroids were fitted (for the report)."""
+    if not probe:
+        return "centroids of unknown fitting (e.g. an imported release)"
+    start = {
+        "reference": "reference init (uniform ±1/C)",
+        "kmeans++": "k-means++ seeds on head tokens",
+    }.get(probe["init"], str(probe["init"]))
+    if int(probe["restarts"]) == 1:
+        return f"{start}, one centroid set"
+    objectives = ", ".join("-" if v is None else f"{v:.4f}" for v in probe["objectives"])
+    return (
+        f"{start}, best of {probe['restarts']} centroid sets by held-out modularity: set "
+        f"{probe['kept']} kept (objectives {objectives})"
+    )
 
 
 def _describe(data: Any) -> dict[str, Any]:
@@ -224,6 +245,7 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         )
     console = Console()
     console.print(table)
+    console.print(f"cluster probe: {describe_probe(report.get('cluster_probe'))}")
     if published and not _has_figure(published):
         console.print(
             "published figure: none (no published result for this configuration; "

@@ -188,6 +188,8 @@ class Pipeline:
         )
         if step == "mediator" and hasattr(data, "train_labels"):
             data.train_labels = False  # stage 1 is label-free: do not decode them
+        if step != "eval" and self.cfg.method.reference_schedule:
+            data.reference_world_size = int(self.cfg.method.reference_world_size)
         return data
 
     def trainer(
@@ -629,6 +631,9 @@ class Pipeline:
             clip=probe_cfg.clip,
             head_dropout=probe_cfg.head_dropout,
             reference_leak=probe_cfg.reference_leak,
+            init=str(probe_cfg.init),
+            restarts=int(probe_cfg.restarts),
+            sample_images=int(probe_cfg.sample_images),
             seed=int(self.cfg.seed),
         )
         trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
@@ -709,6 +714,7 @@ class Pipeline:
                     head_root=self.head_root,
                     output_dir=self.output_dir,
                     segmenter_kwargs=self.segmenter_kwargs(module.head, module.centroids),
+                    probe=probe_record.get("fit"),
                 )
             )
         self.barrier(trainer)

@@ -23,6 +23,7 @@ There is no ``predict_dataloader``: the predict stage builds its own loader from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,18 @@ class ResumableSampler(Sampler[int]):
         size: Number of samples.
         shuffle: Random order per epoch (seeded) or the dataset order.
         seed: Seed of the shuffle.
+        replicas: ``V > 1`` keeps only rank 0's shard of a ``V``-process ``DistributedSampler``
+            split of each epoch's order (padded to a multiple of ``V`` by wrapping around, every
+            ``V``-th sample): the per-rank schedule of a ``V``-process run (method.md §8).
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, size: int, shuffle: bool, seed: int, replicas: int = 1) -> None:
+        if int(replicas) < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.size = int(size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
+        self.replicas = int(replicas)
         self.epoch = 0
         self.start = 0  # first position of the next pass (set when resuming mid-epoch)
 
@@ -72,17 +79,22 @@ class ResumableSampler(Sampler[int]):
     def order(self, epoch: int) -> list[int]:
         """The sample order of an epoch."""
         if not self.shuffle:
-            return list(range(self.size))
-        seed = np.random.SeedSequence([self.seed, int(epoch)]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(seed))
-        return torch.randperm(self.size, generator=generator).tolist()
+            order = list(range(self.size))
+        else:
+            seed = np.random.SeedSequence([self.seed, int(epoch)]).generate_state(1, np.uint64)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        if self.replicas == 1:
+            return order
+        padded = order * math.ceil(len(self) * self.replicas / max(self.size, 1))
+        return padded[: len(self) * self.replicas : self.replicas]
 
     def __iter__(self) -> Iterator[int]:
         start, self.start = self.start, 0
         return iter(self.order(self.epoch)[start:])
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.replicas)
 
 
 class ResumableLoader(DataLoader):
@@ -220,6 +232,8 @@ class SegDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self._palette: np.ndarray | None = None
+        # Set by the pipeline for the reference's schedule (see `_distributed_sampler`).
+        self.reference_world_size: int | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
@@ -349,9 +363,15 @@ class SegDataModule(L.LightningDataModule):
         }
         trainer = getattr(self, "trainer", None)
         if split == "train" and (trainer is None or int(trainer.world_size) <= 1):
-            sampler = ResumableSampler(len(dataset), shuffle, self.seed)  # type: ignore[arg-type]
+            sampler = ResumableSampler(
+                len(dataset),  # type: ignore[arg-type]
+                shuffle,
+                self.seed,
+                replicas=self.reference_world_size or 1,
+            )
             return ResumableLoader(dataset, sampler=sampler, **common)
         sampler = self._distributed_sampler(dataset, split)
+        shuffle = shuffle and sampler is None  # a sampler shuffles by itself
         return DataLoader(dataset, shuffle=shuffle, sampler=sampler, **common)
 
     def workers(self) -> int:
@@ -365,27 +385,48 @@ class SegDataModule(L.LightningDataModule):
         return cores_per_rank(local) - 1
 
     def _distributed_sampler(self, dataset: Dataset, split: str) -> Sampler | None:
-        """The DDP samplers Lightning would not choose by itself (``None``: Lightning's default).
+        """The samplers Lightning would not choose by itself (``None``: Lightning's default).
 
+        * train with ``reference_world_size = V`` set, under DDP: a shuffled
+          ``DistributedSampler`` over ``V`` replicas for rank ``r`` of this run, reshuffled every
+          epoch (Lightning calls ``set_epoch``): each epoch iterates only the shard that rank ``r``
+          of a ``V``-process reference run sees, with that run's per-rank step count (method.md
+          §8; one process gets rank 0's shard from the resumable sampler);
         * train with ``shuffle=False``: a sequential ``DistributedSampler`` (Lightning shuffles
           every training sampler it injects, whatever the loader's flag), so local sample ``j`` of
           rank ``r`` is sample ``j * W + r`` of the dataset order;
         * val/test: split without padding, so each image is scored once (Lightning's default
           repeats images to even out the ranks, counting them twice in the confusion matrix).
+
+        Raises:
+            ValueError: When this run has more processes than the reference world it reproduces.
         """
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or int(trainer.world_size) <= 1 or (split == "train" and self.shuffle):
-            return None
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
         from torch.utils.data import DistributedSampler
 
+        trainer = getattr(self, "trainer", None)
+        world = 1 if trainer is None else int(trainer.world_size)
+        rank = 0 if trainer is None else int(trainer.global_rank)
+        if split == "train" and self.reference_world_size is not None:
+            if world > self.reference_world_size:
+                raise ValueError(
+                    f"method.reference_schedule=true with {world} processes but "
+                    f"method.reference_world_size={self.reference_world_size}: each process "
+                    "iterates one shard of the reference world, so use at most that many "
+                    "processes or set method.reference_schedule=false"
+                )
+            return DistributedSampler(
+                dataset,
+                num_replicas=self.reference_world_size,
+                rank=rank,
+                shuffle=self.shuffle,
+                seed=self.seed,
+            )
+        if world <= 1 or (split == "train" and self.shuffle):
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
         kind = DistributedSampler if split == "train" else UnrepeatedDistributedSampler
-        return kind(
-            dataset,
-            num_replicas=int(trainer.world_size),
-            rank=int(trainer.global_rank),
-            shuffle=False,
-        )
+        return kind(dataset, num_replicas=world, rank=rank, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         """Training loader, shuffled (seeded) unless ``shuffle=False``."""

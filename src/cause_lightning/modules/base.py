@@ -43,6 +43,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "random_states",
     "restore_random_states",
+    "INIT_STREAM",
 ]
 
 # The batch-transfer hooks below are the modules' on purpose (the data modules define none):
@@ -58,6 +59,7 @@ CHECKPOINT_KEY = "cause_lightning"
 # Independent random streams of one training step (keys of `step_generator`).
 GRID_STREAM = 0
 BANK_STREAM = 1
+INIT_STREAM = 2  # draws made once before training (the probe's fixed samples and seeding)
 
 
 def step_generator(seed: int, stream: int, *keys: int) -> torch.Generator:
@@ -68,7 +70,7 @@ def step_generator(seed: int, stream: int, *keys: int) -> torch.Generator:
 
     Args:
         seed: Run seed (``cfg.seed``).
-        stream: Which draw of the step (``GRID_STREAM``, ``BANK_STREAM``).
+        stream: Which draw (``GRID_STREAM``, ``BANK_STREAM``, ``INIT_STREAM``).
         *keys: Position keys: the global optimiser step and the batch index, then optional extras
             (e.g. the rank, for deliberately rank-specific draws).
 

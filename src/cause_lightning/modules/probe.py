@@ -3,6 +3,11 @@
 The head is frozen and the probe input is detached, which fixes the reference's label leak
 (method.md §6.3). ``reference_leak=True`` reproduces the released behaviour for comparison: the
 linear-probe loss then trains the teacher head, and every report is labelled accordingly.
+
+The centroids start either as the reference's uniform(±1/C) draw or as spherical k-means++ seeds
+on the frozen head's grid-sampled tokens of a fixed sample of training images (no labels).
+``restarts`` centroid sets are fitted side by side from the same forward passes, and the set with
+the highest modularity on the tokens of other fixed training images is exported (method.md §6.1).
 """
 
 from __future__ import annotations
@@ -10,18 +15,89 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from cause_lightning.baselines import spherical_kmeans_plus_plus
+from cause_lightning.config import PROBE_INITS
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics
-from cause_lightning.models import ClusterProbe, LinearProbe
-from cause_lightning.modules.base import StageModule, linear_probe_loss, upsample_to
+from cause_lightning.models import LinearProbe
+from cause_lightning.modules.base import (
+    INIT_STREAM,
+    StageModule,
+    linear_probe_loss,
+    step_generator,
+    upsample_to,
+)
 from cause_lightning.modules.head import supervised_metrics
-from cause_lightning.ops import grid_sample_tokens, modularity_loss
+from cause_lightning.ops import grid_sample_index, grid_sample_tokens, modularity_loss
 
-__all__ = ["ProbeModule"]
+__all__ = ["ProbeModule", "restart_losses", "restart_objectives", "sample_split"]
 
 log = get_logger(__name__)
+
+# Keys of the INIT_STREAM draws: the grid offsets of the two fixed samples, then one per restart.
+_SEEDING_GRID, _SELECTION_GRID, _RESTART = 0, 1, 2
+
+
+def restart_losses(tokens: Tensor, centroids: Tensor, temperature: float) -> Tensor:
+    """The modularity loss of every centroid set on the same tokens.
+
+    Args:
+        tokens: ``[B, N, R]`` grid-sampled head tokens (constants).
+        centroids: ``[S, C, R]`` centroid sets.
+        temperature: Modularity temperature.
+
+    Returns:
+        ``[S]`` losses (``modularity_loss`` per set; each set's gradient is that of a lone run).
+    """
+    return torch.stack([modularity_loss(tokens, c, temperature=temperature) for c in centroids])
+
+
+@torch.no_grad()
+def restart_objectives(
+    tokens: Tensor, centroids: Tensor, temperature: float, chunk: int = 16
+) -> Tensor:
+    """Mean modularity ``Q`` of every centroid set over the images of a token sample.
+
+    Args:
+        tokens: ``[M, N, R]`` tokens of ``M`` images (each image is its own graph).
+        centroids: ``[S, C, R]`` centroid sets.
+        temperature: Modularity temperature.
+        chunk: Images per block (bounds the ``[chunk, N, N]`` graphs).
+
+    Returns:
+        ``[S]`` float64 objectives; higher is better (minus the mean modularity loss).
+    """
+    total = torch.zeros(centroids.shape[0], dtype=torch.float64)
+    for block in tokens.split(chunk):
+        losses = restart_losses(block, centroids.to(block.device), temperature)  # S
+        total -= losses.double().cpu() * block.shape[0]
+    return total / tokens.shape[0]
+
+
+def sample_split(num_images: int, per_purpose: int, seed: int) -> tuple[list[int], list[int]]:
+    """Two disjoint fixed samples of training images: seeding and restart selection.
+
+    A seeded permutation of the dataset gives ``per_purpose`` images to each; a dataset smaller
+    than ``2 * per_purpose`` is halved. The samples depend only on the dataset size and the seed,
+    so every process draws the same.
+
+    Args:
+        num_images: Size of the training set.
+        per_purpose: Images wanted per sample (``method.probe.sample_images``).
+        seed: Run seed.
+
+    Returns:
+        ``(seeding indices, selection indices)``; with a single image both are ``[0]``.
+    """
+    if num_images < 1:
+        raise ValueError("the probe stage needs at least one training image")
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).tolist()
+    if num_images == 1:
+        return order, order
+    size = min(per_purpose, (num_images + 1) // 2)
+    return order[:size], order[size : size + min(per_purpose, num_images - size)]
 
 
 class ProbeModule(StageModule):
@@ -42,7 +118,14 @@ class ProbeModule(StageModule):
         clip: Grad-norm clip of the segment parameters (None = none).
         head_dropout: Keep the frozen head's dropout active while the centroids are fitted.
         reference_leak: Reproduce the released label leak into the head (labelled).
-        seed: Seed of the per-step grid sampling.
+        init: ``"reference"`` (uniform(±1/C)) or ``"kmeans++"`` (seeds on head tokens).
+        restarts: Centroid sets S fitted side by side; the best on held-out tokens is exported.
+        sample_images: Training images of each fixed sample (seeding, selection).
+        sample_batch_size: Images per forward pass over the fixed samples.
+        seed: Seed of the per-step grid sampling, the fixed samples and the seeding.
+
+    Raises:
+        ValueError: On an unknown ``init`` or ``restarts < 1``.
     """
 
     def __init__(
@@ -61,19 +144,40 @@ class ProbeModule(StageModule):
         clip: float | None = None,
         head_dropout: bool = True,
         reference_leak: bool = False,
+        init: str = "reference",
+        restarts: int = 1,
+        sample_images: int = 64,
+        sample_batch_size: int = 16,
         seed: int = 0,
     ) -> None:
+        if init not in PROBE_INITS:
+            raise ValueError(f"method.probe.init={init!r}: expected one of {PROBE_INITS}")
+        if restarts < 1 or sample_images < 1:
+            raise ValueError(
+                f"method.probe.restarts={restarts} and method.probe.sample_images={sample_images} "
+                "must both be >= 1"
+            )
         super().__init__(backbone, seed=seed)
         self.save_hyperparameters(ignore=["backbone", "head", "linear"])
         self.head = head.requires_grad_(reference_leak)
         self.linear = linear
-        self.cluster = ClusterProbe(num_classes, head.reduced_dim)
+        # All sets in one parameter: the drawn numbers of set 0 are the reference's [C, R] draw,
+        # and Adam, being element-wise, updates each set as if it were fitted alone.
+        bound = 1.0 / num_classes
+        self.centroids = nn.Parameter(
+            torch.empty(restarts, num_classes, head.reduced_dim).uniform_(-bound, bound)
+        )  # S C R
+        # Held-out modularity of each set, filled when training ends (NaN until then).
+        nan = torch.full((restarts,), float("nan"), dtype=torch.float64)
+        self.register_buffer("objectives", nan)  # S
         if reference_leak:
             log.warning(
                 "reference_leak=true: the linear-probe loss trains the head, as the released "
                 "code does; results are NOT unsupervised and are labelled as such"
             )
-        self.val_cluster = UnsupervisedSegmentationMetrics(num_classes)
+        self.val_cluster = nn.ModuleList(
+            UnsupervisedSegmentationMetrics(num_classes) for _ in range(restarts)
+        )
         self.val_linear = supervised_metrics(num_classes, "val/linear/")
 
     def train(self, mode: bool = True) -> ProbeModule:
@@ -87,6 +191,98 @@ class ProbeModule(StageModule):
         # train()), so the head-dropout option is applied here.
         self.train(True)
 
+    # ------------------------------------------------------------------ fixed samples
+    def _samples(self) -> tuple[list[int], list[int]]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        dataset = getattr(datamodule, "train_dataset", None)
+        if dataset is None:
+            raise RuntimeError(
+                "the probe's k-means++ seeding and restart selection read fixed training images "
+                "from the datamodule's train_dataset: fit with a datamodule"
+            )
+        return sample_split(len(dataset), int(self.hparams.sample_images), self.seed)
+
+    @torch.no_grad()
+    def sample_tokens(self, indices: list[int], key: int) -> Tensor:
+        """Grid-sampled tokens ``[M, N, R]`` of the eval-mode head on fixed training images.
+
+        The offsets come from a generator fixed by the seed and ``key``, so every process (and
+        every run with that seed) gets the same tokens for the same images.
+        """
+        dataset = self.trainer.datamodule.train_dataset
+        generator = step_generator(self.seed, INIT_STREAM, key)
+        was_training = self.head.training
+        self.head.eval()  # dropout would make the sample depend on the global random state
+        chunks = []
+        try:
+            for start in range(0, len(indices), int(self.hparams.sample_batch_size)):
+                rows = indices[start : start + int(self.hparams.sample_batch_size)]
+                images = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in rows])
+                # The loaders' own path: uint8 pixels normalised and cast on the device.
+                batch = self.on_after_batch_transfer({"image": images.to(self.device)}, 0)
+                segment = self.head(self.extract(batch["image"].to(self.dtype)))  # B R h w
+                batch, _, height, width = segment.shape
+                window = self.hparams.window
+                index = grid_sample_index(batch, height, width, window, generator=generator)
+                tokens, _ = grid_sample_tokens(segment, window=window, index=index.to(self.device))
+                chunks.append(tokens.float().cpu())  # B N R
+        finally:
+            self.head.train(was_training)
+        return torch.cat(chunks)
+
+    def kmeans_seeds(self) -> Tensor:
+        """Spherical k-means++ seeds ``[S, C, R]`` on the head tokens of the seeding sample.
+
+        Raises:
+            ValueError: When the sample holds fewer tokens than clusters.
+        """
+        seeding, _ = self._samples()
+        tokens = self.sample_tokens(seeding, _SEEDING_GRID).flatten(0, 1)  # (M N) R
+        num_classes = int(self.hparams.num_classes)
+        if tokens.shape[0] < num_classes:
+            raise ValueError(
+                f"method.probe.init=kmeans++ sampled {tokens.shape[0]} tokens ({len(seeding)} "
+                f"images, window {self.hparams.window}) for {num_classes} clusters: raise "
+                "method.probe.sample_images or the training set size, lower method.window, or "
+                "use method.probe.init=reference"
+            )
+        seeds = [
+            spherical_kmeans_plus_plus(
+                tokens, num_classes, step_generator(self.seed, INIT_STREAM, _RESTART, restart)
+            )
+            for restart in range(int(self.hparams.restarts))
+        ]
+        return torch.stack(seeds)  # S C R
+
+    def on_fit_start(self) -> None:
+        if self.hparams.init != "kmeans++" or self.trainer.ckpt_path:
+            return  # a resumed fit keeps its checkpoint's centroids
+        # Rank 0's seeds everywhere, whatever floating-point differences between devices.
+        seeds = self.trainer.strategy.broadcast(self.kmeans_seeds(), src=0)
+        with torch.no_grad():
+            self.centroids.copy_(seeds.to(self.centroids))
+        log.info(
+            "cluster probe: %d centroid set(s) seeded by spherical k-means++ on head tokens",
+            int(self.hparams.restarts),
+        )
+
+    def on_train_end(self) -> None:
+        _, selection = self._samples()
+        tokens = self.sample_tokens(selection, _SELECTION_GRID).to(self.device)  # M N R
+        objectives = restart_objectives(
+            tokens.to(self.dtype), self.centroids.detach(), self.hparams.temperature,
+            chunk=int(self.hparams.sample_batch_size),
+        )  # fmt: skip
+        objectives = self.trainer.strategy.broadcast(objectives, src=0)
+        self.objectives.copy_(objectives.to(self.objectives))
+
+    def kept(self) -> int:
+        """Index of the centroid set with the best held-out objective (0 before any training)."""
+        if torch.isnan(self.objectives).all():
+            return 0
+        return int(torch.nan_to_num(self.objectives, nan=-float("inf")).argmax())
+
+    # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
         with torch.set_grad_enabled(self.hparams.reference_leak):
@@ -94,9 +290,9 @@ class ProbeModule(StageModule):
         window = self.hparams.window
         index = self.grid_index(segment, window, batch_idx)  # B N, whatever the world size
         tokens, _ = grid_sample_tokens(segment.detach(), window=window, index=index)  # B N R
-        loss_cluster = modularity_loss(
-            tokens, self.cluster.centroids, temperature=self.hparams.temperature
-        )
+        # Summed over sets, so each set gets the gradient of a run of its own.
+        losses = restart_losses(tokens, self.centroids, self.hparams.temperature)  # S
+        loss_cluster = losses.sum()
         probe_input = segment if self.hparams.reference_leak else segment.detach()
         loss_linear = linear_probe_loss(
             self.linear(probe_input), batch["label"], self.hparams.num_classes
@@ -104,7 +300,7 @@ class ProbeModule(StageModule):
         loss = loss_cluster + loss_linear
         self.check_finite(loss, loss_cluster=loss_cluster, loss_linear=loss_linear)
         batch_size = tokens.shape[0]
-        self.log("train/modularity", loss_cluster, prog_bar=True, batch_size=batch_size)
+        self.log("train/modularity", losses.mean(), prog_bar=True, batch_size=batch_size)
         self.log("train/loss_linear", loss_linear, batch_size=batch_size)
         return loss
 
@@ -112,17 +308,26 @@ class ProbeModule(StageModule):
         features = self.extract(batch["image"])
         segment = self.head(features)  # B R h w
         size = tuple(batch["label"].shape[-2:])
-        cosine = self.cluster.cosine(upsample_to(segment, size))  # B C H W
-        self.val_cluster.update(cosine.argmax(1), batch["label"])
+        pixels = torch.nn.functional.normalize(upsample_to(segment, size), dim=1)  # B R H W
+        for metric, centroids in zip(self.val_cluster, self.centroids):
+            centroids = torch.nn.functional.normalize(centroids, dim=1).to(pixels.dtype)  # C R
+            cosine = torch.einsum("brhw,cr->bchw", pixels, centroids)  # B C H W
+            metric.update(cosine.argmax(1), batch["label"])
         logits = upsample_to(self.linear(segment), size)
         self.val_linear.update(logits.argmax(1), batch["label"])
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_cluster.compute()
-        self.log("val/cluster/mIoU", float(scores["mIoU"]), prog_bar=True)
-        self.log("val/cluster/pAcc", float(scores["pAcc"]))
+        # Labelled diagnostics: the mean over the centroid sets, and each set when there are more.
+        scores = [metric.compute() for metric in self.val_cluster]
+        for name in ("mIoU", "pAcc"):
+            values = [float(s[name]) for s in scores]
+            self.log(f"val/cluster/{name}", sum(values) / len(values), prog_bar=name == "mIoU")
+            if len(values) > 1:
+                for restart, value in enumerate(values):
+                    self.log(f"val/cluster/restart{restart}/{name}", value)
         self.log_dict(self.val_linear.compute())
-        self.val_cluster.reset()
+        for metric in self.val_cluster:
+            metric.reset()
         self.val_linear.reset()
 
     def _segment_parameters(self) -> list[nn.Parameter]:
@@ -140,7 +345,7 @@ class ProbeModule(StageModule):
                     "lr": self.hparams.lr,
                     "weight_decay": self.hparams.weight_decay,
                 },
-                {"params": [self.cluster.centroids], "lr": self.hparams.cluster_lr},
+                {"params": [self.centroids], "lr": self.hparams.cluster_lr},
             ]
         )
         scheduler = torch.optim.lr_scheduler.StepLR(
@@ -162,9 +367,18 @@ class ProbeModule(StageModule):
             torch.nn.utils.clip_grad_norm_(self._segment_parameters(), self.hparams.clip)
 
     def export(self) -> dict[str, Any]:
-        """Artifact payload of ``probe.pt`` (without meta)."""
+        """Artifact payload of ``probe.pt`` (without meta): the kept centroid set ``[C, R]``, the
+        linear probe, and under ``fit`` how the centroids started, every set's held-out objective
+        (``None`` when no training step ran) and the kept index."""
+        kept = self.kept()
         payload: dict[str, Any] = {
-            "centroids": self.cluster.centroids.detach().clone(),
+            "centroids": self.centroids[kept].detach().clone(),
+            "fit": {
+                "init": str(self.hparams.init),
+                "restarts": int(self.hparams.restarts),
+                "objectives": [None if v != v else float(v) for v in self.objectives.tolist()],
+                "kept": kept,
+            },
             "linear_state": {k: v.detach().clone() for k, v in self.linear.state_dict().items()},
         }
         if self.hparams.reference_leak:
