@@ -14,7 +14,7 @@ from cause_lightning.artifacts import atomic_write
 from cause_lightning.logs import get_logger
 from cause_lightning.specs import tr_grid_error
 
-__all__ = ["prepare", "import_release", "summarize", "collect_sweep"]
+__all__ = ["prepare", "import_release", "summarize", "collect_sweep", "sweep_statistics"]
 
 log = get_logger(__name__)
 
@@ -175,6 +175,66 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+# Overrides that tell repeated runs of one setting apart (stripped when grouping for mean ± std).
+_REPEAT_KEYS = ("seed=", "artifact_tag=")
+
+
+def sweep_statistics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, sample standard deviation and count of every metric over repeated runs.
+
+    Jobs whose varied overrides agree once ``seed`` and ``artifact_tag`` are set aside form a
+    group (a ``+sweep=seeds`` run is one group); only finished jobs (``status == "ok"``) count.
+
+    Args:
+        rows: The rows of :func:`collect_sweep`.
+
+    Returns:
+        One dict per group and ``test/...`` metric: ``group`` (its overrides, ``""`` for all
+        jobs), ``metric``, ``mean``, ``std`` (``n - 1`` in the denominator; NaN for one run)
+        and ``n``, in group order then metric order.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        varied = [o for o in row["varied"].split() if not o.startswith(_REPEAT_KEYS)]
+        groups.setdefault(" ".join(varied), []).append(row)
+    stats = []
+    for group, members in groups.items():
+        metrics = sorted({k for row in members for k in row if k.startswith("test/")})
+        for metric in metrics:
+            values = [
+                float(row[metric])
+                for row in members
+                if isinstance(row.get(metric), (int, float)) and not math.isnan(row[metric])
+            ]
+            if not values:
+                continue
+            n = len(values)
+            mean = sum(values) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+            stats.append({"group": group, "metric": metric, "mean": mean, "std": std, "n": n})
+    return stats
+
+
+def _print_statistics(stats: list[dict[str, Any]], sweep_dir: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {sweep_dir}: mean ± std over runs (x100)")
+    for column in ("group", "metric", "mean ± std", "n"):
+        table.add_column(column, justify="right" if column in ("mean ± std", "n") else "left")
+    for stat in stats:
+        spread = "-" if math.isnan(stat["std"]) else f"{100 * stat['std']:.1f}"
+        table.add_row(
+            stat["group"] or "(all jobs)",
+            stat["metric"].replace("test/", ""),
+            f"{100 * stat['mean']:.1f} ± {spread}",
+            str(stat["n"]),
+        )
+    Console().print(table)
+
+
 def _summary_metric(rows: list[dict[str, Any]], requested: str) -> str:
     """``requested`` when some job reports it, else the best available cluster-probe variant.
 
@@ -193,7 +253,8 @@ def _summary_metric(rows: list[dict[str, Any]], requested: str) -> str:
 
 
 def summarize(cfg: DictConfig) -> dict[str, Any]:
-    """``stage=summarize``: tabulate a multirun (``sweep_dir=...``), best row highlighted."""
+    """``stage=summarize``: tabulate a multirun (``sweep_dir=...``), best row highlighted, then
+    mean ± std and n of every metric over the runs that differ only by seed."""
     from rich.console import Console
     from rich.table import Table
 
@@ -233,8 +294,21 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
             style="bold green" if row is best else None,
         )
     Console().print(table)
+    stats = sweep_statistics(rows)
+    stats_out = Path(cfg.sweep_dir) / "summary_stats.csv"
+
+    def write_stats(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["group", "metric", "mean", "std", "n"])
+            writer.writeheader()
+            writer.writerows(stats)
+
+    atomic_write(stats_out, write_stats)
+    _print_statistics(stats, str(cfg.sweep_dir))
     return {
         "summary/csv": str(out),
+        "summary/stats_csv": str(stats_out),
+        "summary/stats": stats,
         "summary/best_job": best["job"] if best else None,
         "summary/metric": metric,
         "objective": best[metric] if best else None,
