@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +176,41 @@ def test_reference_schedule_iterates_rank_zeros_shard_reshuffled_per_epoch(tiny)
 
     assert epoch(0) == epoch(0) and len(set(epoch(0))) == 2
     assert any(epoch(e) != epoch(0) for e in range(1, 5))  # a new shard every epoch
+
+
+class DumpStartingCentroids(pl.Callback):
+    """Saves every process's centroids once seeding is done, before the first step."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = Path(self.directory) / f"rank{trainer.global_rank}.pt"
+        torch.save(pl_module.centroids.detach().cpu().clone(), path)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_kmeans_seeding_is_the_same_on_every_ddp_process(tiny, tmp_path: Path) -> None:
+    for stage in ("mediator", "head"):
+        run(tiny(f"stage={stage}", "head=mlp"))
+
+    def starting_centroids(name: str, *overrides: str) -> list[torch.Tensor]:
+        directory = tmp_path / name
+        directory.mkdir()
+        dump = f"+callbacks.dump._target_={__name__}.DumpStartingCentroids"
+        run(tiny("stage=probe", "head=mlp", dump, f"+callbacks.dump.directory={directory}",
+                 *overrides))  # fmt: skip
+        return [torch.load(p, weights_only=True) for p in sorted(directory.glob("rank*.pt"))]
+
+    ddp = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true"]  # fmt: skip
+    rank0, rank1 = starting_centroids("ddp", *ddp)
+    (single,) = starting_centroids("single")
+    (again,) = starting_centroids("again")
+    (other_seed,) = starting_centroids("other_seed", "seed=1")
+    assert single.shape == (4, 6, 90)  # 4 restarts x 6 clusters x R
+    assert torch.equal(rank0, rank1) and torch.equal(rank0, single)
+    assert torch.equal(single, again)  # deterministic per seed
+    assert not torch.equal(single, other_seed)
+    assert all(not torch.equal(single[0], single[r]) for r in range(1, 4))  # own seed per set

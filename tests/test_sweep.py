@@ -36,7 +36,7 @@ def test_every_sweep_preset_composes_as_a_multirun(compose) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    assert {"backbones_heads", "num_concepts", "thresholds", "temperature"} <= set(SWEEPS)
+    assert {"backbones_heads", "num_concepts", "thresholds", "temperature", "seeds"} <= set(SWEEPS)
     for name in SWEEPS:
         compose(f"+sweep={name}")
         hydra_cfg = HydraConfig.get()
@@ -101,3 +101,38 @@ def test_cli_sweep_reports_the_failed_job_and_the_best_one(
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert [r["varied"] for r in rows] == [f"method.num_concepts={k}" for k in (16, 32, 0)]
     assert rows[2]["error"] == failure["error"]
+
+
+def _fake_job(sweep_dir: Path, job: str, overrides: list[str], results: dict | None) -> None:
+    hydra_dir = sweep_dir / job / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is None:
+        (sweep_dir / job / "failure.json").write_text(json.dumps({"error": "boom"}))
+    else:
+        (sweep_dir / job / "results.json").write_text(json.dumps(results))
+
+
+def test_summary_reports_mean_std_and_n_over_the_seeds_of_each_setting(
+    compose, tmp_path: Path
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    miou = {("kmeans++", 0): 0.40, ("kmeans++", 1): 0.46, ("kmeans++", 2): 0.43}
+    miou |= {("reference", 0): 0.30, ("reference", 1): 0.26}
+    for job, ((init, seed), value) in enumerate(miou.items()):
+        overrides = ["+sweep=seeds", f"seed={seed}", f"method.probe.init={init}"]
+        metrics = {"test/cluster/flip_crf/mIoU": value, "test/cluster/flip_crf/pAcc": 2 * value}
+        _fake_job(sweep_dir, str(job), overrides, metrics)
+    _fake_job(sweep_dir, "5", ["+sweep=seeds", "seed=3", "method.probe.init=reference"], None)
+    summary = run(compose("stage=summarize", f"sweep_dir={sweep_dir}"))
+    stats = {(s["group"], s["metric"]): s for s in summary["summary/stats"]}
+    assert len(stats) == 4  # 2 settings x 2 metrics; the failed job counts in no group
+    default = stats[("method.probe.init=kmeans++", "test/cluster/flip_crf/mIoU")]
+    assert default["n"] == 3
+    assert default["mean"] == pytest.approx(0.43)
+    assert default["std"] == pytest.approx(0.03)  # sample standard deviation (n - 1)
+    reference = stats[("method.probe.init=reference", "test/cluster/flip_crf/pAcc")]
+    assert reference["n"] == 2 and reference["mean"] == pytest.approx(0.56)
+    assert reference["std"] == pytest.approx(0.08 / 2**0.5)
+    with open(summary["summary/stats_csv"], newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
