@@ -634,6 +634,7 @@ class Pipeline:
             init=str(probe_cfg.init),
             restarts=int(probe_cfg.restarts),
             sample_images=int(probe_cfg.sample_images),
+            sample_batch_size=int(probe_cfg.batch_size),
             seed=int(self.cfg.seed),
         )
         trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
