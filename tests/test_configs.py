@@ -74,6 +74,9 @@ def test_experiment_presets_compose(compose, name: str) -> None:
     else:
         assert cfg.published.mIoU > 0
     assert cfg.method.num_concepts == 2048
+    # published rows: the reference probe and the reference's per-rank step count
+    assert (cfg.method.probe.init, cfg.method.probe.restarts) == ("reference", 1)
+    assert cfg.method.reference_schedule and cfg.method.reference_world_size == 4
     # the head factory instantiates with the backbone width only
     factory = instantiate(cfg.head.module)
     kwargs = {"num_queries": 4} if head == "tr" else {}
