@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from cause_lightning.__main__ import config_dir
 from cause_lightning.config import register_configs
@@ -35,20 +33,8 @@ QUIET = ["trainer.enable_progress_bar=false", "method.eval.save_images=0"]
 
 def run_stage(root: Path, name: str, *overrides: str) -> dict[str, Any]:
     """Compose the project config (paths under ``root``) and run it in this process."""
-    cfg = compose(
-        "config",
-        overrides=[
-            f"paths.root_dir={root}",
-            f"paths.output_dir={root / 'logs' / name}",
-            *QUIET,
-            *overrides,
-        ],
-        return_hydra_config=True,
-    )
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return run(cfg)
+    output = f"paths.output_dir={root / 'logs' / name}"  # no Hydra job: an explicit directory
+    return run(compose("config", overrides=[f"paths.root_dir={root}", output, *QUIET, *overrides]))
 
 
 def probe_row(root: Path, tag: str) -> dict[str, Any]:
