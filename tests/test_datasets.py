@@ -921,7 +921,10 @@ def test_experiment_presets_cover_every_published_row() -> None:
         assert method["num_concepts"] == 2048
         assert method["mediator"] == {"epochs": 1, "lr": 4e-3, "batch_size": 16}
         assert method["head"] == {"epochs": 2, "lr": 4e-3}
-        assert method["probe"] == {"epochs": 5 if head == "tr" else 1, "lr": 4e-3}
+        epochs = 5 if head == "tr" else 1
+        probe = {"epochs": epochs, "lr": 4e-3, "init": "reference", "restarts": 1}
+        assert method["probe"] == probe
+        assert method["reference_schedule"] and method["reference_world_size"] == 4
         assert "backbone" not in cfg  # the 12-head ViT-S stays a note, never the default
         if backbone in ("dino_vits8", "dino_vits16"):
             assert "12-head" in cfg["notes"]
