@@ -95,8 +95,13 @@ def test_restart_selection_keeps_the_set_with_the_best_held_out_modularity() -> 
     module = _module(restarts=4)
     with torch.no_grad():
         module.centroids.copy_(sets)
-    assert module.export()["fit"]["kept"] == 0  # no training step ran: nothing to choose by
+    unscored = module.export()["fit"]
+    assert unscored["kept"] == 0 and unscored["objectives"] == [None] * 4  # nothing to choose by
+    # Checkpoints refuse non-finite tensors: the not-yet-scored state must be finite.
+    state = module.state_dict().values()
+    assert all(torch.isfinite(v).all() for v in state if v.is_floating_point())
     module.objectives.copy_(objectives)
+    module.scored.fill_(True)
     payload = module.export()
     assert payload["fit"]["kept"] == 1
     assert payload["fit"]["objectives"] == pytest.approx(objectives.tolist())

@@ -167,9 +167,10 @@ class ProbeModule(StageModule):
         self.centroids = nn.Parameter(
             torch.empty(restarts, num_classes, head.reduced_dim).uniform_(-bound, bound)
         )  # S C R
-        # Held-out modularity of each set, filled when training ends (NaN until then).
-        nan = torch.full((restarts,), float("nan"), dtype=torch.float64)
-        self.register_buffer("objectives", nan)  # S
+        # Held-out modularity of each set, filled when training ends (`scored` says whether it
+        # was). Finite placeholders: checkpoints refuse non-finite tensors.
+        self.register_buffer("objectives", torch.zeros(restarts, dtype=torch.float64))  # S
+        self.register_buffer("scored", torch.tensor(False))
         if reference_leak:
             log.warning(
                 "reference_leak=true: the linear-probe loss trains the head, as the released "
@@ -275,12 +276,13 @@ class ProbeModule(StageModule):
         )  # fmt: skip
         objectives = self.trainer.strategy.broadcast(objectives, src=0)
         self.objectives.copy_(objectives.to(self.objectives))
+        self.scored.fill_(True)
 
     def kept(self) -> int:
         """Index of the centroid set with the best held-out objective (0 before any training)."""
-        if torch.isnan(self.objectives).all():
+        if not bool(self.scored):
             return 0
-        return int(torch.nan_to_num(self.objectives, nan=-float("inf")).argmax())
+        return int(self.objectives.argmax())
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -376,7 +378,11 @@ class ProbeModule(StageModule):
             "fit": {
                 "init": str(self.hparams.init),
                 "restarts": int(self.hparams.restarts),
-                "objectives": [None if v != v else float(v) for v in self.objectives.tolist()],
+                "objectives": (
+                    [float(v) for v in self.objectives.tolist()]
+                    if bool(self.scored)
+                    else [None] * int(self.hparams.restarts)
+                ),
                 "kept": kept,
             },
             "linear_state": {k: v.detach().clone() for k, v in self.linear.state_dict().items()},
