@@ -24,6 +24,7 @@ from cause_lightning.modules.probe import (
 )
 from cause_lightning.ops import modularity_loss
 from cause_lightning.run import run
+from cause_lightning.specs import HeadSpec
 
 
 def _clustered_tokens(images: int, tokens: int, clusters: int, dim: int, seed: int):
@@ -72,7 +73,7 @@ def test_fixed_samples_are_disjoint_and_seeded() -> None:
 
 def _module(restarts: int, num_classes: int = 4) -> ProbeModule:
     backbone = build_backbone("tiny_vit")
-    head = build_head("mlp", backbone.embed_dim, reduced_dim=8)
+    head = build_head(HeadSpec("mlp", backbone.embed_dim, 8, 0.1))
     return ProbeModule(
         backbone,
         head=head,
