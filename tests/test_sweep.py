@@ -65,7 +65,7 @@ def test_cli_sweep_reports_the_failed_job_and_the_best_one(
         "-m",
         "cause_lightning",
         "+sweep=num_concepts",
-        "method.num_concepts=16,32,0",  # K = 0 fails at run time (the clusterbook init)
+        "method.num_concepts=16,32,0",  # K = 0 is refused by the settings check; the sweep goes on
         *TINY,
         f"data.module.root={shared_data_dir / 'mosaic'}",
         f"paths.root_dir={tmp_path}",
@@ -83,7 +83,7 @@ def test_cli_sweep_reports_the_failed_job_and_the_best_one(
         scores[job] = results["test/cluster/flip/mIoU"]
         assert not (sweep_dir / job / "failure.json").exists()
     failure = json.loads((sweep_dir / "2" / "failure.json").read_text())
-    assert failure["error"] and "Traceback" in failure["traceback"]
+    assert "method.num_concepts=0" in failure["error"] and "Traceback" in failure["traceback"]
     # Each job trained into its own artifact directory (artifact_tag of the preset).
     for tag in ("k16", "k32"):
         assert (

@@ -33,13 +33,17 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the selected stage; returns the summary metric for Hydra sweepers."""
-    validate(cfg)  # numeric ranges: refused before the heavy imports and any work
-    from cause_lightning.run import run  # heavy imports only once the config is valid
-
     if not _in_multirun():
+        validate(cfg)  # numeric ranges: refused before the heavy imports and any work
+        from cause_lightning.run import run  # heavy imports only once the config is valid
+
         return run(cfg).get("objective")
-    # In a sweep one failing job must not stop the others: record it for `stage=summarize`.
+    # In a sweep one failing job, an out-of-range setting included, must not stop the others:
+    # record it for `stage=summarize`.
     try:
+        validate(cfg)
+        from cause_lightning.run import run
+
         return run(cfg).get("objective")
     except Exception as err:
         _record_failure(cfg, err)
