@@ -217,13 +217,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
     Raises:
         ValueError: On a bad ``method.eval.overcluster`` or a TR resolution mismatch.
     """
-    overcluster = check_overcluster(cfg.method.eval.get("overcluster"), int(cfg.data.num_classes))
-    if overcluster:
-        log.warning(
-            "method.eval.overcluster=%s: the counts are valid, but the eval stage does not fit "
-            "k-cluster probes yet, so no over-clustering rows will be reported",
-            overcluster,
-        )
+    check_overcluster(cfg.method.eval.get("overcluster"), int(cfg.data.num_classes))
     resolution = cfg.data.recipe.resolution
     head_name = cfg.head.name
     if head_name not in resolution.train:

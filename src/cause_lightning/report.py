@@ -2,7 +2,8 @@
 
 Every row is labelled with what produced it (protocol.md §6, reporting rule): variant, probe,
 cluster count, checkpoint rule and seed; the linear probe is a supervised diagnostic and the
-reference-leak mode is flagged.
+reference-leak mode is flagged. Over-clustering rows (``overcluster_k<k>/...``) are scored with
+many-to-one matching and printed with their cluster count.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rich.table import Table
 from cause_lightning.artifacts import write_json_atomic
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import remap_clusters
+from cause_lightning.modules.evaluate import OVERCLUSTER_PREFIX, overcluster_row
 from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ def write_report(
     output_dir: Path,
     segmenter_kwargs: dict[str, Any],
     probe: dict[str, Any] | None = None,
+    overcluster: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write and print the evaluation report (rank 0 only).
 
@@ -61,6 +64,8 @@ def write_report(
             palette and assignment, which the report adds.
         probe: The ``fit`` record of ``probe.pt`` (init, restarts, held-out objectives, kept
             index); ``None`` for centroids of unknown origin (an imported release).
+        overcluster: The ``fit`` record of each over-clustering probe by cluster count (empty
+            or ``None`` when over-clustering is off).
 
     Returns:
         Paths of what was written, under ``artifacts/...`` keys.
@@ -99,6 +104,14 @@ def write_report(
         "clusters_used": clusters_used(results),
         "cluster_probe": probe,
     }
+    counts = sorted(getattr(module, "overcluster_counts", []))
+    if counts:
+        report["overcluster"] = {
+            "counts": counts,
+            "matching": "majority (many-to-one: each cluster to the class it overlaps most)",
+            "rows": [f"{overcluster_row(k)}/..." for k in counts],
+            "cluster_probe": {str(k): (overcluster or {}).get(k) for k in counts},
+        }
     written: dict[str, Any] = {}
     for directory in (head_root, output_dir):
         path = write_json_atomic(Path(directory) / "metrics.json", report)
@@ -223,18 +236,37 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
     rows = sorted({k.rsplit("/", 1)[0] for k in metrics})
     order = {"cluster": 0, "baseline": 1, "linear": 2}
     variant_order = {v: i for i, v in enumerate(("raw", "flip", "crf", "flip_crf"))}
+
+    def parse(row: str) -> tuple[int, str, str]:
+        # test/<probe>/<variant>, or test/overcluster_k<k>/<probe>/<variant>: (k or 0, ...)
+        parts = row.split("/")[1:]
+        k = int(parts.pop(0)[len(OVERCLUSTER_PREFIX) :]) if len(parts) == 3 else 0
+        return k, parts[0], parts[1]
+
     rows.sort(
-        key=lambda r: (order.get(r.split("/")[1], 9), variant_order.get(r.split("/")[2], 9), r)
+        key=lambda r: (
+            parse(r)[0],
+            order.get(parse(r)[1], 9),
+            variant_order.get(parse(r)[2], 9),
+            r,
+        )
     )
     for row in rows:
-        _, probe, variant = row.split("/", 2)
+        k, probe, variant = parse(row)
         label = {
             "cluster": "cluster (unsupervised)",
             "linear": "linear (supervised)",
             "baseline": "baseline",
         }[probe]
+        if k:
+            label = f"{probe}, k={k} (many-to-one)"
         published_text = ""
-        if probe == "cluster" and variant == published.get("variant", "flip_crf") and published:
+        if (
+            not k
+            and probe == "cluster"
+            and variant == published.get("variant", "flip_crf")
+            and published
+        ):
             published_text = _published_text(published)
         table.add_row(
             label,
@@ -246,6 +278,15 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
     console = Console()
     console.print(table)
     console.print(f"cluster probe: {describe_probe(report.get('cluster_probe'))}")
+    overcluster = report.get("overcluster")
+    if overcluster:
+        console.print(
+            f"over-clustering rows ({', '.join(map(str, overcluster['counts']))} clusters): each "
+            "cluster is matched to the class it overlaps most (several clusters may share a "
+            "class): not comparable to the one-to-one rows"
+        )
+        for k, fit in overcluster["cluster_probe"].items():
+            console.print(f"cluster probe, k={k}: {describe_probe(fit)}")
     if published and not _has_figure(published):
         console.print(
             "published figure: none (no published result for this configuration; "
@@ -263,6 +304,11 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         if key in used
     )
     console.print(f"clusters predicting any pixel: cluster probe {probe_used}{kmeans} (of {total})")
+    for k in (overcluster or {}).get("counts", []):
+        counts = ", ".join(
+            f"{name} {n}" for name, n in used.items() if name.startswith(f"{overcluster_row(k)}/")
+        )
+        console.print(f"  k={k}: {counts.replace(f'{overcluster_row(k)}/', '')} (of {k})")
     if probe_used < total:
         log.warning(
             "the cluster probe leaves %d of %d centroids without a pixel: the modularity "

@@ -34,7 +34,7 @@ from cause_lightning.artifacts import (
     save_artifact,
 )
 from cause_lightning.callbacks import StageCheckpoint
-from cause_lightning.config import derive, to_plain
+from cause_lightning.config import check_overcluster, derive, to_plain
 from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
 from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
@@ -277,6 +277,10 @@ class Pipeline:
             "trainer": {k: cfg["trainer"].get(k) for k in RESULT_TRAINER_KEYS},
             "derived": {"resolution": cfg["derived"]["resolution"], step: cfg["derived"][step]},
         }
+        if step == "probe" and method["eval"].get("overcluster"):
+            # The probe stage fits the over-clustering centroids too (absent when off, so
+            # checkpoints written without the setting still resume).
+            sections["method"]["eval.overcluster"] = sorted(method["eval"]["overcluster"])
         if step != "mediator":
             sections["head"] = {k: v for k, v in cfg["head"].items() if k != "probe_epochs"}
             kind = STEP_INPUT[step]
@@ -635,6 +639,7 @@ class Pipeline:
             restarts=int(probe_cfg.restarts),
             sample_images=int(probe_cfg.sample_images),
             sample_batch_size=int(probe_cfg.batch_size),
+            overcluster=self.overcluster_counts(),
             seed=int(self.cfg.seed),
         )
         trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
@@ -687,6 +692,7 @@ class Pipeline:
             kmeans_restarts=eval_cfg.kmeans_restarts,
             kmeans_max_tokens=eval_cfg.kmeans_max_tokens,
             save_images=eval_cfg.save_images,
+            overcluster=self.overcluster_centroids(probe_record),
             seed=int(self.cfg.seed),
         )
         trainer = self.trainer("eval")
@@ -716,10 +722,40 @@ class Pipeline:
                     output_dir=self.output_dir,
                     segmenter_kwargs=self.segmenter_kwargs(module.head, module.centroids),
                     probe=probe_record.get("fit"),
+                    overcluster={
+                        int(r["num_clusters"]): r["fit"]
+                        for r in probe_record.get("overcluster", [])
+                    },
                 )
             )
         self.barrier(trainer)
         return results
+
+    def overcluster_counts(self) -> list[int]:
+        """``method.eval.overcluster``, checked and sorted (empty when off)."""
+        return check_overcluster(
+            self.cfg.method.eval.get("overcluster"), int(self.cfg.data.num_classes)
+        )
+
+    def overcluster_centroids(self, probe_record: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """The k-centroid probes of ``probe.pt`` for every configured over-clustering count.
+
+        Raises:
+            ArtifactError: When ``probe.pt`` was fitted without one of the counts.
+        """
+        stored = {
+            int(r["num_clusters"]): r["centroids"] for r in probe_record.get("overcluster", [])
+        }
+        wanted = self.overcluster_counts()
+        missing = [k for k in wanted if k not in stored]
+        if missing:
+            raise ArtifactError(
+                f"method.eval.overcluster={wanted}, but {self.head_root / 'probe.pt'} holds "
+                f"over-clustering probes for {sorted(stored) or 'no count'} (missing {missing}): "
+                f"re-run stage=probe with method.eval.overcluster={wanted}, or drop the missing "
+                "counts"
+            )
+        return {k: stored[k] for k in wanted}
 
     def _crf_runner(self, eval_cfg: DictConfig) -> Any:
         if not any("crf" in v for v in eval_cfg.variants):

@@ -8,6 +8,11 @@ DenseCRF). The linear probe is supervised and reported as a labelled diagnostic 
 (``kmeans``) and on the trained head's features (``kmeans_head``), both fitted on tokens of the
 evaluated images and scored in a second pass, and the majority class.
 
+Over-clustering (``overcluster``, off by default): for each count ``k > C``, the k-centroid cluster
+probe of stage 3 (``raw``, and ``flip`` when a flip variant is computed) and the two k-means
+baselines with ``k`` clusters (when baselines are on), scored with many-to-one majority matching
+under rows ``overcluster_k<k>/cluster/<variant>`` and ``overcluster_k<k>/baseline/<kmeans>``.
+
 The CRF runs on the CPU, off the accelerator's critical path: each batch's unaries are handed to
 the :class:`~cause_lightning.crf.CRFRunner` pool, which returns label maps (the argmax is taken in
 the workers), and the loop goes on with the next batches while the pool works. The metrics are
@@ -37,13 +42,23 @@ from cause_lightning.models import LinearProbe
 from cause_lightning.modules.base import StageModule, upsample_to
 from cause_lightning.modules.head import supervised_metrics
 
-__all__ = ["EvalModule", "VARIANTS", "KMEANS_BASELINES", "cosine_logits", "cosine_argmax"]
+__all__ = [
+    "EvalModule",
+    "VARIANTS",
+    "KMEANS_BASELINES",
+    "cosine_logits",
+    "cosine_argmax",
+    "OVERCLUSTER_PREFIX",
+    "overcluster_row",
+]
 
 VARIANTS = ("raw", "flip", "crf", "flip_crf")
 # k-means baselines: name -> which features they cluster.
 KMEANS_BASELINES = {"kmeans": "backbone", "kmeans_head": "head"}
 # Upsampled features kept at once by `cosine_argmax` (floats): ~1 GiB in float32.
 COSINE_CHUNK_ELEMENTS = 1 << 28
+# Over-clustering rows are named <prefix><k>/<probe>/<variant>.
+OVERCLUSTER_PREFIX = "overcluster_k"
 
 
 def cosine_logits(
@@ -66,6 +81,11 @@ def cosine_logits(
     with torch.autocast(features.device.type, enabled=False):
         pixels = F.normalize(upsample_to(features.to(dtype), size), dim=1)  # B R H W
         return torch.einsum("brhw,cr->bchw", pixels, F.normalize(centroids.to(dtype), dim=1))
+
+
+def overcluster_row(num_clusters: int) -> str:
+    """Prefix of the over-clustering rows with ``num_clusters`` clusters (``overcluster_k54``)."""
+    return f"{OVERCLUSTER_PREFIX}{num_clusters}"
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
@@ -133,6 +153,9 @@ class EvalModule(StageModule):
         kmeans_max_tokens: Tokens sampled from the evaluated images to fit k-means, over all
             processes (each samples its share).
         save_images: Number of images whose predictions are kept for the report.
+        overcluster: Over-clustering probes, cluster count ``k > C`` -> centroids ``[k, R]``
+            (``probe.pt``'s ``overcluster`` records); each k also gets k-means baselines with k
+            clusters. None or empty = off.
         seed: Seed of the k-means token sampling and seeding.
     """
 
@@ -153,6 +176,7 @@ class EvalModule(StageModule):
         kmeans_restarts: int = 10,
         kmeans_max_tokens: int = 200_000,
         save_images: int = 16,
+        overcluster: dict[int, torch.Tensor] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(backbone, seed=seed)
@@ -168,6 +192,15 @@ class EvalModule(StageModule):
         self.head = head.requires_grad_(False)
         self.linear = linear.requires_grad_(False)
         self.register_buffer("centroids", centroids.detach().float().clone())
+        self.overcluster_counts = sorted(overcluster or {})
+        for k in self.overcluster_counts:
+            if k <= num_classes or overcluster[k].shape != (k, head.reduced_dim):
+                raise ValueError(
+                    f"over-clustering centroids for k={k} have shape "
+                    f"{tuple(overcluster[k].shape)}, expected ({k}, {head.reduced_dim}) with "
+                    f"k > {num_classes}: re-run stage=probe with method.eval.overcluster"
+                )
+            self.register_buffer(overcluster_row(k), overcluster[k].detach().float().clone())
         self.num_classes = num_classes
         self.alpha = alpha
         self.variants = tuple(v for v in VARIANTS if v in variants)
@@ -200,6 +233,21 @@ class EvalModule(StageModule):
             {
                 "majority": UnsupervisedSegmentationMetrics(num_classes),
                 **{name: UnsupervisedSegmentationMetrics(num_classes) for name in KMEANS_BASELINES},
+            }
+        )
+        # Many-to-one rows per k: "k<k>" -> {probe variant or k-means baseline: metric}.
+        flip = any(v.startswith("flip") for v in self.variants)
+        self.overcluster_variants = ("raw", "flip") if flip else ("raw",)
+        names = (*self.overcluster_variants, *(KMEANS_BASELINES if baselines else ()))
+        self.overcluster_metrics = nn.ModuleDict(
+            {
+                f"k{k}": nn.ModuleDict(
+                    {
+                        name: UnsupervisedSegmentationMetrics(num_classes, k, matching="majority")
+                        for name in names
+                    }
+                )
+                for k in self.overcluster_counts
             }
         )
         self.kmeans_centroids: dict[str, torch.Tensor] = {}
@@ -262,6 +310,7 @@ class EvalModule(StageModule):
             prediction = cosine.argmax(1)  # B H W
             metric.update(prediction, labels)
             self._fill_examples(slots, variant, prediction)
+        self._overcluster_step(grids, labels)
         logits = self.linear(segment)  # B C h w, in the precision's dtype
         with torch.autocast(segment.device.type, enabled=False):
             linear_logits = upsample_to(logits.to(_at_least_float32(logits)), size)  # B C H W
@@ -270,6 +319,25 @@ class EvalModule(StageModule):
             unary = F.log_softmax(linear_logits, dim=1)
             self._submit_crf(self.linear_metrics["crf"], pixels, unary, labels)
         self._drain(wait=False)
+
+    def _overcluster_step(self, grids: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Score the k-centroid probes on the head grids of this batch (no CRF)."""
+        size = tuple(labels.shape[-2:])
+        for k in self.overcluster_counts:
+            centroids = getattr(self, overcluster_row(k))  # k R
+            for variant in self.overcluster_variants:
+                grid = grids["flip" if variant == "flip" else ""]
+                prediction = cosine_argmax(grid, centroids, size)  # B H W
+                self.overcluster_metrics[f"k{k}"][variant].update(prediction, labels)
+
+    def _overcluster_rows(self, kind: str) -> dict[str, Any]:
+        """The over-clustering metrics of ``kind`` ("cluster" or "baseline") by row name."""
+        rows = {}
+        for k in self.overcluster_counts:
+            for name, metric in self.overcluster_metrics[f"k{k}"].items():
+                if (name in KMEANS_BASELINES) == (kind == "baseline"):
+                    rows[f"{overcluster_row(k)}/{kind}/{name}"] = metric
+        return rows
 
     # ------------------------------------------------------------------ CRF in the background
     def _submit_crf(
@@ -347,9 +415,14 @@ class EvalModule(StageModule):
             centroids = self.kmeans_centroids[name].to(features.device)
             prediction = cosine_argmax(inputs[source], centroids, size)  # B H W
             self.baseline_metrics[name].update(prediction, labels)
+            for k in self.overcluster_counts:
+                centroids = self.kmeans_centroids[f"{overcluster_row(k)}/{name}"]
+                prediction = cosine_argmax(inputs[source], centroids.to(features.device), size)
+                self.overcluster_metrics[f"k{k}"][name].update(prediction, labels)
 
     def _fit_kmeans(self) -> None:
-        """Fit each k-means baseline once, on global rank 0's device, and broadcast it."""
+        """Fit each k-means baseline once (C clusters, then every over-clustering count) on
+        global rank 0's device, and broadcast it."""
         world, rank = self.world()
         dims = {"kmeans": int(self.backbone.embed_dim), "kmeans_head": int(self.head.reduced_dim)}
         for name in KMEANS_BASELINES:
@@ -357,18 +430,21 @@ class EvalModule(StageModule):
             samples = torch.cat(chunks) if chunks else torch.empty(0, dims[name])
             if world > 1:
                 samples = self._gather_rows(samples)
-            centroids = None
-            if rank == 0:
-                centroids = spherical_kmeans(
-                    samples.to(self.device),
-                    self.num_classes,
-                    iterations=self.kmeans_iters,
-                    seed=self.seed,
-                    restarts=self.kmeans_restarts,
-                ).cpu()
-            if world > 1:
-                centroids = self.trainer.strategy.broadcast(centroids, src=0)
-            self.kmeans_centroids[name] = centroids
+            fits = {name: self.num_classes}
+            fits.update({f"{overcluster_row(k)}/{name}": k for k in self.overcluster_counts})
+            for key, num_clusters in fits.items():
+                centroids = None
+                if rank == 0:
+                    centroids = spherical_kmeans(
+                        samples.to(self.device),
+                        num_clusters,
+                        iterations=self.kmeans_iters,
+                        seed=self.seed,
+                        restarts=self.kmeans_restarts,
+                    ).cpu()
+                if world > 1:
+                    centroids = self.trainer.strategy.broadcast(centroids, src=0)
+                self.kmeans_centroids[key] = centroids
             chunks.clear()
         self._sampled_tokens = 0
 
@@ -384,12 +460,16 @@ class EvalModule(StageModule):
     def on_test_epoch_end(self) -> None:
         if self.phase == "kmeans":
             self._finish_metrics(
-                {f"baseline/{n}": self.baseline_metrics[n] for n in KMEANS_BASELINES}
+                {
+                    **{f"baseline/{n}": self.baseline_metrics[n] for n in KMEANS_BASELINES},
+                    **self._overcluster_rows("baseline"),
+                }
             )
             return
         self._drain(wait=True)
         metrics: dict[str, Any] = {f"cluster/{v}": m for v, m in self.cluster_metrics.items()}
         metrics.update({f"linear/{v}": m for v, m in self.linear_metrics.items()})
+        metrics.update(self._overcluster_rows("cluster"))
         if self.baselines:
             metrics["baseline/majority"] = self.baseline_metrics["majority"]
             self._fit_kmeans()

@@ -8,6 +8,11 @@ The centroids start either as the reference's uniform(±1/C) draw or as spherica
 on the frozen head's grid-sampled tokens of a fixed sample of training images (no labels).
 ``restarts`` centroid sets are fitted side by side from the same forward passes, and the set with
 the highest modularity on the tokens of other fixed training images is exported (method.md §6.1).
+
+Over-clustering (``method.eval.overcluster``): for each count ``k`` an extra ``[S, k, R]`` centroid
+parameter is fitted in the same forward passes, with the same loss, start and restart selection,
+and exported under ``overcluster`` in ``probe.pt``. The extra sets draw from their own generators
+and have their own Adam state, so the C-centroid probe is the same with or without them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from cause_lightning.baselines import spherical_kmeans_plus_plus
-from cause_lightning.config import PROBE_INITS
+from cause_lightning.config import PROBE_INITS, check_overcluster
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics
 from cause_lightning.models import LinearProbe
@@ -36,8 +41,9 @@ __all__ = ["ProbeModule", "restart_losses", "restart_objectives", "sample_split"
 
 log = get_logger(__name__)
 
-# Keys of the INIT_STREAM draws: the grid offsets of the two fixed samples, then one per restart.
-_SEEDING_GRID, _SELECTION_GRID, _RESTART = 0, 1, 2
+# Keys of the INIT_STREAM draws: the grid offsets of the two fixed samples, then one per restart,
+# then the over-clustering sets' starts (keyed further by their cluster count).
+_SEEDING_GRID, _SELECTION_GRID, _RESTART, _OVERCLUSTER = 0, 1, 2, 3
 
 
 def restart_losses(tokens: Tensor, centroids: Tensor, temperature: float) -> Tensor:
@@ -122,10 +128,13 @@ class ProbeModule(StageModule):
         restarts: Centroid sets S fitted side by side; the best on held-out tokens is exported.
         sample_images: Training images of each fixed sample (seeding, selection).
         sample_batch_size: Images per forward pass over the fixed samples.
+        overcluster: Extra cluster counts ``k > C`` fitted side by side (over-clustering
+            evaluation); empty = none.
         seed: Seed of the per-step grid sampling, the fixed samples and the seeding.
 
     Raises:
-        ValueError: On an unknown ``init`` or ``restarts < 1``.
+        ValueError: On an unknown ``init``, ``restarts < 1`` or an over-clustering count that
+            is not above ``num_classes``.
     """
 
     def __init__(
@@ -148,8 +157,10 @@ class ProbeModule(StageModule):
         restarts: int = 1,
         sample_images: int = 64,
         sample_batch_size: int = 16,
+        overcluster: list[int] | tuple[int, ...] = (),
         seed: int = 0,
     ) -> None:
+        overcluster = check_overcluster(list(overcluster), num_classes)
         if init not in PROBE_INITS:
             raise ValueError(f"method.probe.init={init!r}: expected one of {PROBE_INITS}")
         if restarts < 1 or sample_images < 1:
@@ -171,6 +182,19 @@ class ProbeModule(StageModule):
         # was). Finite placeholders: checkpoints refuse non-finite tensors.
         self.register_buffer("objectives", torch.zeros(restarts, dtype=torch.float64))  # S
         self.register_buffer("scored", torch.tensor(False))
+        # k -> [S, k, R]; drawn from seeded generators, not the global state, so that turning
+        # over-clustering on leaves every other draw of the stage where it was.
+        self.overcluster = nn.ParameterDict(
+            {
+                _set_name(k): torch.empty(restarts, k, head.reduced_dim).uniform_(
+                    -1.0 / k, 1.0 / k, generator=step_generator(seed, INIT_STREAM, _OVERCLUSTER, k)
+                )
+                for k in overcluster
+            }
+        )
+        self.register_buffer(
+            "overcluster_objectives", torch.zeros(len(overcluster), restarts, dtype=torch.float64)
+        )  # K S
         if reference_leak:
             log.warning(
                 "reference_leak=true: the linear-probe loss trains the head, as the released "
@@ -231,41 +255,61 @@ class ProbeModule(StageModule):
             self.head.train(was_training)
         return torch.cat(chunks)
 
-    def kmeans_seeds(self) -> Tensor:
-        """Spherical k-means++ seeds ``[S, C, R]`` on the head tokens of the seeding sample.
+    def kmeans_seeds(self, tokens: Tensor | None = None, num_clusters: int | None = None) -> Tensor:
+        """Spherical k-means++ seeds ``[S, k, R]`` on the head tokens of the seeding sample.
+
+        Args:
+            tokens: ``[M, N, R]`` seeding-sample tokens (sampled here when ``None``).
+            num_clusters: k; default C. Another count draws from its own generators.
 
         Raises:
             ValueError: When the sample holds fewer tokens than clusters.
         """
-        seeding, _ = self._samples()
-        tokens = self.sample_tokens(seeding, _SEEDING_GRID).flatten(0, 1)  # (M N) R
+        if tokens is None:
+            tokens = self.sample_tokens(self._samples()[0], _SEEDING_GRID)
+        flat = tokens.flatten(0, 1)  # (M N) R
         num_classes = int(self.hparams.num_classes)
-        if tokens.shape[0] < num_classes:
+        k = num_classes if num_clusters is None else int(num_clusters)
+        if flat.shape[0] < k:
+            setting = "" if k == num_classes else f" (method.eval.overcluster count {k})"
             raise ValueError(
-                f"method.probe.init=kmeans++ sampled {tokens.shape[0]} tokens ({len(seeding)} "
-                f"images, window {self.hparams.window}) for {num_classes} clusters: raise "
+                f"method.probe.init=kmeans++ sampled {flat.shape[0]} tokens ({tokens.shape[0]} "
+                f"images, window {self.hparams.window}) for {k} clusters{setting}: raise "
                 "method.probe.sample_images or the training set size, lower method.window, or "
                 "use method.probe.init=reference"
             )
+        # The C-cluster sets keep their original generators; the others are keyed by k as well.
+        extra = () if k == num_classes else (_OVERCLUSTER, k)
         seeds = [
             spherical_kmeans_plus_plus(
-                tokens, num_classes, step_generator(self.seed, INIT_STREAM, _RESTART, restart)
+                flat, k, step_generator(self.seed, INIT_STREAM, _RESTART, restart, *extra)
             )
             for restart in range(int(self.hparams.restarts))
         ]
-        return torch.stack(seeds)  # S C R
+        return torch.stack(seeds)  # S k R
 
     def on_fit_start(self) -> None:
         if self.hparams.init != "kmeans++" or self.trainer.ckpt_path:
             return  # a resumed fit keeps its checkpoint's centroids
-        # Rank 0's seeds everywhere, whatever floating-point differences between devices.
-        seeds = self.trainer.strategy.broadcast(self.kmeans_seeds(), src=0)
-        with torch.no_grad():
-            self.centroids.copy_(seeds.to(self.centroids))
+        tokens = self.sample_tokens(self._samples()[0], _SEEDING_GRID)  # M N R
+        targets = [(self.centroids, None)]
+        targets += [(self.overcluster[_set_name(k)], k) for k in self.overcluster_counts]
+        for parameter, num_clusters in targets:
+            # Rank 0's seeds everywhere, whatever floating-point differences between devices.
+            seeds = self.trainer.strategy.broadcast(self.kmeans_seeds(tokens, num_clusters), src=0)
+            with torch.no_grad():
+                parameter.copy_(seeds.to(parameter))
         log.info(
-            "cluster probe: %d centroid set(s) seeded by spherical k-means++ on head tokens",
+            "cluster probe: %d centroid set(s) per cluster count %s seeded by spherical "
+            "k-means++ on head tokens",
             int(self.hparams.restarts),
+            [int(self.hparams.num_classes), *self.overcluster_counts],
         )
+
+    @property
+    def overcluster_counts(self) -> list[int]:
+        """The over-clustering counts k fitted beside the C-centroid probe (ascending)."""
+        return check_overcluster(list(self.hparams.overcluster), int(self.hparams.num_classes))
 
     def on_train_end(self) -> None:
         _, selection = self._samples()
@@ -276,13 +320,26 @@ class ProbeModule(StageModule):
         )  # fmt: skip
         objectives = self.trainer.strategy.broadcast(objectives, src=0)
         self.objectives.copy_(objectives.to(self.objectives))
+        for row, k in enumerate(self.overcluster_counts):
+            scores = restart_objectives(
+                tokens.to(self.dtype), self.overcluster[_set_name(k)].detach(),
+                self.hparams.temperature, chunk=int(self.hparams.sample_batch_size),
+            )  # fmt: skip
+            scores = self.trainer.strategy.broadcast(scores, src=0)
+            self.overcluster_objectives[row].copy_(scores.to(self.overcluster_objectives))
         self.scored.fill_(True)
 
-    def kept(self) -> int:
-        """Index of the centroid set with the best held-out objective (0 before any training)."""
+    def kept(self, row: int | None = None) -> int:
+        """Index of the centroid set with the best held-out objective (0 before any training).
+
+        Args:
+            row: Position of an over-clustering count in :attr:`overcluster_counts`; ``None``
+                for the C-centroid sets.
+        """
         if not bool(self.scored):
             return 0
-        return int(self.objectives.argmax())
+        objectives = self.objectives if row is None else self.overcluster_objectives[row]
+        return int(objectives.argmax())
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -295,6 +352,10 @@ class ProbeModule(StageModule):
         # Summed over sets, so each set gets the gradient of a run of its own.
         losses = restart_losses(tokens, self.centroids, self.hparams.temperature)  # S
         loss_cluster = losses.sum()
+        for centroids in self.overcluster.values():  # own parameters: C-probe gradients unchanged
+            loss_cluster = (
+                loss_cluster + restart_losses(tokens, centroids, self.hparams.temperature).sum()
+            )
         probe_input = segment if self.hparams.reference_leak else segment.detach()
         loss_linear = linear_probe_loss(
             self.linear(probe_input), batch["label"], self.hparams.num_classes
@@ -347,7 +408,10 @@ class ProbeModule(StageModule):
                     "lr": self.hparams.lr,
                     "weight_decay": self.hparams.weight_decay,
                 },
-                {"params": [self.centroids], "lr": self.hparams.cluster_lr},
+                {
+                    "params": [self.centroids, *self.overcluster.values()],
+                    "lr": self.hparams.cluster_lr,
+                },
             ]
         )
         scheduler = torch.optim.lr_scheduler.StepLR(
@@ -371,24 +435,43 @@ class ProbeModule(StageModule):
     def export(self) -> dict[str, Any]:
         """Artifact payload of ``probe.pt`` (without meta): the kept centroid set ``[C, R]``, the
         linear probe, and under ``fit`` how the centroids started, every set's held-out objective
-        (``None`` when no training step ran) and the kept index."""
+        (``None`` when no training step ran) and the kept index. With over-clustering counts,
+        ``overcluster`` lists one record per k: ``num_clusters``, the kept ``centroids [k, R]``
+        and its ``fit`` (same fields)."""
         kept = self.kept()
         payload: dict[str, Any] = {
             "centroids": self.centroids[kept].detach().clone(),
-            "fit": {
-                "init": str(self.hparams.init),
-                "restarts": int(self.hparams.restarts),
-                "objectives": (
-                    [float(v) for v in self.objectives.tolist()]
-                    if bool(self.scored)
-                    else [None] * int(self.hparams.restarts)
-                ),
-                "kept": kept,
-            },
+            "fit": self._fit_record(self.objectives, kept),
             "linear_state": {k: v.detach().clone() for k, v in self.linear.state_dict().items()},
         }
+        if self.overcluster_counts:
+            payload["overcluster"] = [
+                {
+                    "num_clusters": k,
+                    "centroids": self.overcluster[_set_name(k)][self.kept(row)].detach().clone(),
+                    "fit": self._fit_record(self.overcluster_objectives[row], self.kept(row)),
+                }
+                for row, k in enumerate(self.overcluster_counts)
+            ]
         if self.hparams.reference_leak:
             payload["head_state"] = {
                 k: v.detach().clone() for k, v in self.head.state_dict().items()
             }
         return payload
+
+    def _fit_record(self, objectives: Tensor, kept: int) -> dict[str, Any]:
+        return {
+            "init": str(self.hparams.init),
+            "restarts": int(self.hparams.restarts),
+            "objectives": (
+                [float(v) for v in objectives.tolist()]
+                if bool(self.scored)
+                else [None] * int(self.hparams.restarts)
+            ),
+            "kept": kept,
+        }
+
+
+def _set_name(num_clusters: int) -> str:
+    """Key of an over-clustering centroid parameter (module names cannot be plain numbers)."""
+    return f"k{num_clusters}"
