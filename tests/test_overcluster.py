@@ -129,3 +129,14 @@ def test_overcluster_run_writes_many_to_one_rows(tiny, tmp_path: Path) -> None:
     assert report["overcluster"]["counts"] == [12]
     assert report["overcluster"]["cluster_probe"]["12"] == entry["fit"]
     assert report["metrics"]["test/cluster/raw/mIoU"] == results["test/cluster/raw/mIoU"]
+
+
+def test_probe_checkpoints_record_the_counts_only_when_set(tiny) -> None:
+    from cause_lightning.steps import Pipeline
+
+    def signature(*overrides: str) -> dict:
+        return Pipeline(tiny(*overrides)).signature("probe")
+
+    # Off: the probe's signature is what it was, so existing checkpoints still resume.
+    assert not any("overcluster" in key for key in signature())
+    assert signature("method.eval.overcluster=[18,12]")["method.eval.overcluster"] == [12, 18]
