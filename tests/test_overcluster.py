@@ -108,13 +108,17 @@ def test_extra_centroid_sets_leave_the_class_probe_as_it_was_and_export_the_best
 def test_overcluster_run_writes_many_to_one_rows(tiny, tmp_path: Path) -> None:
     for stage in ("mediator", "head"):
         run(tiny(f"stage={stage}", "head=mlp"))
+    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
+    run(tiny("stage=probe", "head=mlp", "method.probe.restarts=2"))
+    alone = load_artifact(root / "probe.pt", "probe", "probe")
     run(tiny("stage=probe", "head=mlp", "method.probe.restarts=2", "method.eval.overcluster=[12]"))
+    record = load_artifact(root / "probe.pt", "probe", "probe")
+    # The extra sets leave the C-centroid probe exactly as a run without them fits it.
+    assert torch.equal(record["centroids"], alone["centroids"]) and record["fit"] == alone["fit"]
     evaluate = ("stage=eval", "head=mlp", "method.eval.variants=[raw]")
     # A probe fitted without a count cannot be evaluated with it: named before any work.
     with pytest.raises(ArtifactError, match=r"missing \[18\]\): re-run stage=probe with"):
         run(tiny(*evaluate, "method.eval.overcluster=[12,18]"))
-    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
-    record = load_artifact(root / "probe.pt", "probe", "probe")
     (entry,) = record["overcluster"]
     assert entry["num_clusters"] == 12 and entry["centroids"].shape == (12, 90)
     assert entry["fit"]["kept"] == max(range(2), key=entry["fit"]["objectives"].__getitem__)
@@ -140,3 +144,23 @@ def test_probe_checkpoints_record_the_counts_only_when_set(tiny) -> None:
     # Off: the probe's signature is what it was, so existing checkpoints still resume.
     assert not any("overcluster" in key for key in signature())
     assert signature("method.eval.overcluster=[18,12]")["method.eval.overcluster"] == [12, 18]
+
+
+def test_too_few_tokens_for_the_k_cluster_baselines_name_the_settings() -> None:
+    backbone, head, linear = _parts(num_classes=2, reduced_dim=3)
+    module = EvalModule(
+        backbone,
+        head=head,
+        centroids=torch.randn(2, 3),
+        linear=linear,
+        num_classes=2,
+        variants=["raw"],
+        overcluster={4: torch.randn(4, 3)},
+    )
+    module._token_samples = {
+        "kmeans": [torch.randn(3, backbone.embed_dim)],
+        "kmeans_head": [torch.randn(3, 3)],
+    }
+    with pytest.raises(ValueError, match=r"overcluster_k4/kmeans baseline sampled 3 tokens for 4"):
+        module._fit_kmeans()
+    assert module.kmeans_centroids["kmeans"].shape == (2, backbone.embed_dim)

@@ -433,6 +433,13 @@ class EvalModule(StageModule):
             fits = {name: self.num_classes}
             fits.update({f"{overcluster_row(k)}/{name}": k for k in self.overcluster_counts})
             for key, num_clusters in fits.items():
+                if samples.shape[0] < num_clusters:  # the same count on every process
+                    raise ValueError(
+                        f"the {key} baseline sampled {samples.shape[0]} tokens for "
+                        f"{num_clusters} clusters: raise method.eval.kmeans_max_tokens, evaluate "
+                        "more images, lower method.eval.overcluster or set "
+                        "method.eval.baselines=false"
+                    )
                 centroids = None
                 if rank == 0:
                     centroids = spherical_kmeans(
