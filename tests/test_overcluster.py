@@ -23,21 +23,26 @@ def _parts(num_classes: int, reduced_dim: int):
     return backbone, head, LinearProbe(reduced_dim, num_classes)
 
 
-def test_k_centroid_probe_scores_many_to_one_with_a_cluster_that_matches_no_class() -> None:
+def _eval_module(overcluster: dict[int, torch.Tensor], **kwargs) -> EvalModule:
+    """An eval module with C=2 classes, head width R=3 and the raw variant."""
     backbone, head, linear = _parts(num_classes=2, reduced_dim=3)
-    eye = torch.eye(3)
-    # Cluster 3 points away from every pixel: it wins none and matches no class.
-    centroids = torch.stack([eye[0], eye[1], eye[2], -eye.sum(0)])  # k=4 R=3
-    module = EvalModule(
+    return EvalModule(
         backbone,
         head=head,
         centroids=torch.randn(2, 3),
         linear=linear,
         num_classes=2,
         variants=["raw"],
-        baselines=False,
-        overcluster={4: centroids},
+        overcluster=overcluster,
+        **kwargs,
     )
+
+
+def test_k_centroid_probe_scores_many_to_one_with_a_cluster_that_matches_no_class() -> None:
+    eye = torch.eye(3)
+    # Cluster 3 points away from every pixel: it wins none and matches no class.
+    centroids = torch.stack([eye[0], eye[1], eye[2], -eye.sum(0)])  # k=4 R=3
+    module = _eval_module({4: centroids}, baselines=False)
     # Class 0 (left half) is split over clusters 0 and 1; class 1 (right half) is cluster 2,
     # except one pixel that looks like cluster 0.
     labels = torch.tensor([[0, 0, 1, 1]] * 4).unsqueeze(0)  # 1 4 4
@@ -56,17 +61,8 @@ def test_k_centroid_probe_scores_many_to_one_with_a_cluster_that_matches_no_clas
 
 
 def test_k_centroid_probe_of_the_wrong_shape_is_refused() -> None:
-    backbone, head, linear = _parts(num_classes=2, reduced_dim=3)
     with pytest.raises(ValueError, match=r"k=4 have shape \(5, 3\), expected \(4, 3\)"):
-        EvalModule(
-            backbone,
-            head=head,
-            centroids=torch.randn(2, 3),
-            linear=linear,
-            num_classes=2,
-            variants=["raw"],
-            overcluster={4: torch.randn(5, 3)},
-        )
+        _eval_module({4: torch.randn(5, 3)})
 
 
 def _probe(overcluster: list[int], init: str = "reference") -> ProbeModule:
@@ -147,20 +143,12 @@ def test_probe_checkpoints_record_the_counts_only_when_set(tiny) -> None:
 
 
 def test_too_few_tokens_for_the_k_cluster_baselines_name_the_settings() -> None:
-    backbone, head, linear = _parts(num_classes=2, reduced_dim=3)
-    module = EvalModule(
-        backbone,
-        head=head,
-        centroids=torch.randn(2, 3),
-        linear=linear,
-        num_classes=2,
-        variants=["raw"],
-        overcluster={4: torch.randn(4, 3)},
-    )
+    module = _eval_module({4: torch.randn(4, 3)})
+    width = int(module.backbone.embed_dim)
     module._token_samples = {
-        "kmeans": [torch.randn(3, backbone.embed_dim)],
+        "kmeans": [torch.randn(3, width)],
         "kmeans_head": [torch.randn(3, 3)],
     }
     with pytest.raises(ValueError, match=r"overcluster_k4/kmeans baseline sampled 3 tokens for 4"):
         module._fit_kmeans()
-    assert module.kmeans_centroids["kmeans"].shape == (2, backbone.embed_dim)
+    assert module.kmeans_centroids["kmeans"].shape == (2, width)
