@@ -152,3 +152,24 @@ def test_too_few_tokens_for_the_k_cluster_baselines_name_the_settings() -> None:
     with pytest.raises(ValueError, match=r"overcluster_k4/kmeans baseline sampled 3 tokens for 4"):
         module._fit_kmeans()
     assert module.kmeans_centroids["kmeans"].shape == (2, width)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_overcluster_rows_under_ddp_equal_one_process(tiny) -> None:
+    for stage in ("mediator", "head"):
+        run(tiny(f"stage={stage}", "head=mlp"))
+    counts = "method.eval.overcluster=[12]"
+    run(tiny("stage=probe", "head=mlp", "method.probe.restarts=2", counts))
+    evaluate = ("stage=eval", "head=mlp", "method.eval.variants=[raw,flip]", counts)
+    fp32 = "trainer.precision=32-true"  # the same arithmetic in both runs
+    single = run(tiny(*evaluate, fp32))
+    ddp = run(
+        tiny(*evaluate, fp32, "trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2")
+    )
+    # The probe rows sum their confusions over the processes: the same numbers as one process.
+    for row in ("cluster/raw", "cluster/flip"):
+        key = f"test/overcluster_k12/{row}/mIoU"
+        assert ddp[key] == pytest.approx(single[key]), key
+    for row in ("baseline/kmeans", "baseline/kmeans_head"):
+        assert 0.0 <= ddp[f"test/overcluster_k12/{row}/mIoU"] <= 1.0, row
