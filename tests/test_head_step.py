@@ -141,3 +141,38 @@ def test_head_checkpoint_state_carries_the_bank() -> None:
     assert torch.equal(fresh.bank.storage, module.bank.storage)
     assert torch.equal(fresh.bank.count, module.bank.count)
     assert torch.equal(fresh.bank.pointer, module.bank.pointer)
+
+
+def test_checked_step_on_the_used_slots_equals_the_static_bank_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checked step gathers the bank's used slots; its loss and gradients are the same."""
+    import cause_lightning.modules.head as head_module
+
+    rows: list[int] = []
+    terms = head_module.concept_contrastive_terms
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        rows.append(kwargs["bank"].shape[0])  # type: ignore[union-attr]
+        return terms(*args, **kwargs)
+
+    module = _module(debug_checks=False)
+    optimizer = module.configure_optimizers()
+    for index in range(3):
+        _step(module, optimizer, index)
+    assert 0 < len(module.bank) < module.bank.slot_count  # a partly filled bank
+    results = {}
+    monkeypatch.setattr(head_module, "concept_contrastive_terms", recorded)
+    for checks in (True, False):
+        module.hparams.debug_checks = checks
+        torch.manual_seed(100)  # the heads' dropout
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a trainer
+            loss = module.training_step(_batch(), 3)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+        results[checks] = (loss.detach(), grads)
+        optimizer.zero_grad()
+    assert rows == [len(module.bank), module.bank.slot_count]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-7)

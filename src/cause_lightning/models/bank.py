@@ -287,6 +287,28 @@ class ConceptBank(nn.Module):
         used = torch.arange(self.capacity, device=device) < self.count[:, None]  # K cap
         return self._data[: self.slot_count], self._slot_concepts, used.reshape(-1)
 
+    def used_slots(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The used slots of :meth:`slots` only, gathered into a copy.
+
+        The loss's products cost in proportion to the slots they are given, and a bank fills over
+        the first steps (the demo's 2,048 concepts x 100 slots are mostly empty for a whole run).
+        Gathering reads the fill back from the device, so the static :meth:`slots` is what an
+        accelerator step takes; a step that reads values back anyway (debug checks, the default
+        on a CPU) takes this.
+
+        Returns:
+            ``(entries [M, P], concepts [M], valid [M])`` with every ``valid`` true, or ``None``
+            while no slot is used.
+        """
+        slots = self.slots()
+        if slots is None:
+            return None
+        entries, concepts, valid = slots
+        index = valid.nonzero().squeeze(1)  # M
+        if index.numel() == 0:
+            return None
+        return entries.index_select(0, index), concepts.index_select(0, index), valid[index]
+
     def _build_view(self) -> None:
         count = self.count  # K
         device = count.device

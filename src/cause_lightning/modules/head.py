@@ -81,8 +81,9 @@ class HeadModule(StageModule):
         contrastive_memory_mb: Working memory of one block of anchors in the contrastive loss
             (MiB); the gradient is formed in the same pass, so no block is recomputed.
         debug_checks: Check index ranges and the loss's finiteness at every step (each check reads
-            a value back from the device). Off: the step never waits for the device, and the loss
-            is checked at the end of each epoch and before each checkpoint.
+            a value back from the device, so the step then also gives the loss only the bank's
+            used slots). Off: the step never waits for the device, and the loss is checked at the
+            end of each epoch and before each checkpoint.
         seed: Seed of the per-step grid sampling and bank subset draws.
     """
 
@@ -187,8 +188,9 @@ class HeadModule(StageModule):
         generator = step_generator(self.seed, BANK_STREAM, self.global_step, batch_idx, *keys)
         check = bool(self.hparams.debug_checks)
         product = self._matmul_dtype()
-        # The static-shape bank as it is: no copy, no size read back (None before the first step).
-        slots = self.bank.slots()
+        # Without checks the static-shape bank as it is: no copy, no size read back (None before
+        # the first step). A checked step reads values back anyway, so it also skips empty slots.
+        slots = self.bank.used_slots() if check else self.bank.slots()
         bank, bank_concepts, bank_valid = slots if slots is not None else (None, None, None)
         terms, empty = concept_contrastive_terms(
             tokens,
