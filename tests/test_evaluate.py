@@ -1,5 +1,5 @@
-"""The evaluation module: float32 cosines, chunked k-means scoring, the CRF in a background pool,
-per-rank k-means token shares and the hand-off of a spawned test run."""
+"""The evaluation module: the CRF in a background pool, per-rank k-means token shares and the
+hand-off of a spawned test run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from cause_lightning.crf import CRFRunner, crf_available
 from cause_lightning.models import LinearProbe, build_backbone, build_head
-from cause_lightning.modules.evaluate import EvalModule, cosine_argmax, cosine_logits
+from cause_lightning.modules.evaluate import EvalModule
 from cause_lightning.specs import HeadSpec
 
 C = 4
@@ -55,20 +55,6 @@ def evaluate(eval_module: EvalModule, data: list[dict[str, torch.Tensor]]) -> No
         batch = eval_module.on_before_batch_transfer(dict(batch), 0)
         eval_module.test_step(eval_module.on_after_batch_transfer(batch, 0), i)
     eval_module._drain(wait=True)
-
-
-def test_cosine_is_float32_under_half_autocast_and_chunks_change_nothing() -> None:
-    g = torch.Generator().manual_seed(0)
-    features = torch.randn(3, 16, 5, 5, generator=g)
-    centroids = torch.randn(C, 16, generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cosine = cosine_logits(features.bfloat16(), centroids, (20, 20))
-    assert cosine.dtype == torch.float32
-    exact = cosine_logits(features.bfloat16().float(), centroids, (20, 20))
-    assert torch.equal(cosine, exact)  # no half-precision product anywhere
-    whole = cosine_logits(features, centroids, (20, 20)).argmax(1)
-    for elements in (1, 16 * 400, 2 * 16 * 400, 10**9):  # one image per chunk .. one chunk
-        assert torch.equal(cosine_argmax(features, centroids, (20, 20), elements), whole)
 
 
 @pytest.mark.slow  # starts a worker pool

@@ -120,6 +120,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
         ("cause_lightning.models", ("cause_lightning.data", "cause_lightning.modules")),
         ("cause_lightning.data", ("cause_lightning.models", "cause_lightning.modules")),
         ("cause_lightning.ops", ("lightning", "cause_lightning.modules")),
+        ("cause_lightning.inference", ("lightning", "cause_lightning.modules")),
         ("cause_lightning.metrics", ("lightning", "cause_lightning.modules")),
         ("cause_lightning.specs", ("torch", "lightning", "cause_lightning.models")),
     ],

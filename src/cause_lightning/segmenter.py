@@ -10,6 +10,9 @@ for arbitrary inputs:
       -> argmax                                   (crf=False)
       -> log_softmax(alpha * cos) -> DenseCRF -> argmax   (crf=True, pydensecrf installed)
 
+Each step is a function of :mod:`cause_lightning.inference`, the path ``stage=eval`` takes too, so
+the segmenter labels a batch as the evaluation scored it.
+
 :class:`Segmenter` holds the frozen backbone, the teacher head, the centroids ``[C, R]``, the
 clusterbook ``[K, D]``, class names, palette, the working resolution (docs/method.md §2.6) and the
 resolved config. :meth:`Segmenter.save` writes one ``torch.load(weights_only=True)``-safe file;
@@ -27,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -41,13 +43,21 @@ from cause_lightning.bundle import (
     to_plain,
     weights_reference,
 )
-from cause_lightning.crf import crf_available, denormalize_to_uint8, dense_crf
+from cause_lightning.crf import CRFRunner, crf_available
 from cause_lightning.imaging import (
     image_tensor,
     nearest_resize_labels,
     sliding_logits,
     to_pil_rgb,
     working_size,
+)
+from cause_lightning.inference import (
+    cosine_logits,
+    crf_labels,
+    crf_pixels,
+    crf_unaries,
+    grid_features,
+    log_probabilities,
 )
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import check_assignment, remap_with_ignore
@@ -306,25 +316,18 @@ class Segmenter(nn.Module):
         Returns:
             ``[B, R, H / p, W / p]`` un-normalised head features.
         """
-        x = self._prepare(images)
-        if not self.flip:
-            return self.head(self.backbone(x))  # B R h w
-        both = self.head(self.backbone(torch.cat([x, x.flip(-1)])))  # 2B R h w
-        plain, flipped = both.chunk(2)
-        return (plain + flipped.flip(-1)) / 2  # flipped back on the token grid
+        return grid_features(self._encode, self._prepare(images), self.flip)  # B R h w
 
-    def _cosine(self, features: Tensor, size: tuple[int, int]) -> Tensor:
-        up = F.interpolate(features, size=size, mode="bilinear", align_corners=False)  # B R H W
-        feats = F.normalize(up, dim=1)
-        cents = F.normalize(self.centroids, dim=1).to(feats.dtype)  # C R
-        return torch.einsum("brhw,cr->bchw", feats, cents)  # B C H W
+    def _encode(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))  # B R h w
 
     @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
         """Cosine logits at input resolution (docs/method.md §7, before the argmax / CRF).
 
         Head features (flip-averaged if ``flip``) are upsampled bilinearly (align_corners=False)
-        to ``H x W``, normalised per pixel and compared with the normalised centroids.
+        to ``H x W``, normalised per pixel and compared with the normalised centroids, in
+        float32 (as in ``stage=eval``).
 
         Args:
             images: normalised ``[B, 3, H, W]``.
@@ -332,7 +335,7 @@ class Segmenter(nn.Module):
         Returns:
             ``[B, C, H, W]`` cosine similarities in ``[-1, 1]``.
         """
-        return self._cosine(self.features(images), tuple(images.shape[-2:]))
+        return cosine_logits(self.features(images), self.centroids, tuple(images.shape[-2:]))
 
     @torch.inference_mode()
     def log_probs(self, images: Tensor) -> Tensor:
@@ -344,7 +347,7 @@ class Segmenter(nn.Module):
         Returns:
             ``[B, C, H, W]``.
         """
-        return F.log_softmax(self.alpha * self.logits(images), dim=1)
+        return log_probabilities(self.logits(images), self.alpha)
 
     def _use_crf(self) -> bool:
         global _crf_warned
@@ -364,12 +367,9 @@ class Segmenter(nn.Module):
         """Cluster ids ``[B, H, W]`` from cosine logits ``[B, C, H, W]`` (argmax or CRF)."""
         if images_uint8 is None or not self._use_crf():
             return cos.argmax(dim=1)
-        logp = F.log_softmax(self.alpha * cos.float(), dim=1).cpu().numpy()  # B C H W
-        out = [
-            torch.from_numpy(dense_crf(img, lp).argmax(axis=0))
-            for img, lp in zip(images_uint8, logp, strict=True)
-        ]
-        return torch.stack(out).to(cos.device)
+        unaries = crf_unaries(cos, self.alpha)  # B C H W, as the evaluation hands them over
+        maps = CRFRunner()(list(images_uint8), list(unaries), argmax=True)  # in this process
+        return crf_labels(maps, cos.device)
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> Tensor:
@@ -387,9 +387,7 @@ class Segmenter(nn.Module):
 
             images = normalize_uint8(images.to(self.centroids.device))
         cos = self.logits(images)  # B C H W
-        pixels = None
-        if self._use_crf():
-            pixels = [denormalize_to_uint8(img) for img in images]
+        pixels = crf_pixels(images) if self._use_crf() else None
         return self._decide(cos, pixels).long()
 
     # ------------------------------------------------------------------ single images

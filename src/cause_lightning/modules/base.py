@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.data.transforms import normalize_uint8
+from cause_lightning.inference import upsample_to
 from cause_lightning.ops import grid_sample_index
 
 __all__ = [
@@ -306,13 +307,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.contiguous().pin_memory()
     return tensor.to(device, non_blocking=True)
-
-
-def upsample_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling ``[B,C,h,w] -> [B,C,H,W]`` (align_corners=False, as the reference)."""
-    if tuple(features.shape[-2:]) == tuple(size):
-        return features
-    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
 def linear_probe_loss(

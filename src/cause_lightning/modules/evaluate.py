@@ -33,13 +33,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cause_lightning.baselines import spherical_kmeans
+from cause_lightning.inference import (
+    cosine_argmax,
+    cosine_logits,
+    crf_labels,
+    crf_pixels,
+    crf_unaries,
+    grid_features,
+    upsampled_logits,
+)
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics
 from cause_lightning.models import LinearProbe
-from cause_lightning.modules.base import StageModule, upsample_to
+from cause_lightning.modules.base import StageModule
 from cause_lightning.modules.head import supervised_metrics
 
 __all__ = [
@@ -55,70 +63,13 @@ __all__ = [
 VARIANTS = ("raw", "flip", "crf", "flip_crf")
 # k-means baselines: name -> which features they cluster.
 KMEANS_BASELINES = {"kmeans": "backbone", "kmeans_head": "head"}
-# Upsampled features kept at once by `cosine_argmax` (floats): ~1 GiB in float32.
-COSINE_CHUNK_ELEMENTS = 1 << 28
 # Over-clustering rows are named <prefix><k>/<probe>/<variant>.
 OVERCLUSTER_PREFIX = "overcluster_k"
-
-
-def cosine_logits(
-    features: torch.Tensor, centroids: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """Cosine similarity of upsampled, per-pixel normalised features to normalised centroids.
-
-    Computed in float32 whatever the autocast context, so near-tie argmaxes do not depend on the
-    training precision.
-
-    Args:
-        features: ``[B, R, h, w]`` head (or backbone) features.
-        centroids: ``[C, R]`` centroids (normalised here).
-        size: Label size ``(H, W)``.
-
-    Returns:
-        ``[B, C, H, W]`` cosine similarities, float32 (float64 for float64 features).
-    """
-    dtype = _at_least_float32(features)
-    with torch.autocast(features.device.type, enabled=False):
-        pixels = F.normalize(upsample_to(features.to(dtype), size), dim=1)  # B R H W
-        return torch.einsum("brhw,cr->bchw", pixels, F.normalize(centroids.to(dtype), dim=1))
 
 
 def overcluster_row(num_clusters: int) -> str:
     """Prefix of the over-clustering rows with ``num_clusters`` clusters (``overcluster_k54``)."""
     return f"{OVERCLUSTER_PREFIX}{num_clusters}"
-
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.dtype:
-    """float32 for half inputs, the input's dtype for float32 and float64."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def cosine_argmax(
-    features: torch.Tensor,
-    centroids: torch.Tensor,
-    size: tuple[int, int],
-    max_elements: int = COSINE_CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """Argmax of :func:`cosine_logits`, a few images at a time.
-
-    The upsampled features of a whole batch of wide backbone features are large (768 channels at
-    320x320 is 315 MB per image); chunks of images keep at most ``max_elements`` of them at once.
-    Each image is computed exactly as in one call.
-
-    Args:
-        features: ``[B, R, h, w]`` features.
-        centroids: ``[C, R]`` centroids.
-        size: Label size ``(H, W)``.
-        max_elements: Upsampled feature values allowed at once (at least one image is taken).
-
-    Returns:
-        ``[B, H, W]`` long cluster indices.
-    """
-    per_image = features.shape[1] * size[0] * size[1]
-    step = max(1, max_elements // max(1, per_image))
-    return torch.cat(
-        [cosine_logits(chunk, centroids, size).argmax(1) for chunk in features.split(step)]
-    )
 
 
 @dataclass
@@ -269,7 +220,7 @@ class EvalModule(StageModule):
     # ------------------------------------------------------------------ batches
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.phase == "main" and isinstance(batch, dict) and self._needs_pixels():
-            batch["crf_pixels"] = _crf_pixels(batch["image"])  # stays on the host (numpy)
+            batch["crf_pixels"] = crf_pixels(batch["image"])  # stays on the host (numpy)
         return batch
 
     def _needs_pixels(self) -> bool:
@@ -287,7 +238,7 @@ class EvalModule(StageModule):
         images, labels = batch["image"], batch["label"]
         pixels = batch.get("crf_pixels")
         if pixels is None and self._needs_pixels():
-            pixels = _crf_pixels(images)
+            pixels = crf_pixels(images)
         size = tuple(labels.shape[-2:])
         features = self.extract(images)  # B D h w
         segment = self.head(features)  # B R h w
@@ -296,29 +247,29 @@ class EvalModule(StageModule):
             self.baseline_metrics["majority"].update(torch.zeros_like(labels), labels)
         grids = {"": segment}
         if any(v.startswith("flip") for v in self.variants):
-            flipped = self.head(self.extract(images.flip(-1))).flip(-1)  # B R h w
-            grids["flip"] = (segment + flipped) / 2
+            grids["flip"] = grid_features(self._encode, images, flip=True, plain=segment)
         slots = self._example_slots(pixels, labels)
         for variant in self.variants:
             grid = grids["flip" if variant.startswith("flip") else ""]
             cosine = cosine_logits(grid, self.centroids, size)  # B C H W
             metric = self.cluster_metrics[variant]
             if variant.endswith("crf"):
-                unary = F.log_softmax(self.alpha * cosine, dim=1)
-                self._submit_crf(metric, pixels, unary, labels, variant, slots)
+                unaries = crf_unaries(cosine, self.alpha)
+                self._submit_crf(metric, pixels, unaries, labels, variant, slots)
                 continue
             prediction = cosine.argmax(1)  # B H W
             metric.update(prediction, labels)
             self._fill_examples(slots, variant, prediction)
         self._overcluster_step(grids, labels)
-        logits = self.linear(segment)  # B C h w, in the precision's dtype
-        with torch.autocast(segment.device.type, enabled=False):
-            linear_logits = upsample_to(logits.to(_at_least_float32(logits)), size)  # B C H W
+        linear_logits = upsampled_logits(self.linear(segment), size)  # B C H W
         self.linear_metrics["raw"].update(linear_logits.argmax(1), labels)
         if "crf" in self.linear_metrics:
-            unary = F.log_softmax(linear_logits, dim=1)
-            self._submit_crf(self.linear_metrics["crf"], pixels, unary, labels)
+            unaries = crf_unaries(linear_logits)
+            self._submit_crf(self.linear_metrics["crf"], pixels, unaries, labels)
         self._drain(wait=False)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extract(images))  # B R h w
 
     def _overcluster_step(self, grids: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """Score the k-centroid probes on the head grids of this batch (no CRF)."""
@@ -344,12 +295,11 @@ class EvalModule(StageModule):
         self,
         metric: Any,
         pixels: np.ndarray,
-        unary: torch.Tensor,
+        unaries: np.ndarray,
         labels: torch.Tensor,
         variant: str | None = None,
         slots: list[int | None] | None = None,
     ) -> None:
-        unaries = unary.float().cpu().numpy()  # B C H W, the one copy the CRF needs
         futures = self.crf_runner.submit(list(pixels), list(unaries), argmax=True)
         self._pending.append(_PendingCRF(metric, labels, futures, variant, list(slots or [])))
         self._drain(wait=False)
@@ -366,7 +316,7 @@ class EvalModule(StageModule):
                 return
             maps = self.crf_runner.collect(oldest.futures)
             self._pending.pop(0)
-            prediction = torch.from_numpy(np.stack(maps)).to(oldest.labels.device).long()
+            prediction = crf_labels(maps, oldest.labels.device)
             oldest.metric.update(prediction, oldest.labels)
             if oldest.variant is not None:
                 self._fill_examples(oldest.examples, oldest.variant, prediction)
@@ -526,18 +476,3 @@ class EvalModule(StageModule):
             self.examples = state["examples"]
             self.kmeans_centroids = state["kmeans_centroids"]
         self.handoff.unlink()
-
-
-def _crf_pixels(images: torch.Tensor) -> np.ndarray:
-    """Host uint8 ``[B, H, W, 3]`` pictures for the CRF's bilateral kernel and the report.
-
-    The reference gives the CRF its normalised image de-normalised and truncated to uint8, which
-    can be one level below the decoded pixel; uint8 batches go through the same round trip on the
-    host so the CRF sees exactly the reference's picture.
-    """
-    from cause_lightning.crf import denormalize_to_uint8
-    from cause_lightning.data.transforms import normalize_uint8
-
-    if images.dtype == torch.uint8:
-        images = normalize_uint8(images.cpu())
-    return np.stack([denormalize_to_uint8(image) for image in images])
