@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from cause_lightning.baselines import spherical_kmeans_plus_plus
 from cause_lightning.config import PROBE_INITS, check_overcluster
+from cause_lightning.inference import cosine_argmax
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics
 from cause_lightning.models import LinearProbe
@@ -371,11 +372,9 @@ class ProbeModule(StageModule):
         features = self.extract(batch["image"])
         segment = self.head(features)  # B R h w
         size = tuple(batch["label"].shape[-2:])
-        pixels = torch.nn.functional.normalize(upsample_to(segment, size), dim=1)  # B R H W
         for metric, centroids in zip(self.val_cluster, self.centroids):
-            centroids = torch.nn.functional.normalize(centroids, dim=1).to(pixels.dtype)  # C R
-            cosine = torch.einsum("brhw,cr->bchw", pixels, centroids)  # B C H W
-            metric.update(cosine.argmax(1), batch["label"])
+            # float32 cosines, as the evaluation scores them
+            metric.update(cosine_argmax(segment, centroids, size), batch["label"])
         logits = upsample_to(self.linear(segment), size)
         self.val_linear.update(logits.argmax(1), batch["label"])
 
