@@ -113,7 +113,7 @@ def test_stage_three_rebuilds_the_head_with_its_dropout(tiny, tmp_path: Path) ->
     for stage in ("mediator", "head"):
         run(tiny(f"stage={stage}", f"head={head}", "head.module.dropout=0.3"))
     # The probe stage rebuilds the head from head.pt, whatever the config says now.
-    pipeline = Pipeline(tiny("stage=probe", f"head={head}"))
+    pipeline = Pipeline(tiny("stage=probe", f"head={head}")).setup()
     record = pipeline.load("head", pipeline.head_root / "head.pt")
     rebuilt, _ = pipeline.trained_head(record)
     assert head_spec(rebuilt).dropout == pytest.approx(0.3)

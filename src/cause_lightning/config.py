@@ -51,6 +51,9 @@ class MediatorConfig:
     step_size: int = 1
     gamma: float = 0.2
     chunk_size: int | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    module: Any = None
 
 
 @dataclass
@@ -69,6 +72,9 @@ class HeadStageConfig:
     bank_keep: float = 0.5
     sync_bank: bool = False
     contrastive_memory_mb: int = 1024
+    optimizer: Any = None
+    scheduler: Any = None
+    module: Any = None
 
 
 @dataclass
@@ -87,6 +93,9 @@ class ProbeStageConfig:
     init: str = "kmeans++"
     restarts: int = 4
     sample_images: int = 64
+    optimizer: Any = None
+    scheduler: Any = None
+    module: Any = None
 
 
 @dataclass
@@ -104,6 +113,7 @@ class EvalStageConfig:
     kmeans_max_tokens: int = 200_000
     save_images: int = 16
     overcluster: list[int] = field(default_factory=list)
+    module: Any = None
 
 
 @dataclass

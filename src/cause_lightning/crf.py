@@ -38,6 +38,7 @@ __all__ = [
     "IMAGENET_STD",
     "CRFRunner",
     "crf_available",
+    "stage_crf_runner",
     "dense_crf",
     "denormalize_to_uint8",
 ]
@@ -452,3 +453,32 @@ class CRFRunner:
                 executor.shutdown(wait=False, cancel_futures=True)
             except Exception:  # noqa: BLE001 - interpreter may be shutting down
                 pass
+
+
+def stage_crf_runner(eval_cfg: Any, local_processes: int) -> CRFRunner | None:
+    """The eval stage's CRF pool from ``method.eval``, or None when no variant refines or
+    pydensecrf is missing (the CRF variants are then skipped with a warning).
+
+    Args:
+        eval_cfg: ``method.eval`` (``variants``, ``crf_workers``, ``crf_timeout``,
+            ``crf_iterations``).
+        local_processes: Processes of the run on this node (they share its cores).
+    """
+    if not any("crf" in v for v in eval_cfg.variants):
+        return None
+    if not crf_available():
+        log.warning(
+            "pydensecrf is not installed: CRF variants skipped "
+            '(pip install "cause-lightning[crf]" to report the published protocol)'
+        )
+        return None
+    from cause_lightning.utils import cores_per_rank
+
+    workers = eval_cfg.crf_workers
+    if workers is None:  # the cores of this process, less one for the loop itself
+        workers = max(1, cores_per_rank(local_processes) - 1)
+    return CRFRunner(
+        num_workers=int(workers),
+        timeout=float(eval_cfg.crf_timeout),
+        iterations=int(eval_cfg.crf_iterations),
+    )

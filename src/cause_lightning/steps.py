@@ -7,9 +7,7 @@ alone, chained by ``stage=all``, inside a multirun, or on another machine find e
 
 from __future__ import annotations
 
-import functools
 import shutil
-import subprocess
 import tempfile
 import warnings
 from functools import cached_property
@@ -27,7 +25,6 @@ from cause_lightning import __version__
 from cause_lightning.artifacts import (
     ArtifactError,
     artifact_root,
-    describe_load_error,
     ensure_writable,
     head_dir,
     load_artifact,
@@ -35,14 +32,16 @@ from cause_lightning.artifacts import (
 )
 from cause_lightning.callbacks import StageCheckpoint
 from cause_lightning.config import check_overcluster, derive, to_plain
+from cause_lightning.crf import stage_crf_runner
 from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
-from cause_lightning.modules.base import CHECKPOINT_KEY, NonFiniteLossError
+from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.precision import apply_stage_precision, float32_warning
+from cause_lightning.resume import finite_advice, resume_checkpoint, step_signature
 from cause_lightning.sharing import ensure_tensor_sharing
 from cause_lightning.specs import BackboneRef, HeadSpec, ModelSpec, Resolution, SpecError
-from cause_lightning.tracking import instantiate_logger, publish_step
-from cause_lightning.utils import cores_per_rank, instantiate_group
+from cause_lightning.tracking import publish_step, step_loggers
+from cause_lightning.utils import git_hash, instantiate_group
 
 __all__ = ["Pipeline", "STEPS"]
 
@@ -52,8 +51,6 @@ STEPS = ("mediator", "head", "probe", "eval")
 PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
 # The artifact a training step reads: its checksum is part of the step's configuration.
 STEP_INPUT = {"head": "clusterbook", "probe": "head"}
-# Trainer options that change what a training step computes (the others only change how).
-RESULT_TRAINER_KEYS = ("precision", "accumulate_grad_batches", "limit_train_batches")
 
 
 class Pipeline:
@@ -68,14 +65,31 @@ class Pipeline:
         self.trainers: list[pl.Trainer] = []
         self._input_checksums: dict[str, str | None] = {}
         self._warned_float32 = False
+        self._backbone: torch.nn.Module | None = None
+
+    def setup(self) -> Pipeline:
+        """Build the backbone, derive the values that need it, write ``config_resolved.yaml``.
+
+        The first thing every caller does (``run`` does it itself); later calls do nothing.
+        ``cfg.derived`` (resolutions, TR query count, effective learning rates) exists from here on.
+        """
+        if self._backbone is None:
+            backbone = instantiate(self.cfg.backbone)
+            derive(self.cfg, int(backbone.patch_size), self.world_size)
+            self._backbone = backbone
+            if is_global_zero():
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                resolved = OmegaConf.to_yaml(self.cfg, resolve=True)
+                (self.output_dir / "config_resolved.yaml").write_text(resolved)
+        return self
 
     # ------------------------------------------------------------------ shared pieces
-    @cached_property
+    @property
     def backbone(self) -> torch.nn.Module:
-        backbone = instantiate(self.cfg.backbone)
-        derive(self.cfg, int(backbone.patch_size), self.world_size)
-        self._save_run_config()
-        return backbone
+        """The frozen backbone built by :meth:`setup`."""
+        if self._backbone is None:
+            raise RuntimeError("Pipeline.setup() builds the backbone: call it first")
+        return self._backbone
 
     @cached_property
     def world_size(self) -> int:
@@ -107,8 +121,17 @@ class Pipeline:
 
     @property
     def derived(self) -> DictConfig:
-        _ = self.backbone  # derived values need the patch size
+        """``cfg.derived``, written by :meth:`setup` (the values need the patch size)."""
+        if self._backbone is None:
+            raise RuntimeError("Pipeline.setup() derives the run's values: call it first")
         return self.cfg.derived
+
+    def stage_module(self, step: str, **runtime: Any) -> pl.LightningModule:
+        """The step's module from ``method.<step>.module`` (``_target_``), its hyper-parameters,
+        optimiser and schedule read from the config; ``runtime`` holds what exists only now
+        (trained weights, effective learning rates, the CRF pool)."""
+        build = instantiate(self.cfg.method[step].module, _partial_=True)
+        return build(self.backbone, **runtime)
 
     @cached_property
     def root(self) -> Path:
@@ -124,14 +147,6 @@ class Pipeline:
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.paths.output_dir)
-
-    def _save_run_config(self) -> None:
-        if not is_global_zero():
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config_resolved.yaml").write_text(
-            OmegaConf.to_yaml(self.cfg, resolve=True)
-        )
 
     def backbone_kwargs(self) -> dict[str, Any]:
         """The ``build_backbone`` keywords of the config beyond name and weights."""
@@ -171,7 +186,7 @@ class Pipeline:
             "spec": spec.to_dict(),
             "data": self.cfg.data.name,
             "version": __version__,
-            "git": _git_hash(),
+            "git": git_hash(),
             "config": to_plain(self.cfg),
             **extra,
         }
@@ -211,7 +226,7 @@ class Pipeline:
             from cause_lightning.callbacks import DestroyProcessGroup
 
             callbacks.append(DestroyProcessGroup())
-        loggers = self.loggers(step)
+        loggers = step_loggers(self.cfg, step)
         kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
         if any(isinstance(c, StageCheckpoint) for c in callbacks):
             # The stage's own checkpoint replaces Lightning's default one in the run folder.
@@ -231,128 +246,26 @@ class Pipeline:
         self.trainers.append(trainer)
         return trainer
 
-    def loggers(self, step: str) -> list[Any]:
-        group = self.cfg.get("logger")
-        if not group:
-            return []
-        loggers = []
-        for node in group.values():
-            overrides: dict[str, Any] = {}
-            if "WandbLogger" in str(node.get("_target_", "")):
-                # One W&B run per step, grouped by experiment and named by the step.
-                overrides = {
-                    "name": f"{self.cfg.experiment_name}-{step}",
-                    "job_type": step,
-                    "config": to_plain(self.cfg),
-                }
-            loggers.append(instantiate_logger(node, **overrides))
-        return loggers
-
     def checkpoint_dir(self, step: str) -> Path:
         base = self.root if step == "mediator" else self.head_root
         return base / "checkpoints" / step
 
     def signature(self, step: str) -> dict[str, Any]:
-        """The settings that determine what a training step computes, as flat ``key: value``.
-
-        Data, backbone, head, the step's hyper-parameters (its epoch count excepted: a finished
-        run may be trained on), the seed, result-changing trainer options and the checksum of
-        the artifact the step starts from. Written into every checkpoint and compared on resume.
-        """
-        _ = self.derived  # the resolutions and learning rates the step uses
-        cfg = to_plain(self.cfg)
-        method = cfg["method"]
-        data = dict(cfg["data"])
-        data["module"] = {k: v for k, v in data["module"].items() if k != "num_workers"}
-        sections: dict[str, Any] = {
-            "seed": cfg["seed"],
-            "data": data,
-            "backbone": cfg["backbone"],
-            "method": {
-                "num_concepts": method["num_concepts"],
-                "window": method["window"],
-                "scale_lr_with_world_size": method["scale_lr_with_world_size"],
-                step: {k: v for k, v in method[step].items() if k != "epochs"},
-            },
-            "trainer": {k: cfg["trainer"].get(k) for k in RESULT_TRAINER_KEYS},
-            "derived": {"resolution": cfg["derived"]["resolution"], step: cfg["derived"][step]},
-        }
-        if step == "probe" and method["eval"].get("overcluster"):
-            # The probe stage fits the over-clustering centroids too (absent when off, so
-            # checkpoints written without the setting still resume).
-            sections["method"]["eval.overcluster"] = sorted(method["eval"]["overcluster"])
-        if step != "mediator":
-            sections["head"] = {k: v for k, v in cfg["head"].items() if k != "probe_epochs"}
-            kind = STEP_INPUT[step]
-            sections[f"input.{kind}"] = self._input_checksums.get(kind)
-        return _flatten(sections)
+        """The settings that determine what a training step computes (written into every
+        checkpoint, compared on resume; :func:`cause_lightning.resume.step_signature`)."""
+        checksum = self._input_checksums.get(STEP_INPUT[step]) if step in STEP_INPUT else None
+        return step_signature(to_plain(self.cfg), step, STEP_INPUT.get(step), checksum)
 
     def resume_path(self, step: str) -> str | None:
-        """The checkpoint a training step resumes from (``ckpt_path``), checked and logged.
-
-        ``ckpt_path=last`` is the newest readable checkpoint in the step's checkpoint folder;
-        unreadable ones (a write cut short) are skipped with a warning.
-
-        Raises:
-            ValueError: The checkpoint was written by a run of another configuration (the
-                differing settings are named) or cannot be read.
-            FileNotFoundError: An explicit ``ckpt_path`` does not exist.
-        """
-        requested = self.cfg.get("ckpt_path")
-        if requested in (None, "", "null"):
-            return None
-        if requested == "last":
-            folder = self.checkpoint_dir(step)
-            for path in _newest_first(folder):
-                try:
-                    checkpoint = _read_checkpoint(path)
-                except ValueError as err:
-                    log.warning("skipping %s", err)
-                    continue
-                return self._checked(step, path, checkpoint)
-            log.info("no checkpoint in %s to resume %s from: starting fresh", folder, step)
-            return None
-        if len(self.cfg.stage.steps) > 1:
-            raise ValueError(
-                "ckpt_path=<file> needs a single training stage; use ckpt_path=last with stage=all"
-            )
-        path = Path(requested)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={requested} does not exist")
-        return self._checked(step, path, _read_checkpoint(path))
-
-    def _checked(self, step: str, path: Path, checkpoint: dict[str, Any]) -> str:
-        stored = (checkpoint.get(CHECKPOINT_KEY) or {}).get("signature")
-        if not stored:
-            raise ValueError(
-                f"checkpoint {path} carries no record of the configuration that wrote it, so "
-                f"resuming from it could silently mix two runs: start stage={step} afresh "
-                "(ckpt_path=null)"
-            )
-        current = self.signature(step)
-        differ = sorted(
-            k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
-        )
-        if differ:
-            unset = "<unset>"
-            shown = "; ".join(
-                f"{k}: {stored.get(k, unset)!r} in the checkpoint, {current.get(k, unset)!r} now"
-                for k in differ[:8]
-            )
-            more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
-            raise ValueError(
-                f"checkpoint {path} was written by a run of another configuration: {shown}{more}. "
-                f"Resume with the same settings, or start stage={step} afresh (ckpt_path=null) "
-                "or in another artifact directory (artifact_tag=...)"
-            )
-        log.info(
-            "resuming %s from %s at global step %d (epoch %d)",
+        """The checkpoint a training step resumes from (``ckpt_path``), checked against this
+        run's signature (:func:`cause_lightning.resume.resume_checkpoint`)."""
+        return resume_checkpoint(
+            self.cfg.get("ckpt_path"),
+            self.checkpoint_dir(step),
             step,
-            path,
-            int(checkpoint.get("global_step", 0)),
-            int(checkpoint.get("epoch", 0)),
+            self.signature(step),
+            single_stage=len(self.cfg.stage.steps) == 1,
         )
-        return str(path)
 
     def fit(self, step: str, trainer: pl.Trainer, module: pl.LightningModule, data: Any) -> None:
         """``trainer.fit`` of a training step: resume checked, no code from checkpoint files.
@@ -368,30 +281,8 @@ class Pipeline:
             # never runs code.
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         except NonFiniteLossError as err:
-            raise NonFiniteLossError(f"{err}. {self._good_checkpoint(step)}") from None
-
-    def _good_checkpoint(self, step: str) -> str:
-        folder = self.checkpoint_dir(step)
-        for path in _newest_first(folder):
-            try:
-                checkpoint = _read_checkpoint(path)
-            except ValueError:
-                continue
-            state = checkpoint.get("state_dict", {})
-            if all(
-                bool(torch.isfinite(v).all())
-                for v in state.values()
-                if isinstance(v, torch.Tensor) and v.is_floating_point()
-            ):
-                return (
-                    f"The newest checkpoint with finite weights is {path} (global step "
-                    f"{int(checkpoint.get('global_step', 0))}): fix the cause, then resume with "
-                    f"ckpt_path={path}"
-                )
-        return (
-            f"No checkpoint with finite weights exists in {folder}: fix the cause and run "
-            f"stage={step} again from the start"
-        )
+            advice = finite_advice(self.checkpoint_dir(step), step)
+            raise NonFiniteLossError(f"{err}. {advice}") from None
 
     def log_scaling(self, step: str, trainer: pl.Trainer) -> None:
         """Log world size, batch sizes and the effective lr of a training step (rank 0, rule P13).
@@ -523,6 +414,7 @@ class Pipeline:
         if is_global_zero():
             for folder in {self.root if s == "mediator" else self.head_root for s in steps}:
                 ensure_writable(folder, "paths.artifact_dir")
+        self.setup()
         results: dict[str, Any] = {}
         for step in steps:
             log.info(
@@ -535,7 +427,6 @@ class Pipeline:
             # Every step starts from the run seed once the backbone exists, so its initial weights
             # do not depend on what ran before it in this process (stage=all vs one stage, or a
             # DDP strategy that re-seeds when a fit starts).
-            _ = self.backbone
             pl.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
             step_results = getattr(self, f"step_{step}")()
             results.update(step_results)
@@ -545,23 +436,11 @@ class Pipeline:
         return results
 
     def step_mediator(self) -> dict[str, Any]:
-        from cause_lightning.modules.mediator import MediatorModule
-
-        method = self.cfg.method
-        module = MediatorModule(
-            self.backbone,
-            num_concepts=method.num_concepts,
-            lr=self.derived.mediator.lr,
-            temperature=method.mediator.temperature,
-            window=method.window,
-            step_size=method.mediator.step_size,
-            gamma=method.mediator.gamma,
-            chunk_size=method.mediator.chunk_size,
-            seed=int(self.cfg.seed),
-        )
-        trainer = self.trainer("mediator", max_epochs=method.mediator.epochs)
+        stage = self.cfg.method.mediator
+        module = self.stage_module("mediator", lr=self.derived.mediator.lr)
+        trainer = self.trainer("mediator", max_epochs=stage.epochs)
         self.log_scaling("mediator", trainer)
-        data = self.datamodule("mediator", method.mediator.batch_size)
+        data = self.datamodule("mediator", stage.batch_size)
         with warnings.catch_warnings():
             # The shared datamodule offers a val loader; stage 1 has nothing to validate.
             warnings.filterwarnings("ignore", message=r".*val_dataloader.*validation_step")
@@ -575,35 +454,18 @@ class Pipeline:
         return {"artifacts/clusterbook": str(path)}
 
     def step_head(self) -> dict[str, Any]:
-        from cause_lightning.modules.head import HeadModule
-
-        method, head_cfg = self.cfg.method, self.cfg.method.head
+        stage = self.cfg.method.head
         clusterbook = self.clusterbook()
-        module = HeadModule(
-            self.backbone,
-            head_factory=instantiate(self.cfg.head.module),
+        module = self.stage_module(
+            "head",
             clusterbook=clusterbook,
-            num_classes=int(self.cfg.data.num_classes),
-            head_type=self.cfg.head.name,
             num_queries=int(self.derived.num_queries),
             lr=self.derived.head.lr,
-            weight_decay=head_cfg.weight_decay,
-            window=method.window,
-            ema_decay=head_cfg.ema_decay,
-            projection_dim=head_cfg.projection_dim,
-            temperature=head_cfg.temperature,
-            pos_thresh=head_cfg.pos_thresh,
-            neg_thresh=head_cfg.neg_thresh,
-            bank_capacity=head_cfg.bank_capacity,
-            bank_keep=head_cfg.bank_keep,
-            sync_bank=bool(head_cfg.sync_bank),
-            contrastive_memory_mb=int(head_cfg.contrastive_memory_mb),
             debug_checks=self.debug_checks,
-            seed=int(self.cfg.seed),
         )
-        trainer = self.trainer("head", max_epochs=head_cfg.epochs, clip=head_cfg.clip)
+        trainer = self.trainer("head", max_epochs=stage.epochs, clip=stage.clip)
         self.log_scaling("head", trainer)
-        data = self.datamodule("head", head_cfg.batch_size)
+        data = self.datamodule("head", stage.batch_size)
         self.fit("head", trainer, module, data)
         path = self.head_root / "head.pt"
         if trainer.is_global_zero:
@@ -615,36 +477,20 @@ class Pipeline:
         return {"artifacts/head": str(path)}
 
     def step_probe(self) -> dict[str, Any]:
-        from cause_lightning.modules.probe import ProbeModule
-
-        probe_cfg = self.cfg.method.probe
+        stage = self.cfg.method.probe
         record = self.load("head", self.head_root / "head.pt")
         head, linear = self.trained_head(record)
-        module = ProbeModule(
-            self.backbone,
+        module = self.stage_module(
+            "probe",
             head=head,
             linear=linear,
-            num_classes=int(self.cfg.data.num_classes),
             lr=self.derived.probe.lr,
             cluster_lr=self.derived.probe.cluster_lr,
-            weight_decay=probe_cfg.weight_decay,
-            temperature=probe_cfg.temperature,
-            window=self.cfg.method.window,
-            step_size=probe_cfg.step_size,
-            gamma=probe_cfg.gamma,
-            clip=probe_cfg.clip,
-            head_dropout=probe_cfg.head_dropout,
-            reference_leak=probe_cfg.reference_leak,
-            init=str(probe_cfg.init),
-            restarts=int(probe_cfg.restarts),
-            sample_images=int(probe_cfg.sample_images),
-            sample_batch_size=int(probe_cfg.batch_size),
             overcluster=self.overcluster_counts(),
-            seed=int(self.cfg.seed),
         )
-        trainer = self.trainer("probe", max_epochs=probe_cfg.epochs)
+        trainer = self.trainer("probe", max_epochs=stage.epochs)
         self.log_scaling("probe", trainer)
-        data = self.datamodule("probe", probe_cfg.batch_size)
+        data = self.datamodule("probe", stage.batch_size)
         self.fit("probe", trainer, module, data)
         path = self.head_root / "probe.pt"
         if trainer.is_global_zero:
@@ -653,7 +499,7 @@ class Pipeline:
                 "spec": record["spec"].to_dict(),
                 # A head imported from the release carries the leak whatever this stage does.
                 "reference_leak": bool(
-                    probe_cfg.reference_leak or record["meta"].get("reference_leak", False)
+                    stage.reference_leak or record["meta"].get("reference_leak", False)
                 ),
                 "config": to_plain(self.cfg),
             }
@@ -665,7 +511,7 @@ class Pipeline:
     def step_eval(self) -> dict[str, Any]:
         from cause_lightning.report import write_report
 
-        eval_cfg = self.cfg.method.eval
+        stage = self.cfg.method.eval
         head_record = self.load("head", self.head_root / "head.pt")
         probe_record = self.load("probe", self.head_root / "probe.pt")
         if "head_state" in probe_record:  # reference_leak: the probe stage changed the head
@@ -673,36 +519,24 @@ class Pipeline:
         head, _ = self.trained_head(head_record)
         linear = LinearProbe(head.reduced_dim, int(self.cfg.data.num_classes))
         linear.load_state_dict(probe_record["linear_state"])
-        crf_runner = self._crf_runner(eval_cfg)
-        variants = [v for v in eval_cfg.variants if crf_runner is not None or "crf" not in v]
-        from cause_lightning.modules.evaluate import EvalModule
-
-        module = EvalModule(
-            self.backbone,
+        crf_runner = stage_crf_runner(stage, self.local_processes)
+        module = self.stage_module(
+            "eval",
             head=head,
             centroids=probe_record["centroids"],
             linear=linear,
-            num_classes=int(self.cfg.data.num_classes),
-            alpha=eval_cfg.alpha,
-            variants=variants,
+            variants=[v for v in stage.variants if crf_runner is not None or "crf" not in v],
             crf_runner=crf_runner,
-            linear_crf=bool(eval_cfg.linear_crf),
-            baselines=eval_cfg.baselines,
-            kmeans_iters=eval_cfg.kmeans_iters,
-            kmeans_restarts=eval_cfg.kmeans_restarts,
-            kmeans_max_tokens=eval_cfg.kmeans_max_tokens,
-            save_images=eval_cfg.save_images,
             overcluster=self.overcluster_centroids(probe_record),
-            seed=int(self.cfg.seed),
         )
         trainer = self.trainer("eval")
-        data = self.datamodule("eval", eval_cfg.batch_size)
+        data = self.datamodule("eval", stage.batch_size)
         # A spawning strategy runs the loop in child processes: rank 0 leaves its outcome here.
         module.handoff = Path(tempfile.mkdtemp(prefix="cause-eval-")) / "outcome.pt"
         try:
             trainer.test(module, datamodule=data, verbose=False)
             module.receive()
-            if eval_cfg.baselines:
+            if stage.baselines:
                 module.phase = "kmeans"
                 trainer.test(module, datamodule=data, verbose=False)
                 module.receive()
@@ -757,72 +591,8 @@ class Pipeline:
             )
         return {k: stored[k] for k in wanted}
 
-    def _crf_runner(self, eval_cfg: DictConfig) -> Any:
-        if not any("crf" in v for v in eval_cfg.variants):
-            return None
-        from cause_lightning.crf import CRFRunner, crf_available
-
-        if not crf_available():
-            log.warning(
-                "pydensecrf is not installed: CRF variants skipped "
-                '(pip install "cause-lightning[crf]" to report the published protocol)'
-            )
-            return None
-        workers = eval_cfg.crf_workers
-        if workers is None:  # the cores of this process, less one for the loop itself
-            workers = max(1, cores_per_rank(self.local_processes) - 1)
-        return CRFRunner(
-            num_workers=int(workers),
-            timeout=float(eval_cfg.crf_timeout),
-            iterations=int(eval_cfg.crf_iterations),
-        )
-
     # ------------------------------------------------------------------ predict
     def predict(self) -> dict[str, Any]:
         from cause_lightning.predict import predict_images
 
         return predict_images(self.cfg)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _newest_first(folder: Path) -> list[Path]:
-    """The checkpoint files of a folder, newest first."""
-    if not folder.is_dir():
-        return []
-    return sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint read without running code from it (``weights_only=True``)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for damaged or foreign files
-        raise ValueError(f"unreadable checkpoint {path} ({describe_load_error(err)})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint")
-    return checkpoint
-
-
-@functools.lru_cache(maxsize=1)
-def _git_hash() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -81,7 +81,7 @@ def import_release(cfg: DictConfig) -> dict[str, Any]:
             f"the release has {bundle.num_classes} classes but data={cfg.data.name} has "
             f"{cfg.data.num_classes}: pick the matching data= option"
         )
-    pipeline = Pipeline(cfg)
+    pipeline = Pipeline(cfg).setup()
     if bundle.dim != pipeline.backbone.embed_dim:
         raise ValueError(
             f"the release head expects {bundle.dim}-d features but backbone={cfg.backbone.name} "

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
 __all__ = [
+    "step_loggers",
     "ARTIFACT_KINDS",
     "confusion_image",
     "instantiate_logger",
@@ -97,6 +98,24 @@ def instantiate_logger(node: DictConfig, **overrides: Any) -> Any:
         if hint is None:
             raise
         raise ModuleNotFoundError(f"{hint} ({err})") from err
+
+
+def step_loggers(cfg: DictConfig, step: str) -> list[Any]:
+    """The loggers of ``cfg.logger`` for one step; a W&B run per step, named after it and
+    grouped by experiment, with the config attached."""
+    from cause_lightning.config import to_plain
+
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        overrides: dict[str, Any] = {}
+        if "WandbLogger" in str(node.get("_target_", "")):
+            overrides = {
+                "name": f"{cfg.experiment_name}-{step}",
+                "job_type": step,
+                "config": to_plain(cfg),
+            }
+        loggers.append(instantiate_logger(node, **overrides))
+    return loggers
 
 
 def wandb_loggers(trainer: pl.Trainer | None) -> list[WandbLogger]:

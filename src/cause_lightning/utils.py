@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -15,6 +18,7 @@ __all__ = [
     "finish_wandb",
     "is_global_zero",
     "cores_per_rank",
+    "git_hash",
 ]
 
 
@@ -66,3 +70,19 @@ def cores_per_rank(local_processes: int = 1) -> int:
     except AttributeError:  # macOS and Windows have no affinity call
         available = os.cpu_count() or 1
     return max(1, available // max(1, int(local_processes)))
+
+
+@functools.lru_cache(maxsize=1)
+def git_hash() -> str | None:
+    """Short commit hash of the installed sources, None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +34,8 @@ from cause_lightning.ops import grid_sample_index
 
 __all__ = [
     "StageModule",
+    "OptimizerFactory",
+    "SchedulerFactory",
     "NonFiniteLossError",
     "upsample_to",
     "to_device",
@@ -53,6 +55,11 @@ warnings.filterwarnings(
     "ignore",
     message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but",
 )
+
+# `_partial_` optimisers and schedulers of `conf/method` (the hyper-parameters bound, the
+# parameters and the optimiser left to the module).
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 # Key of the project's own entries in a Lightning checkpoint.
 CHECKPOINT_KEY = "cause_lightning"
@@ -126,11 +133,21 @@ class StageModule(pl.LightningModule):
     Args:
         backbone: Frozen feature extractor ``[B,3,H,W] -> [B,D,h,w]``.
         seed: Seed of the per-step random draws (grid sampling, bank subsets).
+        optimizer: Builds the optimiser from parameters (or groups) and ``lr``; default Adam.
+        scheduler: Builds the learning-rate schedule, stepped once per epoch (None = constant).
     """
 
-    def __init__(self, backbone: nn.Module, seed: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        seed: int = 0,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
         super().__init__()
         self.seed = int(seed)
+        self.optimizer_factory: OptimizerFactory = optimizer or torch.optim.Adam
+        self.scheduler_factory = scheduler
         # The settings that determine the result, written into checkpoints (set by the pipeline).
         self.signature: dict[str, Any] = {}
         self._random_states: Mapping[str, Any] | None = None
@@ -143,6 +160,25 @@ class StageModule(pl.LightningModule):
         super().train(mode)
         self.backbone.eval()
         return self
+
+    def build_optimization(
+        self, parameters: Iterable[Any], lr: float | None = None
+    ) -> torch.optim.Optimizer | dict[str, Any]:
+        """``configure_optimizers``' answer from the stage's optimiser and schedule factories.
+
+        Args:
+            parameters: Parameters, or parameter groups each with its own ``lr``.
+            lr: Learning rate of plain parameters (None when every group sets its own).
+        """
+        extra = {} if lr is None else {"lr": lr}
+        optimizer = self.optimizer_factory(parameters, **extra)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     def world(self) -> tuple[int, int]:
         """``(world_size, global_rank)`` of the attached trainer, ``(1, 0)`` without one."""

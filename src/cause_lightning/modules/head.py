@@ -28,6 +28,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from cause_lightning.models import ConceptBank, LinearProbe, ProjectionHead, ema_update
 from cause_lightning.modules.base import (
     BANK_STREAM,
+    OptimizerFactory,
+    SchedulerFactory,
     StageModule,
     linear_probe_loss,
     step_generator,
@@ -65,8 +67,7 @@ class HeadModule(StageModule):
         num_classes: C, classes of the linear probe.
         head_type: ``"mlp"`` or ``"tr"``.
         num_queries: TR query count ``(train_res / patch)**2``.
-        lr: Adam learning rate (absolute).
-        weight_decay: Adam weight decay.
+        lr: Learning rate (absolute).
         window: Grid-sampling window.
         ema_decay: Teacher EMA decay.
         projection_dim: P, width of the projection head.
@@ -84,6 +85,9 @@ class HeadModule(StageModule):
             a value back from the device, so the step then also gives the loss only the bank's
             used slots). Off: the step never waits for the device, and the loss is checked at the
             end of each epoch and before each checkpoint.
+        optimizer: Optimiser factory (``method.head.optimizer``, which holds the weight decay;
+            default Adam).
+        scheduler: Per-epoch schedule factory (None = constant lr, the reference).
         seed: Seed of the per-step grid sampling and bank subset draws.
     """
 
@@ -96,7 +100,6 @@ class HeadModule(StageModule):
         head_type: str,
         num_queries: int | None = None,
         lr: float = 4e-3,
-        weight_decay: float = 1e-4,
         window: int = 4,
         ema_decay: float = 0.99,
         projection_dim: int = 2048,
@@ -108,10 +111,14 @@ class HeadModule(StageModule):
         sync_bank: bool = False,
         contrastive_memory_mb: int = 1024,
         debug_checks: bool = True,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone, seed=seed)
-        self.save_hyperparameters(ignore=["backbone", "head_factory", "clusterbook"])
+        super().__init__(backbone, seed=seed, optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(
+            ignore=["backbone", "head_factory", "clusterbook", "optimizer", "scheduler"]
+        )
         dim = int(backbone.embed_dim)
         if clusterbook.ndim != 2 or clusterbook.shape[1] != dim:
             raise ValueError(
@@ -254,15 +261,13 @@ class HeadModule(StageModule):
         self.log_dict(self.val_linear.compute(), prog_bar=True)
         self.val_linear.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         parameters = [
             *self.head.parameters(),
             *self.projection.parameters(),
             *self.linear.parameters(),
         ]
-        return torch.optim.Adam(
-            parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+        return self.build_optimization(parameters, lr=self.hparams.lr)
 
     def export(self) -> dict[str, Any]:
         """Artifact payload of ``head.pt`` (without meta): the teacher head and the probe."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cause_lightning.modules.base import StageModule
+from cause_lightning.modules.base import OptimizerFactory, SchedulerFactory, StageModule
 from cause_lightning.ops import grid_sample_tokens, modularity_loss
 
 __all__ = ["MediatorModule"]
@@ -27,9 +27,9 @@ class MediatorModule(StageModule):
         lr: Adam learning rate (absolute; see ``derived.mediator.lr``).
         temperature: Modularity temperature tau.
         window: Grid-sampling window.
-        step_size: StepLR step in epochs.
-        gamma: StepLR decay.
         chunk_size: Concepts per chunk of the max-product (None = automatic).
+        optimizer: Optimiser factory (``method.mediator.optimizer``; default Adam).
+        scheduler: Per-epoch schedule factory (``method.mediator.scheduler``; None = constant).
         seed: Seed of the per-step grid sampling.
     """
 
@@ -40,13 +40,13 @@ class MediatorModule(StageModule):
         lr: float = 4e-3,
         temperature: float = 0.1,
         window: int = 4,
-        step_size: int = 1,
-        gamma: float = 0.2,
         chunk_size: int | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone, seed=seed)
-        self.save_hyperparameters(ignore=["backbone"])
+        super().__init__(backbone, seed=seed, optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         dim = int(backbone.embed_dim)
         bound = 1.0 / num_concepts
         self.clusterbook = nn.Parameter(torch.empty(num_concepts, dim).uniform_(-bound, bound))
@@ -66,15 +66,8 @@ class MediatorModule(StageModule):
         self.log("train/modularity", loss, prog_bar=True, batch_size=tokens.shape[0])
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam([self.clusterbook], lr=self.hparams.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=self.hparams.step_size, gamma=self.hparams.gamma
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        return self.build_optimization([self.clusterbook], lr=self.hparams.lr)
 
     def export(self) -> dict[str, Any]:
         """Artifact payload of ``clusterbook.pt`` (without meta)."""

@@ -30,6 +30,8 @@ from cause_lightning.metrics import UnsupervisedSegmentationMetrics
 from cause_lightning.models import LinearProbe
 from cause_lightning.modules.base import (
     INIT_STREAM,
+    OptimizerFactory,
+    SchedulerFactory,
     StageModule,
     linear_probe_loss,
     step_generator,
@@ -115,13 +117,10 @@ class ProbeModule(StageModule):
         head: The stage-2 teacher head (loaded).
         linear: The stage-2 linear probe (training continues from it).
         num_classes: C.
-        lr: Adam learning rate of the linear probe (and of the head with ``reference_leak``).
-        cluster_lr: Adam learning rate of the centroids.
-        weight_decay: Weight decay of the segment parameters (not of the centroids).
+        lr: Learning rate of the linear probe (and of the head with ``reference_leak``).
+        cluster_lr: Learning rate of the centroids.
         temperature: Modularity temperature.
         window: Grid-sampling window.
-        step_size: StepLR step in epochs.
-        gamma: StepLR decay.
         clip: Grad-norm clip of the segment parameters (None = none).
         head_dropout: Keep the frozen head's dropout active while the centroids are fitted.
         reference_leak: Reproduce the released label leak into the head (labelled).
@@ -131,6 +130,9 @@ class ProbeModule(StageModule):
         sample_batch_size: Images per forward pass over the fixed samples.
         overcluster: Extra cluster counts ``k > C`` fitted side by side (over-clustering
             evaluation); empty = none.
+        optimizer: Optimiser factory (``method.probe.optimizer``; its weight decay applies to the
+            segment parameters, never to the centroids; default Adam).
+        scheduler: Per-epoch schedule factory (``method.probe.scheduler``; None = constant).
         seed: Seed of the per-step grid sampling, the fixed samples and the seeding.
 
     Raises:
@@ -146,11 +148,8 @@ class ProbeModule(StageModule):
         num_classes: int,
         lr: float = 4e-3,
         cluster_lr: float = 4e-3,
-        weight_decay: float = 1e-4,
         temperature: float = 0.1,
         window: int = 4,
-        step_size: int = 2,
-        gamma: float = 0.5,
         clip: float | None = None,
         head_dropout: bool = True,
         reference_leak: bool = False,
@@ -159,6 +158,8 @@ class ProbeModule(StageModule):
         sample_images: int = 64,
         sample_batch_size: int = 16,
         overcluster: list[int] | tuple[int, ...] = (),
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         seed: int = 0,
     ) -> None:
         overcluster = check_overcluster(list(overcluster), num_classes)
@@ -169,8 +170,8 @@ class ProbeModule(StageModule):
                 f"method.probe.restarts={restarts} and method.probe.sample_images={sample_images} "
                 "must both be >= 1"
             )
-        super().__init__(backbone, seed=seed)
-        self.save_hyperparameters(ignore=["backbone", "head", "linear"])
+        super().__init__(backbone, seed=seed, optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(ignore=["backbone", "head", "linear", "optimizer", "scheduler"])
         self.head = head.requires_grad_(reference_leak)
         self.linear = linear
         # All sets in one parameter: the drawn numbers of set 0 are the reference's [C, R] draw,
@@ -398,28 +399,19 @@ class ProbeModule(StageModule):
             parameters += list(self.head.parameters())
         return parameters
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        # One Adam with two groups equals the reference's two Adams (Adam is per parameter).
-        optimizer = torch.optim.Adam(
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        # One Adam with two groups equals the reference's two Adams (Adam is per parameter); the
+        # centroids are never decayed, whatever the optimiser's weight decay.
+        return self.build_optimization(
             [
-                {
-                    "params": self._segment_parameters(),
-                    "lr": self.hparams.lr,
-                    "weight_decay": self.hparams.weight_decay,
-                },
+                {"params": self._segment_parameters(), "lr": self.hparams.lr},
                 {
                     "params": [self.centroids, *self.overcluster.values()],
                     "lr": self.hparams.cluster_lr,
+                    "weight_decay": 0.0,
                 },
             ]
         )
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=self.hparams.step_size, gamma=self.hparams.gamma
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
 
     def configure_gradient_clipping(
         self,
