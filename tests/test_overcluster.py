@@ -135,7 +135,7 @@ def test_probe_checkpoints_record_the_counts_only_when_set(tiny) -> None:
     from cause_lightning.steps import Pipeline
 
     def signature(*overrides: str) -> dict:
-        return Pipeline(tiny(*overrides)).signature("probe")
+        return Pipeline(tiny(*overrides)).setup().signature("probe")
 
     # Off: the probe's signature is what it was, so existing checkpoints still resume.
     assert not any("overcluster" in key for key in signature())

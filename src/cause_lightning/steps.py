@@ -253,8 +253,9 @@ class Pipeline:
     def signature(self, step: str) -> dict[str, Any]:
         """The settings that determine what a training step computes (written into every
         checkpoint, compared on resume; :func:`cause_lightning.resume.step_signature`)."""
+        cfg = {**to_plain(self.cfg), "derived": to_plain(self.derived)}  # derived: after setup()
         checksum = self._input_checksums.get(STEP_INPUT[step]) if step in STEP_INPUT else None
-        return step_signature(to_plain(self.cfg), step, STEP_INPUT.get(step), checksum)
+        return step_signature(cfg, step, STEP_INPUT.get(step), checksum)
 
     def resume_path(self, step: str) -> str | None:
         """The checkpoint a training step resumes from (``ckpt_path``), checked against this
