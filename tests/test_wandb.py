@@ -209,9 +209,10 @@ def test_wandb_run_is_finished_when_a_step_fails(tiny, wandb_offline_dir: Path) 
         "stage=mediator",
         "logger=wandb",
         f"logger.wandb.save_dir={save_dir}",
-        "method.mediator.lr=-1",
+        "+callbacks.fault._target_=faults.FailAtStep",  # a failure once fitting has started
+        "+callbacks.fault.step=0",
     )
-    with pytest.raises(ValueError, match="Invalid learning rate"):  # raised once fitting started
+    with pytest.raises(RuntimeError, match="injected failure in step 1"):
         run(cfg)
     assert wandb.run is None
     runs = offline_runs(save_dir, expected=1)
