@@ -327,7 +327,9 @@ def test_state_dict_round_trip_restores_the_bank_and_its_future() -> None:
     bank = _filled(5)
     state = bank.state_dict()
     assert set(state) == {"_extra_state"}
-    assert set(state["_extra_state"]) == {"count", "pointer", "storage"}
+    assert set(state["_extra_state"]) == {"count", "pointer", "entries"}
+    # Only the used slots travel, not the whole [K, capacity, P] buffer.
+    assert state["_extra_state"]["entries"].shape == (len(bank), 6) and len(bank) < 5 * 4
     restored = ConceptBank(5, capacity=4, dim=6)
     restored.load_state_dict(state)
     for name in ("count", "pointer", "storage"):

@@ -120,35 +120,45 @@ class ConceptBank(nn.Module):
         self._view_concepts = None
 
     # ------------------------------------------------------------------ state dict
+    def _used(self) -> Tensor:
+        """Which slots hold an entry ``[K, capacity]``: a concept fills its slots from 0 on."""
+        return torch.arange(self.capacity, device=self.count.device) < self.count[:, None]
+
     def get_extra_state(self) -> dict[str, Any]:
-        """Counters and, once allocated, the ring buffer (for checkpoints)."""
+        """Counters and, once allocated, the used slots' entries only (for checkpoints).
+
+        A bank fills over many steps (the demo's room for 2,048 x 100 entries holds a few
+        thousand), so the checkpoint carries ``[M, P]``, not the ``[K, capacity, P]`` buffer.
+        """
         state: dict[str, Any] = {"count": self.count.clone(), "pointer": self.pointer.clone()}
         if self.storage is not None:
-            state["storage"] = self.storage.clone()
+            state["entries"] = self.storage[self._used()]  # M P (a copy)
         return state
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` saved (a bank of the same K, capacity and P)."""
-        expected = (self.num_concepts, self.capacity, self.dim)
-        storage = state.get("storage")
-        if tuple(state["count"].shape) != (self.num_concepts,) or (
-            storage is not None and tuple(storage.shape) != expected
+        count, entries = state["count"], state.get("entries")
+        used = int(torch.clamp(count, max=self.capacity).sum()) if count.ndim == 1 else -1
+        if tuple(count.shape) != (self.num_concepts,) or (
+            entries is not None and tuple(entries.shape) != (used, self.dim)
         ):
-            shape = None if storage is None else tuple(storage.shape)
+            shape = None if entries is None else tuple(entries.shape)
             raise ValueError(
-                f"the saved concept bank has counters {tuple(state['count'].shape)} and storage "
-                f"{shape}, this bank is [K, capacity, P] = {list(expected)}: resume with the "
-                "num_concepts, bank_capacity and projection_dim the checkpoint was trained with."
+                f"the saved concept bank has counters {tuple(count.shape)} and entries {shape}, "
+                f"this bank has {self.num_concepts} concepts x {self.capacity} slots of width "
+                f"{self.dim}: resume with the num_concepts, bank_capacity and projection_dim the "
+                "checkpoint was trained with."
             )
         device = self.count.device
-        self.count = state["count"].to(device=device, dtype=torch.long).clone()
+        self.count = count.to(device=device, dtype=torch.long).clone()
         self.pointer = state["pointer"].to(device=device, dtype=torch.long).clone()
-        if storage is None:
+        if entries is None:
             self._data = None
         else:
-            self._allocate(storage.to(device))
+            self._data = None  # a fresh buffer in the saved dtype, on this bank's device
+            self._allocate(entries.to(device))
             assert self.storage is not None
-            self.storage.copy_(storage)
+            self.storage[self._used()] = entries.to(device)
         self._invalidate()
 
     # ------------------------------------------------------------------ contents
@@ -284,7 +294,7 @@ class ConceptBank(nn.Module):
         if self._slot_concepts is None or self._slot_concepts.device != device:
             concept_ids = torch.arange(self.num_concepts, device=device)
             self._slot_concepts = concept_ids.repeat_interleave(self.capacity)  # K*cap
-        used = torch.arange(self.capacity, device=device) < self.count[:, None]  # K cap
+        used = self._used()  # K cap
         return self._data[: self.slot_count], self._slot_concepts, used.reshape(-1)
 
     def used_slots(self) -> tuple[Tensor, Tensor, Tensor] | None:
