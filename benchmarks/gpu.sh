@@ -42,7 +42,7 @@ echo "[setup] measurements: $(( $(date +%s) - start )) s, exit status $status"
 PATHS=("paths.root_dir=$WORK" "paths.data_dir=$WORK/data" "paths.output_dir=$WORK/out")
 if [ "$TINY" = 1 ]; then
   DEMO=(trainer=cpu backbone=tiny_vit data.module.num_train=8 data.module.num_val=4
-        data.module.image_size=64 "data.recipe.resolution={train:{tr:64,mlp:64},test:64}"
+        data.module.image_size=64 "data.recipe.resolution={train:64,test:64}"
         method.head.projection_dim=32 method.num_concepts=32 method.mediator.batch_size=4
         method.head.batch_size=4 method.probe.batch_size=4 method.eval.batch_size=4
         method.eval.save_images=2 callbacks=none +trainer.limit_train_batches=2

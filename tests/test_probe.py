@@ -24,7 +24,8 @@ from cause_lightning.modules.probe import (
 )
 from cause_lightning.ops import modularity_loss
 from cause_lightning.run import run
-from cause_lightning.specs import HeadSpec
+from cause_lightning.specs import builtin_head_spec
+from tiny import stage_module
 
 
 def _clustered_tokens(images: int, tokens: int, clusters: int, dim: int, seed: int):
@@ -73,12 +74,16 @@ def test_fixed_samples_are_disjoint_and_seeded() -> None:
 
 def _module(restarts: int, num_classes: int = 4) -> ProbeModule:
     backbone = build_backbone("tiny_vit")
-    head = build_head(HeadSpec("mlp", backbone.embed_dim, 8, 0.1))
-    return ProbeModule(
+    head = build_head(builtin_head_spec("mlp", backbone.embed_dim, 8, 0.1))
+    return stage_module(
+        "probe",
         backbone,
         head=head,
         linear=LinearProbe(8, num_classes),
+        lr=4e-3,
+        cluster_lr=4e-3,
         num_classes=num_classes,
+        init="reference",
         restarts=restarts,
     )
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cause_lightning.artifacts import ArtifactError, load_artifact, save_artifact
-from cause_lightning.config import RANGES, MethodConfig, validate
+from cause_lightning.config import validate
 from cause_lightning.data.base import ResumableLoader, ResumableSampler
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
@@ -217,26 +217,47 @@ def test_out_of_range_settings_are_refused_before_work(tiny, override: str, sett
         run(tiny("stage=mediator", override))
 
 
-def test_every_numeric_schema_setting_has_a_range() -> None:
-    import dataclasses
+def test_every_numeric_setting_has_a_range(compose) -> None:
+    """Numbers of the pipeline's schema, and of every argument a stage module takes from
+    conf/method, are bounded where they are declared."""
+    import typing
 
-    from cause_lightning.config import DataConfig, HeadConfig
+    from hydra.utils import get_class
 
-    def numeric(schema: type, prefix: str) -> list[str]:
-        names = []
-        for f in dataclasses.fields(schema):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            if dataclasses.is_dataclass(default):
-                names += numeric(type(default), f"{prefix}.{f.name}")
-            elif "list" in str(f.type):  # lists are checked by their own rule (overcluster)
+    from cause_lightning.config.schema import SCHEMA, Setting
+    from cause_lightning.core.bounds import Bound
+
+    def numeric(annotation: object) -> bool:
+        if typing.get_origin(annotation) is list:  # lists have rules of their own (overcluster)
+            return False
+        return any(t in (int, float) for t in (annotation, *typing.get_args(annotation)))
+
+    def walk(schema: dict, prefix: str) -> list[str]:
+        found = []
+        for key, rule in schema.items():
+            if isinstance(rule, dict):
+                found += walk(rule, f"{prefix}{key}.")
+            elif isinstance(rule, Setting) and numeric(rule.type) and rule.bound is None:
+                found.append(prefix + key)
+        return found
+
+    missing = walk(SCHEMA, "")
+    cfg = compose()
+    for stage in ("mediator", "head", "probe", "eval"):
+        node = cfg.method[stage].module
+        hints = typing.get_type_hints(get_class(node._target_).__init__, include_extras=True)
+        for key in node:
+            if key.startswith("_") or key not in hints:
                 continue
-            elif any(t in str(f.type) for t in ("int", "float")):
-                names.append(f"{prefix}.{f.name}")
-        return names
-
-    names = numeric(MethodConfig, "method") + numeric(DataConfig, "data")
-    names += numeric(HeadConfig, "head")
-    missing = [n for n in names if n not in RANGES and f"{n}.*" not in RANGES]
+            hint = hints[key]
+            bounded = typing.get_origin(hint) is typing.Annotated and any(
+                isinstance(m, Bound) for m in hint.__metadata__
+            )
+            inner = (
+                typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            )
+            if numeric(inner) and not bounded:
+                missing.append(f"method.{stage}.module.{key}")
     assert not missing
 
 

@@ -30,7 +30,13 @@ from cause_lightning.artifacts import head_dir, save_artifact
 from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
 from cause_lightning.logs import get_logger
 from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead, head_spec
-from cause_lightning.specs import BackboneRef, ModelSpec, Resolution, tr_grid_error
+from cause_lightning.specs import (
+    BACKBONE_FACTORY,
+    BackboneRef,
+    ModelSpec,
+    Resolution,
+    tr_grid_error,
+)
 
 __all__ = ["OfficialBundle", "import_official", "REFERENCE_NUM_CONCEPTS"]
 
@@ -84,6 +90,7 @@ class OfficialBundle:
         backbone: str,
         backbone_weights: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        backbone_target: str = BACKBONE_FACTORY,
         resolution: int = 320,
         class_names: list[str] | None = None,
         head_name: str | None = None,
@@ -99,6 +106,7 @@ class OfficialBundle:
             backbone_weights: Path of the upstream backbone weights, recorded for later stages.
             backbone_kwargs: Extra ``build_backbone`` arguments, e.g. ``{"num_heads": 12}`` for the
                 bug-compatible DINO ViT-S (docs/method.md §2.5).
+            backbone_target: Import path of the backbone factory (``build_backbone`` by default).
             resolution: Test resolution (320; 322 for DINOv2). For TR it is also the train
                 resolution.
             class_names: Optional names of the C classes.
@@ -137,6 +145,7 @@ class OfficialBundle:
                 kwargs=dict(backbone_kwargs or {}),
                 dim=self.dim,
                 patch_size=int(patch_size or 0),
+                target=backbone_target,
             ),
             num_classes=self.num_classes,
             num_concepts=self.num_concepts,

@@ -75,10 +75,6 @@ def step_signature(
         "trainer": {k: cfg["trainer"].get(k) for k in RESULT_TRAINER_KEYS},
         "derived": {"resolution": cfg["derived"]["resolution"], step: cfg["derived"][step]},
     }
-    if step == "probe" and method["eval"].get("overcluster"):
-        # The probe stage fits the over-clustering centroids too (absent when off, so
-        # checkpoints written without the setting still resume).
-        sections["method"]["eval.overcluster"] = sorted(method["eval"]["overcluster"])
     if input_kind is not None:
         sections["head"] = {k: v for k, v in cfg["head"].items() if k != "probe_epochs"}
         sections[f"input.{input_kind}"] = input_checksum

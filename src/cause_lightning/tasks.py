@@ -95,14 +95,14 @@ def import_release(cfg: DictConfig) -> dict[str, Any]:
     if error:
         # The TR position queries fix the token grid: eval would fail on the first batch.
         raise ValueError(
-            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test and "
-            "data.recipe.resolution.train.tr to it)"
+            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test to it)"
         )
     paths = bundle.save(
         pipeline.root,
         backbone=cfg.backbone.name,
         backbone_weights=cfg.backbone.weights,
         backbone_kwargs=pipeline.backbone_kwargs(),
+        backbone_target=str(cfg.backbone._target_),
         resolution=resolution,
         class_names=_class_names(cfg),
         head_name=cfg.head.name,

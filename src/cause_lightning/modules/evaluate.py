@@ -29,13 +29,14 @@ import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cause_lightning.baselines import spherical_kmeans
+from cause_lightning.core.bounds import COUNT, NON_NEGATIVE_INT, POSITIVE, SEED
 from cause_lightning.inference import (
     cosine_argmax,
     cosine_logits,
@@ -86,6 +87,8 @@ class _PendingCRF:
 class EvalModule(StageModule):
     """Test-loop module producing every reported number of a trained CAUSE model.
 
+    Every setting comes from ``method.eval`` (conf/method/cause.yaml); none has a default here.
+
     Args:
         backbone: Frozen backbone.
         head: Teacher head (eval mode).
@@ -116,19 +119,19 @@ class EvalModule(StageModule):
         head: nn.Module,
         centroids: torch.Tensor,
         linear: LinearProbe,
-        num_classes: int,
-        alpha: float = 3.0,
-        variants: tuple[str, ...] | list[str] = VARIANTS,
-        crf_runner: Any = None,
-        linear_crf: bool = True,
+        num_classes: Annotated[int, COUNT],
+        alpha: Annotated[float, POSITIVE],
+        variants: tuple[str, ...] | list[str],
+        crf_runner: Any,
+        linear_crf: bool,
+        baselines: bool,
+        kmeans_iters: Annotated[int, COUNT],
+        kmeans_restarts: Annotated[int, COUNT],
+        kmeans_max_tokens: Annotated[int, COUNT],
+        save_images: Annotated[int, NON_NEGATIVE_INT],
+        overcluster: dict[int, torch.Tensor] | None,
+        seed: Annotated[int, SEED],
         crf_in_flight: int | None = None,
-        baselines: bool = True,
-        kmeans_iters: int = 30,
-        kmeans_restarts: int = 10,
-        kmeans_max_tokens: int = 200_000,
-        save_images: int = 16,
-        overcluster: dict[int, torch.Tensor] | None = None,
-        seed: int = 0,
     ) -> None:
         super().__init__(backbone, seed=seed)
         unknown = sorted(set(variants) - set(VARIANTS))
