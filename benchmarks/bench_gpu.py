@@ -305,7 +305,7 @@ def measure(
         "+callbacks.step_timer._target_=step_timer.StepTimer",
         f"+callbacks.step_timer.path={timing}",
         f"+callbacks.step_timer.warmup={sizes.warmup}",
-        f"+callbacks.step_timer.fill_bank={stage == 'head'}",
+        f"+callbacks.step_timer.fill_bank={str(stage == 'head').lower()}",
     ]
     cfg = compose(f"stage={stage}", *overrides, *timer, name=name)
     log_file = work / "logs" / f"{name}.log"

@@ -208,6 +208,13 @@ class StepTimer(pl.Callback):
         self._steps += 1
         self._mark = now
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._counter is not None:  # a failed step must not leave its counter active
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         now = _sync(pl_module.device)
         self.record["epoch_end_s"].append(now - self._mark)
