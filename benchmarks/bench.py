@@ -420,14 +420,15 @@ def bench_eval(s: Setup, backbone_s: float) -> list[dict[str, Any]]:
     return rows
 
 
-def default_workers() -> int:
-    """``num_workers`` of the COCO-Stuff data config (the default of a real run)."""
+def default_workers() -> int | None:
+    """``num_workers`` of the COCO-Stuff data config, the default of a real run (``None``: the
+    data module's own rule, :meth:`SegDataModule.workers`)."""
     from omegaconf import OmegaConf
 
-    return int(OmegaConf.load(ROOT / "conf" / "data" / "cocostuff27.yaml").module.num_workers)
+    return OmegaConf.load(ROOT / "conf" / "data" / "cocostuff27.yaml").module.num_workers
 
 
-def bench_data(s: Setup, backbone_s: float, images: int, workers: int) -> dict[str, Any]:
+def bench_data(s: Setup, backbone_s: float, images: int, workers: int | None) -> dict[str, Any]:
     from PIL import Image
 
     from cause_lightning.data.folder import FolderDataModule
@@ -463,9 +464,10 @@ def bench_data(s: Setup, backbone_s: float, images: int, workers: int) -> dict[s
         start = time.perf_counter()
         epoch()
         elapsed = time.perf_counter() - start
+        used = data.workers()  # the data module's rule when the config leaves it to it
     per_batch = elapsed * s.args.batch / images
     return row(
-        f"data pipeline: decode + crop + transform, {workers} workers",
+        f"data pipeline: decode + crop + transform, {used} workers",
         per_batch,
         0.0,
         backbone_s,
@@ -508,7 +510,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="seconds above which a call is timed once after its warm-up",
     )
     parser.add_argument("--data-images", type=int, default=96)
-    parser.add_argument("--workers", type=int, default=None, help="default: the data config's")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data loader workers (default: the data config's)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--skip", default="", help="comma list of: stages,data,eval,contrastive")
     parser.add_argument("--device", default="cpu")
@@ -521,6 +525,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     skip = {part for part in args.skip.split(",") if part}
     banks = [int(b) for b in args.banks.split(",") if b != ""]
+    # Read before the long rows, so that a config it cannot use stops the run at once.
+    workers = default_workers() if args.workers is None else args.workers
     started = time.perf_counter()
     s = Setup(args, device)
     rows: list[dict[str, Any]] = []
@@ -563,7 +569,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "stages" not in skip:
         emit(bench_stages(s, backbone_s, args.stage_bank))
     if "data" not in skip:
-        workers = default_workers() if args.workers is None else args.workers
         emit(bench_data(s, backbone_s, args.data_images, workers))
 
     out = Path(args.out)
