@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cause_lightning.config import stage_module
 from cause_lightning.models import ConceptBank, LinearProbe, MLPHead, TRHead, build_backbone
 from cause_lightning.modules.head import HeadModule
-from cause_lightning.modules.mediator import MediatorModule
 from cause_lightning.modules.probe import ProbeModule
 from cause_lightning.ops import (
     concept_contrastive_loss,
@@ -141,20 +141,23 @@ class Setup:
         with torch.inference_mode():
             self.backbone(self.images)
 
-    def head_factory(self, kind: str) -> Callable[..., torch.nn.Module]:
+    def new_head(self, kind: str) -> torch.nn.Module:
         if kind == "tr":
-            return functools.partial(TRHead, reduced_dim=self.args.reduced, dropout=0.1)
-        return functools.partial(MLPHead, reduced_dim=self.args.reduced)
+            grid = self.grid * self.grid
+            return TRHead(
+                self.dim, self.args.reduced, num_queries=grid, clusterbook=self.clusterbook
+            )
+        return MLPHead(self.dim, reduced_dim=self.args.reduced)
 
     def head_module(self, kind: str, bank_size: int) -> HeadModule:
         capacity = max(1, bank_size // self.args.concepts)
-        module = HeadModule(
+        module = stage_module(
+            "head",
             self.backbone,
-            self.head_factory(kind),
-            self.clusterbook,
+            head=self.new_head(kind),
+            clusterbook=self.clusterbook,
             num_classes=self.args.classes,
-            head_type=kind,
-            num_queries=self.grid * self.grid,
+            lr=4e-3,
             projection_dim=self.args.projection,
             bank_capacity=capacity,
             debug_checks=False,
@@ -162,6 +165,19 @@ class Setup:
         if bank_size:
             fill_bank(module.bank, capacity, self.device)
         return module
+
+    def probe_module(self) -> ProbeModule:
+        head = self.new_head("tr")
+        linear = LinearProbe(self.args.reduced, self.args.classes)
+        return stage_module(
+            "probe",
+            self.backbone,
+            head=head,
+            linear=linear,
+            num_classes=self.args.classes,
+            lr=4e-3,
+            cluster_lr=4e-3,
+        ).to(self.device)
 
 
 def fill_bank(bank: ConceptBank, capacity: int, device: torch.device) -> None:
@@ -312,14 +328,10 @@ def bench_bank(s: Setup, bank_size: int, backbone_s: float) -> dict[str, Any]:
 
 def bench_stages(s: Setup, backbone_s: float, bank_size: int) -> list[dict[str, Any]]:
     rows = []
-    mediator = MediatorModule(s.backbone, num_concepts=s.args.concepts).to(s.device)
+    mediator = stage_module("mediator", s.backbone, num_concepts=s.args.concepts, lr=4e-3)
+    mediator = mediator.to(s.device)
     head_tr = s.head_module("tr", bank_size)
-    head = TRHead(
-        s.dim, reduced_dim=s.args.reduced, num_queries=s.grid**2, clusterbook=s.clusterbook
-    )
-    probe = ProbeModule(
-        s.backbone, head, LinearProbe(s.args.reduced, s.args.classes), num_classes=s.args.classes
-    ).to(s.device)
+    probe = s.probe_module()
     modules = {"mediator": mediator, f"head TR, bank {bank_size}": head_tr, "probe": probe}
     for name, module in modules.items():
         module.train()
@@ -346,12 +358,7 @@ def bench_stages(s: Setup, backbone_s: float, bank_size: int) -> list[dict[str, 
 
 
 def bench_probe(s: Setup, backbone_s: float) -> dict[str, Any]:
-    head = TRHead(
-        s.dim, reduced_dim=s.args.reduced, num_queries=s.grid**2, clusterbook=s.clusterbook
-    )
-    probe = ProbeModule(
-        s.backbone, head, LinearProbe(s.args.reduced, s.args.classes), num_classes=s.args.classes
-    ).to(s.device)
+    probe = s.probe_module()
     probe.train()
     probe.extract = lambda images: s.features  # the step without its backbone forward
     optimizer = _optimizer(probe)

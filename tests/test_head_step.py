@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
+from cause_lightning.config import stage_module
 from cause_lightning.models import TRHead, build_backbone
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.modules.head import HeadModule
 from host_sync import HostSyncs
-from tiny import stage_module
 
 # Host synchronisations allowed in one head step with debug checks off (there are none today).
 MAX_SYNCS = 2

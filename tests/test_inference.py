@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from cause_lightning.config import stage_module
 from cause_lightning.crf import CRFRunner, crf_available
 from cause_lightning.inference import cosine_argmax, cosine_logits, grid_features
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.segmenter import Segmenter
 from cause_lightning.specs import builtin_head_spec
-from tiny import stage_module
 
 C = 4
 R = 8

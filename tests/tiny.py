@@ -3,7 +3,6 @@ and the config composition every in-process test run goes through."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +60,3 @@ TINY = [
     "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=1",
 ]
-
-
-def stage_module(stage: str, backbone: Any, **arguments: Any) -> Any:
-    """A stage module with conf/method's values, built as the command line builds it; the
-    run-time objects (head, centroids, ...) and any value a test sets are given as ``arguments``."""
-    from hydra.utils import instantiate
-
-    return instantiate(_method_modules()[stage], _partial_=True)(backbone, **arguments)
-
-
-@functools.cache
-def _method_modules() -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    from cause_lightning.config import compose
-
-    method = compose().method
-    return {
-        stage: OmegaConf.create(OmegaConf.to_container(method[stage].module, resolve=True))
-        for stage in ("mediator", "head", "probe", "eval")
-    }

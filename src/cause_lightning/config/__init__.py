@@ -13,7 +13,7 @@ Defaults are written once, in the YAML files of ``conf/``.
 """
 
 from cause_lightning.config.derive import derive, snap_resolution, to_plain
-from cause_lightning.config.files import compose, config_dir
+from cause_lightning.config.files import compose, config_dir, stage_module
 from cause_lightning.config.validate import SettingsError, validate
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "config_dir",
     "derive",
     "snap_resolution",
+    "stage_module",
     "to_plain",
     "validate",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["compose", "config_dir"]
+__all__ = ["compose", "config_dir", "stage_module"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -51,3 +53,37 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose("config", overrides=[*given, *overrides])
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=[*given, *overrides])
+
+
+def stage_module(stage: str, backbone: Any, *overrides: str, **arguments: Any) -> Any:
+    """A stage module built as the command line builds it: ``method.<stage>.module`` with the
+    YAML's values (after ``overrides``); ``arguments`` give what exists only at run time (the
+    head, the clusterbook, learning rates) and may replace any YAML value.
+
+    Args:
+        stage: ``mediator``, ``head``, ``probe`` or ``eval``.
+        backbone: The frozen backbone.
+        *overrides: Config overrides, as for :func:`compose`.
+        **arguments: Constructor arguments given directly.
+
+    Returns:
+        The LightningModule.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(_module_nodes(overrides)[stage])
+    return instantiate(node, _partial_=True)(backbone, **arguments)
+
+
+@functools.lru_cache(maxsize=8)
+def _module_nodes(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The resolved ``method.<stage>.module`` nodes for some overrides (composing costs about a
+    second; scripts and tests build many modules)."""
+    from omegaconf import OmegaConf
+
+    method = compose(*overrides).method
+    return {
+        stage: OmegaConf.to_container(method[stage].module, resolve=True)
+        for stage in ("mediator", "head", "probe", "eval")
+    }
