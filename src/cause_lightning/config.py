@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from cause_lightning.errors import SettingsError
 from cause_lightning.logs import get_logger
 
 __all__ = [
@@ -196,19 +197,19 @@ def check_overcluster(counts: Any, num_classes: int) -> list[int]:
         The counts as a sorted list of ints.
 
     Raises:
-        ValueError: When a count is not an integer greater than ``num_classes`` or repeats.
+        SettingsError: When a count is not an integer greater than ``num_classes`` or repeats.
     """
     values = list(counts or [])
     bad = [k for k in values if isinstance(k, bool) or not isinstance(k, int) or k <= num_classes]
     if bad:
-        raise ValueError(
+        raise SettingsError(
             f"method.eval.overcluster={values}: every entry must be an integer cluster count "
             f"greater than data.num_classes={num_classes} (over-clustering scores k > C clusters "
             f"with many-to-one matching); offending: {bad}. Use e.g. "
             f"method.eval.overcluster=[{2 * num_classes},{4 * num_classes}], or [] to turn it off."
         )
     if len(set(values)) != len(values):
-        raise ValueError(f"method.eval.overcluster={values} repeats a cluster count")
+        raise SettingsError(f"method.eval.overcluster={values} repeats a cluster count")
     return sorted(values)
 
 
@@ -225,13 +226,13 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
         effective learning rates and global batch sizes.
 
     Raises:
-        ValueError: On a bad ``method.eval.overcluster`` or a TR resolution mismatch.
+        SettingsError: On a bad ``method.eval.overcluster`` or a TR resolution mismatch.
     """
     check_overcluster(cfg.method.eval.get("overcluster"), int(cfg.data.num_classes))
     resolution = cfg.data.recipe.resolution
     head_name = cfg.head.name
     if head_name not in resolution.train:
-        raise ValueError(
+        raise SettingsError(
             f"data.recipe.resolution.train has no entry for head {head_name!r} "
             f"(has {list(resolution.train)})"
         )
@@ -260,7 +261,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
         }
     derived["probe"]["cluster_lr"] = float(cfg.method.probe.cluster_lr) * scale
     if head_name == "tr" and train_res != test_res:
-        raise ValueError(
+        raise SettingsError(
             f"the TR head needs the train resolution ({train_res}) to equal the test resolution "
             f"({test_res}): its query table has one entry per token (method.md §2.6)"
         )
@@ -451,4 +452,4 @@ def validate(cfg: DictConfig) -> None:
         except ValueError as err:
             problems.append(str(err))
     if problems:
-        raise ValueError("invalid settings (nothing was run):\n  " + "\n  ".join(problems))
+        raise SettingsError("invalid settings (nothing was run):\n  " + "\n  ".join(problems))

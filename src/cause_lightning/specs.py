@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cause_lightning.errors import ExpectedError
+
 __all__ = [
     "LEGACY_HEAD_DROPOUT",
     "SPEC_VERSION",
@@ -39,7 +41,7 @@ LEGACY_HEAD_DROPOUT = 0.1
 HEAD_KINDS = ("mlp", "tr")
 
 
-class SpecError(ValueError):
+class SpecError(ExpectedError, ValueError):
     """A stored spec is missing, malformed or of a version this code cannot read."""
 
 
