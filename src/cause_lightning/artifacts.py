@@ -17,15 +17,20 @@ ordinary mode of a new file (``0666`` less the umask), so a shared results folde
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import pickle
+import shutil
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cause_lightning.errors import DiskFullError, ExpectedError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -33,6 +38,7 @@ __all__ = [
     "MissingArtifactError",
     "artifact_root",
     "head_dir",
+    "PRODUCER",
     "save_artifact",
     "load_artifact",
     "write_json_atomic",
@@ -46,11 +52,12 @@ __all__ = [
 FORMAT_VERSION = 1
 
 
-class ArtifactError(RuntimeError):
-    """An artifact exists but is of the wrong kind, version or shape."""
+class ArtifactError(ExpectedError, RuntimeError):
+    """An artifact exists but is of the wrong kind, version or shape, or is not fit to be
+    written (non-finite values)."""
 
 
-class MissingArtifactError(FileNotFoundError):
+class MissingArtifactError(ExpectedError, FileNotFoundError):
     """A stage needs an artifact that an earlier stage has not written yet."""
 
 
@@ -77,15 +84,27 @@ def head_dir(root: str | os.PathLike, head_name: str) -> Path:
     return Path(root) / head_name
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Write a file through a temporary sibling and an atomic rename.
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[str], Any], need: int | None = None
+) -> Path:
+    """Write a file through a temporary sibling and an atomic rename: the one way files are
+    written.
+
+    The temporary name is unique (two runs writing into one folder never share it) and is
+    removed whatever stops the write. The content is flushed to the disk (``fsync``) before the
+    rename and the rename before returning, so after a crash the file is either the previous one
+    or the complete new one.
 
     Args:
         path: Destination file.
         write: Callable receiving the temporary path and writing the content there.
+        need: Bytes the file will take, about (``None``: unknown); named when the disk is full.
 
     Returns:
         The destination path.
+
+    Raises:
+        DiskFullError: The disk has no room for the file (nothing is left behind).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,13 +112,56 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         # mkstemp creates 0600; the result gets the mode any new file of this process would get.
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync(path.parent)  # the rename itself
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and out_of_space(err, path.parent, need):
+            raise DiskFullError(no_space_message(f"writing {path}", path.parent, need)) from err
         raise
     return path
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def out_of_space(err: BaseException, folder: str | os.PathLike, need: int | None) -> bool:
+    """Whether a failed write ran out of disk space.
+
+    ``ENOSPC`` / ``EDQUOT`` say so; torch's own file writer only says ``enforce fail at
+    inline_container.cc`` (``unexpected pos``), so a write whose known size exceeds the free space
+    counts as well.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return need is not None and _free_bytes(folder) < need
+
+
+def no_space_message(
+    action: str, folder: str | os.PathLike, need: int | None, advice: str = "write elsewhere"
+) -> str:
+    """``no space left on device ...`` with the rough need and the free space of ``folder``."""
+    needs = f"needs about {_mb(need)} MB, " if need is not None else ""
+    return (
+        f"no space left on device {action} ({needs}{_mb(_free_bytes(folder))} MB free in "
+        f"{folder}): free some space there or {advice}"
+    )
+
+
+def _free_bytes(folder: str | os.PathLike) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f}"
 
 
 def current_umask() -> int:
@@ -109,34 +171,55 @@ def current_umask() -> int:
     return mask
 
 
-def ensure_writable(directory: str | os.PathLike, setting: str) -> Path:
+#: Bytes the writability check writes (and flushes): enough that a full disk refuses them.
+PROBE_BYTES = 1 << 16
+
+
+def ensure_writable(directory: str | os.PathLike, setting: str, need: int | None = None) -> Path:
     """Create ``directory`` if needed and prove that a file can be written there.
 
-    Called before a stage does any work, so a read-only or misplaced results folder is found in a
-    second rather than after hours of training.
+    Called before a stage does any work, so a read-only, misplaced or full results folder is found
+    in a second rather than after hours of training. A few kilobytes are written and flushed (an
+    empty file can still be created on a full disk).
 
     Args:
         directory: The folder a stage will write to.
         setting: The config setting that chooses it, named in the error.
+        need: Bytes the stage will write there, roughly, when known: less free space is refused.
 
     Returns:
         The directory.
 
     Raises:
         PermissionError: The folder cannot be created or written.
+        DiskFullError: The disk has no room for the probe, or less than ``need`` free.
     """
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(bytes(PROBE_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            os.unlink(probe)
     except OSError as err:
+        if out_of_space(err, directory, None):
+            raise DiskFullError(_refused_for_space(directory, setting, need)) from err
         raise PermissionError(
             f"cannot write to {directory} ({type(err).__name__}: {err.strerror or err}): nothing "
             f"was run; make the folder writable or point {setting} at a writable folder"
         ) from err
+    if need is not None and _free_bytes(directory) < need:
+        raise DiskFullError(_refused_for_space(directory, setting, need))
     return directory
+
+
+def _refused_for_space(directory: Path, setting: str, need: int | None) -> str:
+    advice = f"point {setting} at another disk; nothing was run"
+    return no_space_message(f"in {setting}={directory}", directory, need, advice)
 
 
 def payload_checksum(record: dict[str, Any]) -> str:
@@ -168,35 +251,125 @@ def _hash_into(digest: Any, obj: Any) -> None:
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
-def describe_load_error(err: BaseException) -> str:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def describe_load_error(err: BaseException, path: str | os.PathLike) -> str:
     """A short reason why ``torch.load(weights_only=True)`` refused a file.
 
-    Torch's own message for a file holding pickled objects recommends loading it again with
-    ``weights_only=False``, which would run code from the file; that advice is never passed on.
+    Three cases are told apart, from torch's message and the file's first bytes: a file holding
+    pickled Python objects (never loaded: loading them could run code), a file cut short, and a
+    file that ``torch.save`` did not write at all. Torch's advice to load again with
+    ``weights_only=False``, which would run code from the file, is never passed on.
+
+    Args:
+        err: The exception ``torch.load`` raised.
+        path: The file it read.
     """
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+    if "Unsupported global" in str(err):  # the weights-only unpickler met an object type
         return (
-            f"{type(err).__name__}: it holds Python objects other than tensors and plain values, "
-            "which are never loaded because loading them could run code"
+            "it holds Python objects other than tensors and plain values, which are never "
+            "loaded because loading them could run code"
         )
-    return f"{type(err).__name__}: {text[:300]}"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as os_err:
+        return f"{type(os_err).__name__}: {os_err.strerror or os_err}"
+    if size == 0:
+        return "the file is empty"
+    cut_short = isinstance(err, EOFError) or "unexpected EOF" in str(err)
+    if cut_short or (head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path)):
+        return f"the file is cut short ({size} bytes): a copy or a write did not finish"
+    if head.startswith(_NPY_MAGIC):
+        found = "a NumPy array file"
+    elif head.startswith(_ZIP_MAGIC):
+        found = "a zip archive of other content"
+    elif head.startswith(b"\x80"):
+        found = "a pickle that torch.save did not write"
+    else:
+        found = "unrecognised content"
+    return f"it is not a file written by torch.save ({found})"
 
 
-def save_artifact(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -> Path:
-    """Save a stage artifact atomically.
+def save_artifact(
+    path: str | os.PathLike, kind: str, payload: dict[str, Any], produced_by: str | None = None
+) -> Path:
+    """Save a stage artifact atomically, once its values are proven fit for the next stage.
 
     Args:
         path: Destination file (``.pt``).
         kind: Artifact kind, e.g. ``"clusterbook"``, ``"head"``, ``"probe"``.
         payload: Tensors, primitives and nested dicts/lists of them. Tensors are moved to CPU.
+        produced_by: The stage that computed the payload, named when it is refused (default:
+            :data:`PRODUCER` of ``kind``).
 
     Returns:
         The destination path.
+
+    Raises:
+        ArtifactError: A tensor holds NaN or infinite values, or rows whose float32 norm
+            overflows (a diverged stage); no file is written.
+        DiskFullError: The disk has no room for the file.
     """
     record = {"format_version": FORMAT_VERSION, "kind": kind, **_to_cpu(payload)}
+    for name, tensor in _tensors(record):
+        problem = _unfit(tensor)
+        if problem is not None:
+            stage = produced_by or PRODUCER.get(kind, kind)
+            raise ArtifactError(
+                f"not writing {path}: {kind} tensor {name!r} {problem}, so the result of "
+                f"stage={stage} is unusable (it diverged); {_divergence_advice(stage)}"
+            )
     record["checksum"] = payload_checksum(record)
-    return atomic_write(path, lambda tmp: torch.save(record, tmp))
+    need = sum(t.nbytes for _, t in _tensors(record))
+    return atomic_write(path, lambda tmp: torch.save(record, tmp), need=need)
+
+
+#: The stage that writes each artifact the training stages hand on.
+PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
+
+
+def _divergence_advice(stage: str) -> str:
+    """The settings of ``stage`` that tame a diverging run: its learning rates and clipping."""
+    from cause_lightning.config import MethodConfig
+
+    section = getattr(MethodConfig(), stage, None)
+    rates = [f"method.{stage}.{k}" for k in ("lr", "cluster_lr") if hasattr(section, k)]
+    if not rates:
+        return f"check the files stage={stage} read"
+    clip = f" or set method.{stage}.clip (gradient clipping)" if hasattr(section, "clip") else ""
+    return f"lower {' / '.join(rates)}{clip}, then run stage={stage} again"
+
+
+def _tensors(obj: Any, name: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested payload with its key path (``head_state.proj.weight``)."""
+    if isinstance(obj, torch.Tensor):
+        return [(name, obj)]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _tensors(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{name}[{i}]")]
+    return []
+
+
+def _unfit(tensor: torch.Tensor) -> str | None:
+    """Why a floating tensor cannot be handed on (non-finite values, overflowing row norms)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        return f"holds {bad} NaN or infinite values of {tensor.numel()}"
+    # Rows are normalised downstream (cosine similarities): a norm that overflows float32 makes
+    # them zero or NaN there.
+    norms = torch.linalg.vector_norm(tensor.float(), dim=-1)  # rows
+    if not bool(torch.isfinite(norms).all()):
+        return (
+            f"has rows whose norm overflows float32 (largest value {float(tensor.abs().max()):.3g})"
+        )
+    return None
 
 
 def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[str, Any]:
@@ -225,7 +398,7 @@ def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise ArtifactError(
-            f"cannot read {path} ({describe_load_error(err)}); the file is damaged or not a "
+            f"cannot read {path} ({describe_load_error(err, path)}); the file is damaged or not a "
             f"cause_lightning {kind} artifact: re-run `stage={produced_by}`"
         ) from None
     if not isinstance(record, dict) or record.get("kind") != kind:

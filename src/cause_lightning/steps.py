@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning import __version__
 from cause_lightning.artifacts import (
+    PRODUCER,
     ArtifactError,
     artifact_root,
     ensure_writable,
@@ -48,7 +49,6 @@ __all__ = ["Pipeline", "STEPS"]
 log = get_logger(__name__)
 
 STEPS = ("mediator", "head", "probe", "eval")
-PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
 # The artifact a training step reads: its checksum is part of the step's configuration.
 STEP_INPUT = {"head": "clusterbook", "probe": "head"}
 
