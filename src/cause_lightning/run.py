@@ -34,8 +34,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ``objective`` (the sweep objective, ``cfg.summary_metric`` when available).
     """
     from cause_lightning.config import validate
+    from cause_lightning.tracking import require_wandb_login
 
     validate(cfg)
+    require_wandb_login(cfg)
     _configure_logging()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     action = cfg.stage.action
