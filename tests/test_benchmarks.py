@@ -65,3 +65,16 @@ def test_cpu_bench_writes_rows_with_floors(tmp_path: Path) -> None:
     stages = [r for r in rows if r["name"].startswith("stage")]
     assert len(stages) == 3 and all("throughput_ratio" in r for r in stages)
     assert any(r["name"].startswith("data pipeline") and r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_predict_memory_bench_measures_a_row(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_predict_memory
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "row.json"
+    row = bench_predict_memory.main(["--images", "2", "--side", "300", "--out", str(out)])
+    assert json.loads(out.read_text()) == row
+    assert row["outputs"] == 2 and row["peak_rss_mb"] >= row["floor_rss_mb"] > 0
