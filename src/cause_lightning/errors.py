@@ -8,8 +8,8 @@ traceback.
 
 The project's error classes derive from :class:`ExpectedError` (next to the built-in type a
 caller may already catch, e.g. ``class ArtifactError(ExpectedError, RuntimeError)``);
-:data:`EXPECTED` adds the built-in errors that always name a user's file. Nothing heavy is
-imported here: the command line needs the module before any run starts.
+:data:`EXPECTED` adds the built-in errors that always name a user's file. Standard library only:
+the command line and the lightest modules need it before anything else is imported.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ def expected(err: BaseException) -> BaseException | None:
     Lightning ends a loop that received SIGTERM with ``SIGTERMException``, a ``SystemExit`` whose
     status is 0: it stands for :class:`RunInterrupted`, so the process ends non-zero.
     """
+    # Raised only once Lightning is loaded, so its module is looked up, never imported here.
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
     if isinstance(err, SystemExit):
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if isinstance(err, SIGTERMException):
+        if lightning is not None and isinstance(err, lightning.SIGTERMException):
             return RunInterrupted(
                 "stopped by SIGTERM (pre-emption, a time limit, or the scheduler's warning "
                 "signal): the training stage that ran wrote its resume checkpoint; run the same "
