@@ -568,6 +568,16 @@ def test_load_errors_tell_objects_foreign_and_truncated_files_apart(
     assert not Path(str(path) + ".ran").exists()
 
 
+def test_release_file_with_non_finite_values_is_refused(tmp_path: Path) -> None:
+    from cause_lightning.errors import UnreadableFileError
+    from cause_lightning.interop import import_official
+
+    path = tmp_path / "segment_tr.pth"
+    torch.save({"head_ema.f.weight": torch.tensor([[1.0, float("inf")]])}, path)
+    with pytest.raises(UnreadableFileError, match=r"contains NaN or Inf .*head_ema\.f\.weight"):
+        import_official(path, path, path, head="tr")
+
+
 # --------------------------------------------------------------------------- predict outputs
 
 

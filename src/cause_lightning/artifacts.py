@@ -8,11 +8,13 @@ Each stage hands its result to the next through a small file in a deterministic 
 * ``<head>/probe.pt`` — stage ``probe`` (class centroids + linear probe);
 * ``<head>/segmenter.pt`` and ``<head>/metrics.json`` — stage ``eval``.
 
-Files hold tensors and primitives only, so ``torch.load(weights_only=True)`` reads them, and they
-are written to a temporary name and renamed so no reader ever sees half a file. Every artifact
-carries a SHA-256 checksum of its payload, checked when it is read, so a file damaged after it was
-written is refused by name instead of failing later as a strange loss. Written files get the
-ordinary mode of a new file (``0666`` less the umask), so a shared results folder stays readable.
+Files hold tensors and primitives only, so ``torch.load(weights_only=True)`` reads them, and every
+file of the project is written by :func:`atomic_write` (a unique temporary name, flushed, renamed)
+so no reader ever sees half a file and a full disk is reported as such. Every artifact carries a
+SHA-256 checksum of its payload, checked when it is read, so a file damaged after it was written
+is refused by name instead of failing later as a strange loss; an artifact with non-finite values
+is never written. Written files get the ordinary mode of a new file (``0666`` less the umask), so a
+shared results folder stays readable.
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ def atomic_write(
         _fsync(path.parent)  # the rename itself
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, Exception) and out_of_space(err, path.parent, need):
-            raise DiskFullError(no_space_message(f"writing {path}", path.parent, need)) from err
+        if isinstance(err, Exception) and _out_of_space(err, path.parent, need):
+            raise DiskFullError(_no_space_message(f"writing {path}", path.parent, need)) from err
         raise
     return path
 
@@ -133,7 +135,7 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def out_of_space(err: BaseException, folder: str | os.PathLike, need: int | None) -> bool:
+def _out_of_space(err: BaseException, folder: str | os.PathLike, need: int | None) -> bool:
     """Whether a failed write ran out of disk space.
 
     ``ENOSPC`` / ``EDQUOT`` say so; torch's own file writer only says ``enforce fail at
@@ -145,7 +147,7 @@ def out_of_space(err: BaseException, folder: str | os.PathLike, need: int | None
     return need is not None and _free_bytes(folder) < need
 
 
-def no_space_message(
+def _no_space_message(
     action: str, folder: str | os.PathLike, need: int | None, advice: str = "write elsewhere"
 ) -> str:
     """``no space left on device ...`` with the rough need and the free space of ``folder``."""
@@ -206,7 +208,7 @@ def ensure_writable(directory: str | os.PathLike, setting: str, need: int | None
         finally:
             os.unlink(probe)
     except OSError as err:
-        if out_of_space(err, directory, None):
+        if _out_of_space(err, directory, None):
             raise DiskFullError(_refused_for_space(directory, setting, need)) from err
         raise PermissionError(
             f"cannot write to {directory} ({type(err).__name__}: {err.strerror or err}): nothing "
@@ -219,7 +221,7 @@ def ensure_writable(directory: str | os.PathLike, setting: str, need: int | None
 
 def _refused_for_space(directory: Path, setting: str, need: int | None) -> str:
     advice = f"point {setting} at another disk; nothing was run"
-    return no_space_message(f"in {setting}={directory}", directory, need, advice)
+    return _no_space_message(f"in {setting}={directory}", directory, need, advice)
 
 
 def payload_checksum(record: dict[str, Any]) -> str:
@@ -294,17 +296,13 @@ def describe_load_error(err: BaseException, path: str | os.PathLike) -> str:
     return f"it is not a file written by torch.save ({found})"
 
 
-def save_artifact(
-    path: str | os.PathLike, kind: str, payload: dict[str, Any], produced_by: str | None = None
-) -> Path:
+def save_artifact(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -> Path:
     """Save a stage artifact atomically, once its values are proven fit for the next stage.
 
     Args:
         path: Destination file (``.pt``).
         kind: Artifact kind, e.g. ``"clusterbook"``, ``"head"``, ``"probe"``.
         payload: Tensors, primitives and nested dicts/lists of them. Tensors are moved to CPU.
-        produced_by: The stage that computed the payload, named when it is refused (default:
-            :data:`PRODUCER` of ``kind``).
 
     Returns:
         The destination path.
@@ -318,11 +316,12 @@ def save_artifact(
     for name, tensor in _tensors(record):
         problem = _unfit(tensor)
         if problem is not None:
-            stage = produced_by or PRODUCER.get(kind, kind)
-            raise ArtifactError(
-                f"not writing {path}: {kind} tensor {name!r} {problem}, so the result of "
-                f"stage={stage} is unusable (it diverged); {_divergence_advice(stage)}"
+            cause = (
+                _divergence_advice(PRODUCER[kind])
+                if kind in PRODUCER
+                else "the model it was made from diverged or is damaged"
             )
+            raise ArtifactError(f"not writing {path}: {kind} tensor {name!r} {problem}, so {cause}")
     record["checksum"] = payload_checksum(record)
     need = sum(t.nbytes for _, t in _tensors(record))
     return atomic_write(path, lambda tmp: torch.save(record, tmp), need=need)
@@ -333,15 +332,17 @@ PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
 
 
 def _divergence_advice(stage: str) -> str:
-    """The settings of ``stage`` that tame a diverging run: its learning rates and clipping."""
+    """What a diverged stage's artifact is refused with: the stage and the settings that tame it
+    (its learning rates and gradient clipping, as the method's schema has them)."""
     from cause_lightning.config import MethodConfig
 
-    section = getattr(MethodConfig(), stage, None)
-    rates = [f"method.{stage}.{k}" for k in ("lr", "cluster_lr") if hasattr(section, k)]
-    if not rates:
-        return f"check the files stage={stage} read"
+    section = getattr(MethodConfig(), stage)
+    rates = " / ".join(f"method.{stage}.{k}" for k in ("lr", "cluster_lr") if hasattr(section, k))
     clip = f" or set method.{stage}.clip (gradient clipping)" if hasattr(section, "clip") else ""
-    return f"lower {' / '.join(rates)}{clip}, then run stage={stage} again"
+    return (
+        f"the result of stage={stage} is unusable (it diverged); lower {rates}{clip}, then run "
+        f"stage={stage} again"
+    )
 
 
 def _tensors(obj: Any, name: str = "") -> list[tuple[str, torch.Tensor]]:

@@ -372,6 +372,9 @@ def _read_pth(path: Path, expected: str) -> dict[str, Tensor]:
         raise UnreadableFileError(
             f"{path} is not a flat dict of tensors (entries {bad[:5]}); expected {expected}"
         )
+    bad = [k for k, v in obj.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise UnreadableFileError(f"{path} contains NaN or Inf values (entries {bad[:5]})")
     return dict(obj)
 
 
