@@ -102,10 +102,10 @@ class StageCheckpoint(pl.Callback):
             and time.monotonic() - self._last_time >= self.train_time_interval
         )
         stopping = trainer.received_sigterm  # Lightning stops the loop after this hook
-        # Every rank must take the same decision (the write is collective); rank 0's rules.
+        # Every rank must take the same decision (the write is collective); rank 0's view rules.
         if trainer.strategy.broadcast(by_steps or by_time or stopping, src=0):
-            self.save(trainer, pl_module)
-            if stopping:
+            written = self.save(trainer, pl_module)
+            if stopping and written:
                 log.warning(
                     "SIGTERM received: wrote %s at global step %d; the run stops now, continue "
                     "it with ckpt_path=last",
@@ -116,10 +116,11 @@ class StageCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer, pl_module)
 
-    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the checkpoint now (all ranks call it; rank 0 writes)."""
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Write the checkpoint now (all ranks call it; rank 0 writes); False when it was not
+        written (a debug run, or non-finite weights)."""
         if trainer.fast_dev_run or trainer.sanity_checking:
-            return
+            return False
         finish_step = getattr(pl_module, "finish_step", None)
         if callable(finish_step):
             finish_step()  # the step's post-optimiser work belongs in the checkpoint
@@ -130,7 +131,7 @@ class StageCheckpoint(pl.Callback):
                 self.path,
                 trainer.global_step,
             )
-            return
+            return False
         path = self.path
         # The dump is collective; under DDP only rank 0 writes the file (full state: optimiser,
         # loops, data position).
@@ -144,6 +145,7 @@ class StageCheckpoint(pl.Callback):
             trainer.save_checkpoint(path, weights_only=False)
         trainer.strategy.barrier("stage_checkpoint")
         self._last_time = time.monotonic()
+        return True
 
 
 def _checkpoint_bytes(path: Path, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:

@@ -2,9 +2,8 @@
 
 An *expected* error is one whose cause lies outside the code: bad settings, missing or damaged
 files and data, a refused checkpoint, a full disk, an interrupted run. The command line prints
-its message and exits non-zero; the traceback, which adds nothing for the user,
-is printed only with ``HYDRA_FULL_ERROR=1``. Any other exception is a defect and keeps Hydra's
-traceback.
+its message and exits non-zero; the traceback, which adds nothing for the user, is printed only
+with ``HYDRA_FULL_ERROR=1``. Any other exception is a defect and keeps Hydra's traceback.
 
 The project's error classes derive from :class:`ExpectedError` (next to the built-in type a
 caller may already catch, e.g. ``class ArtifactError(ExpectedError, RuntimeError)``);
