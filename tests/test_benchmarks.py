@@ -164,3 +164,16 @@ def test_projection_counts_follow_the_configs(tmp_path: Path, benchmarks: Path) 
     assert bench_gpu.steps_per_epoch(preset, 488_510, 16) == 7_633
     assert bench_gpu.steps_per_epoch(default, 488_510, 16) == 30_532
     assert bench_gpu.crf_calls_per_image(preset.method.eval) == 3
+
+
+@pytest.mark.slow
+def test_predict_memory_bench_measures_a_row(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_predict_memory
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "row.json"
+    row = bench_predict_memory.main(["--images", "2", "--side", "300", "--out", str(out)])
+    assert json.loads(out.read_text()) == row
+    assert row["outputs"] == 2 and row["peak_rss_mb"] >= row["floor_rss_mb"] > 0

@@ -12,11 +12,26 @@ import hydra
 from omegaconf import DictConfig
 
 from cause_lightning.config.files import config_dir
+from cause_lightning.errors import expected, report
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run the selected stage; returns the summary metric for Hydra sweepers."""
+    """Run the selected stage; returns the summary metric for Hydra sweepers.
+
+    An expected error (:mod:`cause_lightning.errors`) ends the process with its message and a
+    non-zero status, without Hydra's traceback unless ``HYDRA_FULL_ERROR=1``.
+    """
+    try:
+        return _job(cfg)
+    except BaseException as err:
+        known = expected(err)
+        if known is None:
+            raise
+        raise SystemExit(report(known, err)) from None
+
+
+def _job(cfg: DictConfig) -> float | None:
     from cause_lightning.config import validate
 
     if not _in_multirun():

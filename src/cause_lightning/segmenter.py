@@ -474,9 +474,9 @@ class Segmenter(nn.Module):
             cos = self.logits(x)  # 1 C h w
         pixels = [np.ascontiguousarray(np.asarray(work, dtype=np.uint8))] if self.crf else None
         labels = self._decide(cos, pixels)[0].cpu().numpy().astype(np.int64)  # h w
-        labels = nearest_resize_labels(labels, height, width)
-        if to_classes:
+        if to_classes:  # per pixel, so at the working size: the full-size map is made once
             labels = self.remap(labels)
+        labels = nearest_resize_labels(labels, height, width)  # H W
         return np.ascontiguousarray(labels)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cause_lightning.errors import ExpectedError
+
 __all__ = [
     "BACKBONE_FACTORY",
     "LEGACY_HEAD_DROPOUT",
@@ -54,7 +56,7 @@ LEGACY_HEAD_TARGETS = {
 BACKBONE_FACTORY = "cause_lightning.models.build_backbone"
 
 
-class SpecError(ValueError):
+class SpecError(ExpectedError, ValueError):
     """A stored spec is missing, malformed or of a version this code cannot read."""
 
 

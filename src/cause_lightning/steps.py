@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning import __version__
 from cause_lightning.artifacts import (
+    PRODUCER,
     ArtifactError,
     artifact_root,
-    ensure_writable,
     head_dir,
     load_artifact,
     save_artifact,
@@ -33,6 +33,7 @@ from cause_lightning.artifacts import (
 from cause_lightning.callbacks import StageCheckpoint
 from cause_lightning.config import derive, to_plain
 from cause_lightning.core.bounds import check_overcluster
+from cause_lightning.core.files import ensure_writable
 from cause_lightning.crf import stage_crf_runner
 from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
@@ -50,7 +51,6 @@ __all__ = ["Pipeline", "STEPS"]
 log = get_logger(__name__)
 
 STEPS = ("mediator", "head", "probe", "eval")
-PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
 # The artifact a training step reads: its checksum is part of the step's configuration.
 STEP_INPUT = {"head": "clusterbook", "probe": "head"}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cause_lightning.artifacts import atomic_write
+from cause_lightning.core.files import atomic_write
 from cause_lightning.logs import get_logger
 from cause_lightning.specs import tr_grid_error
 

@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cause_lightning.core.bounds import check_overcluster
+from cause_lightning.errors import SettingsError
 
 __all__ = ["derive", "snap_resolution", "to_plain"]
 
@@ -38,7 +39,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
         fixed-grid head, effective learning rates and global batch sizes.
 
     Raises:
-        ValueError: On a bad ``method.eval.overcluster``, or a fixed-grid head asked to train at
+        SettingsError: On a bad ``method.eval.overcluster``, or a fixed-grid head asked to train at
             another resolution than the test one.
     """
     from cause_lightning.models.heads import head_class, head_traits
@@ -49,7 +50,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
     train_res = test_res if nominal is None else snap_resolution(int(nominal), patch_size)
     target = str(cfg.head.module._target_)
     if head_traits(head_class(target)).fixed_grid and train_res != test_res:
-        raise ValueError(
+        raise SettingsError(
             f"head={cfg.head.name} ({target}) has one position query per training token, so it "
             f"trains at the test resolution ({test_res}), but data.recipe.resolution.train / "
             f"head.train_resolution ask for {nominal} ({train_res} after snapping to the patch): "

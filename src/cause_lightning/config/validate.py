@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cause_lightning.config.schema import SCHEMA, Open, Setting, Target, Targets
 from cause_lightning.core.bounds import SIMILARITY, Bound, check_overcluster
+from cause_lightning.errors import SettingsError
 
 __all__ = ["SettingsError", "closest", "validate"]
 
@@ -42,10 +43,6 @@ _STAGE_OWNED = {
 # Keys of a `_target_` node that Hydra reads itself.
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 _INTERPOLATION = re.compile(r"\$\{([^${}]+)")
-
-
-class SettingsError(ValueError):
-    """A composed config holds settings that cannot run; nothing was started."""
 
 
 def closest(name: str, known: Any) -> str:

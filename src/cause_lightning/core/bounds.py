@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cause_lightning.errors import SettingsError
+
 __all__ = [
     "Bound",
     "COUNT",
@@ -106,17 +108,17 @@ def check_overcluster(counts: Any, num_classes: int) -> list[int]:
         The counts as a sorted list of ints.
 
     Raises:
-        ValueError: When a count is not an integer greater than ``num_classes`` or repeats.
+        SettingsError: When a count is not an integer greater than ``num_classes`` or repeats.
     """
     values = list(counts or [])
     bad = [k for k in values if isinstance(k, bool) or not isinstance(k, int) or k <= num_classes]
     if bad:
-        raise ValueError(
+        raise SettingsError(
             f"method.eval.overcluster={values}: every entry must be an integer cluster count "
             f"greater than data.num_classes={num_classes} (over-clustering scores k > C clusters "
             f"with many-to-one matching); offending: {bad}. Use e.g. "
             f"method.eval.overcluster=[{2 * num_classes},{4 * num_classes}], or [] to turn it off."
         )
     if len(set(values)) != len(values):
-        raise ValueError(f"method.eval.overcluster={values} repeats a cluster count")
+        raise SettingsError(f"method.eval.overcluster={values} repeats a cluster count")
     return sorted(values)

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.data.transforms import normalize_uint8
+from cause_lightning.errors import ExpectedError
 from cause_lightning.inference import upsample_to
 from cause_lightning.ops import grid_sample_index
 
@@ -117,7 +118,7 @@ def restore_random_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(states["cuda"]))
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ExpectedError, FloatingPointError):
     """A training loss became NaN or infinite; the step was not applied."""
 
 

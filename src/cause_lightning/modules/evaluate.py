@@ -37,6 +37,7 @@ from torch import nn
 
 from cause_lightning.baselines import spherical_kmeans
 from cause_lightning.core.bounds import COUNT, NON_NEGATIVE_INT, POSITIVE, SEED
+from cause_lightning.core.files import atomic_write
 from cause_lightning.inference import (
     cosine_argmax,
     cosine_logits,
@@ -440,7 +441,8 @@ class EvalModule(StageModule):
         if self.crf_runner is not None:
             self.crf_runner.close()  # a spawned process must not exit with a live pool
         if self.handoff is not None and self.trainer.is_global_zero:
-            torch.save(self.outcome(), self.handoff)
+            outcome = self.outcome()
+            atomic_write(self.handoff, lambda tmp: torch.save(outcome, tmp))
 
     def _finish_metrics(self, metrics: dict[str, Any]) -> None:
         for name, metric in metrics.items():
@@ -459,10 +461,14 @@ class EvalModule(StageModule):
 
     # ------------------------------------------------------------------ hand-off
     def outcome(self) -> dict[str, Any]:
-        """What the report and the k-means pass need from a test run (plain, picklable)."""
+        """What the report and the k-means pass need from a test run, as plain content (tensors,
+        numbers, strings, lists and dicts) that ``torch.load(weights_only=True)`` reads."""
         return {
             "results": dict(self.results),
-            "examples": list(self.examples),
+            "examples": [
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in example.items()}
+                for example in self.examples
+            ],
             "kmeans_centroids": {k: v.cpu() for k, v in self.kmeans_centroids.items()},
         }
 
@@ -474,8 +480,10 @@ class EvalModule(StageModule):
         if self.handoff is None or not self.handoff.is_file():
             return
         if not self._ran_here:
-            state = torch.load(self.handoff, weights_only=False)  # written by this run's rank 0
+            state = torch.load(self.handoff, weights_only=True)
             self.results = state["results"]
-            self.examples = state["examples"]
+            self.examples = [
+                {k: v.numpy() for k, v in example.items()} for example in state["examples"]
+            ]
             self.kmeans_centroids = state["kmeans_centroids"]
         self.handoff.unlink()
