@@ -85,7 +85,7 @@ TINY = Sizes(
     backbone="tiny_vit", photo=(96, 128), warmup=2, steps=3, val_batches=2, test_batches=2,
     crf_size=64, feature_backbones=("tiny_vit",), feature_resolution=64, feature_batch=2, iters=2,
     overrides=(
-        "data.recipe.resolution={train:64,test:64}", "method.num_concepts=32",
+        "data.recipe.resolution.test=64", "method.num_concepts=32",
         "method.head.projection_dim=32", "method.mediator.batch_size=4", "method.head.batch_size=4",
         "method.probe.batch_size=4", "method.eval.batch_size=4", "method.eval.save_images=2",
     ),

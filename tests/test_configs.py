@@ -99,8 +99,8 @@ def test_dinov3_presets_keep_320_px_on_the_patch_16_grid(compose, data: str) -> 
     cfg = compose(f"experiment={data}_dinov3_vitb16_tr")
     assert cfg.backbone.name == "dinov3_vitb16" and cfg.published.source == "none"
     derived = derive(cfg, patch_size=16)
-    assert derived["resolution"]["test"] == derived["resolution"]["head"] == 320
-    assert derived["num_queries"] == 400  # 20x20 grid
+    assert derived.resolution["test"] == derived.resolution["head"] == 320
+    assert derived.num_queries == 400  # 20x20 grid
 
 
 def test_default_config_is_the_embedded_demo(compose) -> None:

@@ -512,7 +512,7 @@ def _folder_tree(root: Path, with_masks: bool = True) -> None:
 def test_folder_datamodule_flat(tmp_path):
     _folder_tree(tmp_path)
     dm = FolderDataModule(
-        tmp_path,
+        root=tmp_path,
         num_classes=3,
         class_names=["x", "y", "z"],
         train_res=16,
@@ -543,7 +543,7 @@ def test_folder_split_folders_and_bad_mask(tmp_path):
             Image.fromarray(img).save(tmp_path / "images" / split / f"{split}{i}.png")
     (tmp_path / "masks").mkdir()
     Image.fromarray(np.full((20, 24), 9, np.uint8)).save(tmp_path / "masks" / "val0.png")
-    dm = FolderDataModule(tmp_path, num_classes=3, train_res=8, test_res=8)
+    dm = FolderDataModule(root=tmp_path, num_classes=3, train_res=8, test_res=8)
     assert len(dm.samples("train")) == 3 and len(dm.samples("val")) == 2
     ds = dm.build_dataset("val", 8)
     with pytest.raises(ValueError, match="val0.png"):
@@ -552,19 +552,19 @@ def test_folder_split_folders_and_bad_mask(tmp_path):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="stage=prepare data=folder"):
-        FolderDataModule(tmp_path / "nope", num_classes=2).prepare_data()
+        FolderDataModule(root=tmp_path / "nope", num_classes=2).prepare_data()
     (tmp_path / "empty" / "images").mkdir(parents=True)
     with pytest.raises(DatasetNotFoundError, match="no images"):
-        FolderDataModule(tmp_path / "empty", num_classes=2).prepare_data()
+        FolderDataModule(root=tmp_path / "empty", num_classes=2).prepare_data()
     _folder_tree(tmp_path / "nomask", with_masks=False)
-    dm = FolderDataModule(tmp_path / "nomask", num_classes=3, train_res=8, test_res=8)
+    dm = FolderDataModule(root=tmp_path / "nomask", num_classes=3, train_res=8, test_res=8)
     assert not dm.has_labels
     with pytest.raises(ValueError, match="needs masks"):
         dm.setup("validate")
     dm.setup("fit")  # training on unlabelled images works; validation is skipped
     assert len(dm.train_dataset) == 3 and dm.val_dataloader() == []
     with pytest.raises(ValueError, match="class_names"):
-        FolderDataModule(tmp_path, num_classes=3, class_names=["a"])
+        FolderDataModule(root=tmp_path, num_classes=3, class_names=["a"])
 
 
 def test_normalize_uint8_equals_the_float_pipeline_and_labels_can_be_skipped(mosaic):

@@ -128,12 +128,13 @@ def test_head_yaml_arguments_match_the_class_signature_defaults(compose) -> None
 
 def test_each_stage_module_built_from_python_with_the_yaml_values_equals_the_cli_one(tiny) -> None:
     from cause_lightning.models import LinearProbe
-    from cause_lightning.steps import Pipeline
+    from cause_lightning.stages.build import new_head, stage_module
+    from cause_lightning.stages.context import RunContext
 
-    pipeline = Pipeline(tiny()).setup()
-    backbone = pipeline.backbone
-    clusterbook = torch.randn(int(pipeline.cfg.method.num_concepts), backbone.embed_dim)
-    head = pipeline.new_head(clusterbook)
+    run_context = RunContext(tiny()).setup()
+    backbone = run_context.backbone
+    clusterbook = torch.randn(int(run_context.cfg.method.num_concepts), backbone.embed_dim)
+    head = new_head(run_context, clusterbook)
     runtime = {
         "mediator": {"lr": 0.01},
         "head": {"head": head, "clusterbook": clusterbook, "lr": 0.01, "debug_checks": True},
@@ -152,13 +153,13 @@ def test_each_stage_module_built_from_python_with_the_yaml_values_equals_the_cli
             "overcluster": None,
         },
     }
-    plain = OmegaConf.to_container(pipeline.cfg.method, resolve=True)
+    plain = OmegaConf.to_container(run_context.cfg.method, resolve=True)
     for stage, extra in runtime.items():
-        cli = pipeline.stage_module(stage, **extra)
+        cli = stage_module(run_context, stage, **extra)
         values = {k: v for k, v in plain[stage]["module"].items() if not k.startswith("_")}
         for key in ("optimizer", "scheduler"):
             if key in values:
-                values[key] = instantiate(pipeline.cfg.method[stage][key], _partial_=True)
+                values[key] = instantiate(run_context.cfg.method[stage][key], _partial_=True)
         python = type(cli)(backbone, **values, **extra)
         assert dict(python.hparams) == dict(cli.hparams), stage
         # A value the YAML does not hand over is an error, never a silent default.

@@ -317,11 +317,12 @@ def test_bundle_save_writes_stage_artifacts(tmp_path: Path, kind: str) -> None:
         resolution=32,
         class_names=names,
     )
-    assert paths == {
-        "clusterbook": root / "clusterbook.pt",
-        "head": root / kind / "head.pt",
-        "probe": root / kind / "probe.pt",
-    }
+    # Labelled directories, each inside the one it was made from (docs/release.md).
+    assert paths["clusterbook"].parent.parent == root
+    assert paths["clusterbook"].parent.name.startswith("clusterbook-release-")
+    assert paths["head"].parent.parent == paths["clusterbook"].parent
+    assert paths["head"].parent.name.startswith(f"{kind}-release-")
+    assert paths["probe"].parent.parent == paths["head"].parent
     book = artifacts.load_artifact(paths["clusterbook"], "clusterbook", produced_by="mediator")
     head = artifacts.load_artifact(paths["head"], "head", produced_by="head")
     probe = artifacts.load_artifact(paths["probe"], "probe", produced_by="probe")

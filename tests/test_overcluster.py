@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cause_lightning.artifacts import ArtifactError, load_artifact
+from cause_lightning.artifacts import MissingArtifactError, load_artifact
 from cause_lightning.config import stage_module
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule
@@ -110,22 +110,24 @@ def test_extra_centroid_sets_leave_the_class_probe_as_it_was_and_export_the_best
 def test_overcluster_run_writes_many_to_one_rows(tiny, tmp_path: Path) -> None:
     for stage in ("mediator", "head"):
         run(tiny(f"stage={stage}", "head=mlp"))
-    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
-    run(tiny("stage=probe", "head=mlp", "method.probe.restarts=2"))
-    alone = load_artifact(root / "probe.pt", "probe", "probe")
-    run(tiny("stage=probe", "head=mlp", "method.probe.restarts=2", "method.eval.overcluster=[12]"))
-    record = load_artifact(root / "probe.pt", "probe", "probe")
+    restarts = "method.probe.restarts=2"
+    alone_path = run(tiny("stage=probe", "head=mlp", restarts))["artifacts/probe"]
+    alone = load_artifact(alone_path, "probe", "probe")
+    path = run(tiny("stage=probe", "head=mlp", restarts, "method.eval.overcluster=[12]"))[
+        "artifacts/probe"
+    ]
+    record = load_artifact(path, "probe", "probe")
     # The extra sets leave the C-centroid probe exactly as a run without them fits it.
     assert torch.equal(record["centroids"], alone["centroids"]) and record["fit"] == alone["fit"]
-    evaluate = ("stage=eval", "head=mlp", "method.eval.variants=[raw]")
-    # A probe fitted without a count cannot be evaluated with it: named before any work.
-    with pytest.raises(ArtifactError, match=r"missing \[18\]\): re-run stage=probe with"):
+    evaluate = ("stage=eval", "head=mlp", restarts, "method.eval.variants=[raw]")
+    # A probe fitted without a count is another probe: the stage to run is named before any work.
+    with pytest.raises(MissingArtifactError, match=r"stage=probe.*module\.overcluster"):
         run(tiny(*evaluate, "method.eval.overcluster=[12,18]"))
     (entry,) = record["overcluster"]
     assert entry["num_clusters"] == 12 and entry["centroids"].shape == (12, 90)
     assert entry["fit"]["kept"] == max(range(2), key=entry["fit"]["objectives"].__getitem__)
     results = run(tiny(*evaluate, "method.eval.overcluster=[12]"))
-    report = json.loads((root / "metrics.json").read_text())
+    report = json.loads(Path(results["artifacts/metrics"]).read_text())
     for row in ("cluster/raw", "baseline/kmeans", "baseline/kmeans_head"):
         name = f"overcluster_k12/{row}"
         assert 0.0 <= results[f"test/{name}/mIoU"] <= 1.0, name
@@ -138,10 +140,10 @@ def test_overcluster_run_writes_many_to_one_rows(tiny, tmp_path: Path) -> None:
 
 
 def test_probe_checkpoints_record_the_counts_only_when_set(tiny) -> None:
-    from cause_lightning.steps import Pipeline
+    from cause_lightning.stages.context import RunContext
 
     def signature(*overrides: str) -> dict:
-        return Pipeline(tiny(*overrides)).setup().signature("probe")
+        return RunContext(tiny(*overrides)).settings("probe")
 
     # The probe stage fits the over-clustering centroids too: its module receives the counts.
     assert signature()["method.probe.module.overcluster"] == []

@@ -117,15 +117,24 @@ def test_restart_selection_keeps_the_set_with_the_best_held_out_modularity() -> 
 def test_probe_stage_records_every_restart_and_keeps_the_best(tiny, tmp_path: Path) -> None:
     for stage in ("mediator", "head"):
         run(tiny(f"stage={stage}", "head=mlp"))
-    run(tiny("stage=probe", "head=mlp", "method.probe.restarts=3"))
-    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
-    record = load_artifact(root / "probe.pt", "probe", "probe")
+    restarts = "method.probe.restarts=3"
+    record = load_artifact(
+        run(tiny("stage=probe", "head=mlp", restarts))["artifacts/probe"], "probe", "probe"
+    )
     fit = record["fit"]
     assert fit["init"] == "kmeans++" and fit["restarts"] == 3 and len(fit["objectives"]) == 3
     assert fit["kept"] == max(range(3), key=fit["objectives"].__getitem__)
     assert record["centroids"].shape == (6, 90)
-    run(tiny("stage=eval", "head=mlp", "method.eval.variants=[raw]", "method.eval.baselines=false"))
-    report = json.loads((root / "metrics.json").read_text())
+    evaluated = run(
+        tiny(
+            "stage=eval",
+            "head=mlp",
+            restarts,
+            "method.eval.variants=[raw]",
+            "method.eval.baselines=false",
+        )
+    )
+    report = json.loads(Path(evaluated["artifacts/metrics"]).read_text())
     assert report["cluster_probe"] == fit
 
 
@@ -159,9 +168,8 @@ def test_too_few_sampled_tokens_stop_the_probe_stage_before_training(tiny, tmp_p
     # One 64 px image at patch 8 with window 4 gives 4 tokens for 6 clusters.
     with pytest.raises(ValueError, match="sampled 4 tokens .* for 6 clusters"):
         run(tiny("stage=probe", "head=mlp", "method.probe.sample_images=1"))
-    head_dir = tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
-    assert not (head_dir / "probe.pt").exists()
-    assert not list((head_dir / "checkpoints" / "probe").glob("*.ckpt"))
+    artifacts = tmp_path / "artifacts"
+    assert not list(artifacts.rglob("probe.pt")) and not list(artifacts.rglob("probe-*/**/*.ckpt"))
 
 
 def test_reference_schedule_iterates_rank_zeros_shard_reshuffled_per_epoch(tiny) -> None:

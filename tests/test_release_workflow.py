@@ -161,6 +161,7 @@ def workflow(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) ->
             data_root,
             "stage=eval",
             "head=tr",
+            "artifact_tag=release",  # the import's label (its default)
             "method.eval.variants=[raw,flip]",
             "method.eval.baselines=false",
         )
@@ -171,7 +172,7 @@ def workflow(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) ->
     yield {
         "base": base,
         "data_root": data_root,
-        "root": base / "artifacts" / "mosaic" / "tiny_vit",
+        "segmenter": Path(evaluated["artifacts/segmenter"]),
         "release": release,
         "imported": imported,
         "evaluated": evaluated,
@@ -189,6 +190,7 @@ def predict_run(compose: Callable[..., Any], workflow: dict) -> Callable[..., di
             f"data.module.root={workflow['data_root']}",
             "stage=predict",
             "head=tr",
+            "artifact_tag=release",
             *overrides,
             paths=paths or workflow["base"],
         )
@@ -222,20 +224,22 @@ def _outputs(output: Path, kind: str) -> dict[str, Path]:
 
 
 def test_import_writes_the_release_as_stage_artifacts(workflow: dict) -> None:
-    root, release = workflow["root"], workflow["release"]
-    assert workflow["imported"]["artifacts/head"] == str(root / "tr" / "head.pt")
-    # the import already exports a self-contained segmenter (eval adds the assignment later)
-    assert workflow["imported"]["artifacts/segmenter"] == str(root / "tr" / "segmenter.pt")
-    book = load_artifact(root / "clusterbook.pt", "clusterbook", "mediator")
+    release, imported = workflow["release"], workflow["imported"]
+    paths = {kind: Path(imported[f"artifacts/{kind}"]) for kind in ("clusterbook", "head", "probe")}
+    # Labelled directories, one inside the other, as trained artifacts are.
+    assert paths["clusterbook"].parent.name.startswith("clusterbook-release-")
+    assert paths["head"].parent.parent == paths["clusterbook"].parent
+    assert paths["probe"].parent.parent == paths["head"].parent
+    book = load_artifact(paths["clusterbook"], "clusterbook", "mediator")
     torch.testing.assert_close(book["clusterbook"], torch.from_numpy(release["book"]))
-    head = load_artifact(root / "tr" / "head.pt", "head", "head")
+    head = load_artifact(paths["head"], "head", "head")
     teacher = {k[9:]: v for k, v in release["segment"].items() if k.startswith("head_ema.")}
     assert set(head["head_state"]) == {*teacher, "clusterbook"}
     for key, value in teacher.items():
         assert torch.equal(head["head_state"][key], value), key
     assert torch.equal(head["head_state"]["clusterbook"], torch.from_numpy(release["book"]))
     assert torch.equal(head["linear_state"]["f.weight"], release["segment"]["linear.f.weight"])
-    probe = load_artifact(root / "tr" / "probe.pt", "probe", "probe")
+    probe = load_artifact(paths["probe"], "probe", "probe")
     assert torch.equal(probe["centroids"], release["cluster"]["cluster_probe"])
     meta = head["meta"]
     spec = ModelSpec.from_meta(meta)
@@ -254,18 +258,20 @@ def test_import_writes_the_release_as_stage_artifacts(workflow: dict) -> None:
 def test_eval_of_the_imported_release(workflow: dict) -> None:
     import json
 
-    root, results = workflow["root"], workflow["evaluated"]
-    report = json.loads((root / "tr" / "metrics.json").read_text())
+    results = workflow["evaluated"]
+    report = json.loads(Path(results["artifacts/metrics"]).read_text())
     assert report["record_variant"] == "flip"
     # The released heads carry the stage-3 label leak (method.md §6.3): labelled, not unsupervised.
     assert report["reference_leak"] is True and report["unsupervised"] is False
     assert report["class_names"] == MOSAIC_NAMES
     ious = report["details"]["details/cluster/flip/per_class_iou"]
     assert len(ious) == C
-    assert Path(results["artifacts/segmenter"]) == root / "tr" / "segmenter.pt"
+    assert (
+        workflow["segmenter"].parent.parent == Path(workflow["imported"]["artifacts/probe"]).parent
+    )
 
     # The exported segmenter (flip on, as the recorded variant) reproduces the eval metrics.
-    segmenter = Segmenter.load(root / "tr" / "segmenter.pt")
+    segmenter = Segmenter.load(workflow["segmenter"])
     assert segmenter.flip and not segmenter.crf
     data = workflow["datamodule"]
     data.prepare_data()
@@ -284,7 +290,7 @@ def test_eval_of_the_imported_release(workflow: dict) -> None:
 
 
 def test_exported_segmenter_runs_the_release_head(workflow: dict) -> None:
-    segmenter = Segmenter.load(workflow["root"] / "tr" / "segmenter.pt")
+    segmenter = Segmenter.load(workflow["segmenter"])
     segmenter.flip = False
     images = torch.randn(2, 3, RES, RES, generator=torch.Generator().manual_seed(7))
     expected = reference_logits(workflow["release"], images)
@@ -296,7 +302,7 @@ def test_exported_segmenter_runs_the_release_head(workflow: dict) -> None:
 
 
 def test_segmenter_round_trip(workflow: dict, tmp_path: Path) -> None:
-    first = Segmenter.load(workflow["root"] / "tr" / "segmenter.pt")
+    first = Segmenter.load(workflow["segmenter"])
     copy = Segmenter.load(first.save(tmp_path / "copy" / "segmenter.pt"))
     assert (copy.class_names, copy.assignment, copy.resolution) == (
         first.class_names,
@@ -323,7 +329,7 @@ def test_predict_folder_of_odd_images(workflow: dict, predict_run, tmp_path: Pat
     output = tmp_path / "predictions"
     results = predict_run(f"predict.input={tmp_path / 'images'}", f"predict.output_dir={output}")
     assert results["predict/count"] == 3
-    segmenter = Segmenter.load(workflow["root"] / "tr" / "segmenter.pt")
+    segmenter = Segmenter.load(workflow["segmenter"])
     labels, colours, overlays = (_outputs(output, k) for k in ("labels", "colour", "overlay"))
     assert set(labels) == set(colours) == set(overlays) == set(sizes)
     for stem, (height, width) in sizes.items():
@@ -351,7 +357,7 @@ def test_predict_with_explicit_segmenter_glob_and_single_image(
     # Another root without artifacts: only predict.segmenter can provide the model.
     model = tmp_path / "model" / "segmenter.pt"
     model.parent.mkdir()
-    shutil.copy(workflow["root"] / "tr" / "segmenter.pt", model)
+    shutil.copy(workflow["segmenter"], model)
     write_odd_images(tmp_path / "images")
     Image.new("RGB", (20, 30), (9, 9, 9)).save(tmp_path / "images" / "skip.jpg")
     empty = tmp_path / "elsewhere"
@@ -389,7 +395,7 @@ def test_predict_sliding_window(workflow: dict, predict_run, tmp_path: Path) -> 
     (path,) = _outputs(output, "labels").values()
     label = np.asarray(Image.open(path))
     assert label.shape == (41, 150)
-    segmenter = Segmenter.load(workflow["root"] / "tr" / "segmenter.pt")
+    segmenter = Segmenter.load(workflow["segmenter"])
     picture = open_image(tmp_path / "wide.png")
     np.testing.assert_array_equal(
         label, segmenter.predict_image(picture, sliding_window=True, to_classes=True)
@@ -403,9 +409,10 @@ def test_mlp_release_predicts_right_after_import(
 ) -> None:
     files = write_release(tmp_path / "release", "mlp", seed=4)
     common = [*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", "head=mlp"]
-    run(compose(*common, *import_overrides(files["paths"])))
-    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
-    spec = ModelSpec.from_meta(load_artifact(root / "mlp" / "head.pt", "head", "head")["meta"])
+    imported = run(compose(*common, *import_overrides(files["paths"])))
+    common.append("artifact_tag=release")  # the import's label: the later stages use it
+    head_path = imported["artifacts/head"]
+    spec = ModelSpec.from_meta(load_artifact(head_path, "head", "head")["meta"])
     assert (spec.head.name, spec.head.kwargs.get("num_queries"), spec.num_concepts) == (
         "MLPHead",
         None,
@@ -413,7 +420,7 @@ def test_mlp_release_predicts_right_after_import(
     )
     sizes = write_odd_images(tmp_path / "images")
     output = tmp_path / "predictions"
-    # No stage=eval: the import's own segmenter.pt, without a class assignment.
+    # No stage=eval: a segmenter assembled from the imported artifacts, without an assignment.
     results = run(
         compose(
             *common,
@@ -423,7 +430,7 @@ def test_mlp_release_predicts_right_after_import(
         )
     )
     assert results["predict/count"] == 3
-    segmenter = Segmenter.load(root / "mlp" / "segmenter.pt")
+    segmenter = Segmenter.from_artifacts(Path(imported["artifacts/probe"]).parent)
     assert segmenter.assignment is None and segmenter.class_names == MOSAIC_NAMES
     for stem, path in _outputs(output, "labels").items():
         label = np.asarray(Image.open(path))
@@ -431,9 +438,12 @@ def test_mlp_release_predicts_right_after_import(
         expected = segmenter.predict_image(open_image(tmp_path / "images" / f"{stem}.png"))
         np.testing.assert_array_equal(label, expected)  # cluster ids
 
-    # Refitting the probes on the released head keeps the leak label of the head.
-    run(compose(*common, "stage=probe", "method.probe.reference_leak=false"))
-    probe = load_artifact(root / "mlp" / "probe.pt", "probe", "probe")
+    # Refitting the probes on the released head keeps the leak label of the head; the new probe
+    # sits beside the imported one, which is kept.
+    refit = run(compose(*common, "stage=probe", "method.probe.reference_leak=false"))
+    assert Path(refit["artifacts/probe"]).parent.parent == Path(head_path).parent
+    assert Path(imported["artifacts/probe"]).is_file()
+    probe = load_artifact(refit["artifacts/probe"], "probe", "probe")
     assert probe["meta"]["reference_leak"] is True
     assert not torch.equal(probe["centroids"], files["cluster"]["cluster_probe"])
 
@@ -472,7 +482,8 @@ def test_predict_needs_an_input(predict_run) -> None:
 def test_predict_without_a_model_names_the_stages(predict_run, tmp_path: Path) -> None:
     Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
     with pytest.raises(
-        MissingArtifactError, match=r"(?s)stage=head.*stage=import.*predict\.segmenter"
+        MissingArtifactError,
+        match=r"(?s)stage=mediator.*stage=all.*stage=import.*predict\.segmenter",
     ):
         predict_run(f"predict.input={tmp_path / 'x.png'}", paths=tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match=r"predict\.segmenter=.*nope\.pt does not exist"):
@@ -543,12 +554,13 @@ def test_backbone_options_of_the_import_must_be_repeated(
     # As +backbone.num_heads=12 for the released DINO ViT-S heads: same shapes, other features.
     files = write_release(tmp_path / "release")
     common = [*TINY, f"data.module.root={shared_data_dir / 'mosaic'}", "head=tr"]
-    run(compose(*common, *import_overrides(files["paths"]), "+backbone.num_heads=4"))
-    meta = load_artifact(
-        tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "tr" / "head.pt", "head", "head"
-    )["meta"]
+    imported = run(compose(*common, *import_overrides(files["paths"]), "+backbone.num_heads=4"))
+    common.append("artifact_tag=release")
+    meta = load_artifact(imported["artifacts/head"], "head", "head")["meta"]
     assert ModelSpec.from_meta(meta).backbone.kwargs == {"num_heads": 4}
-    with pytest.raises(ArtifactError, match=r"differing: num_heads.*\+backbone\.num_heads=4"):
+    with pytest.raises(
+        ArtifactError, match=r"differing: backbone\.num_heads.*\+backbone\.num_heads=4"
+    ):
         run(compose(*common, "stage=eval", "method.eval.variants=[raw]"))
     results = run(
         compose(

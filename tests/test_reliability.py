@@ -55,10 +55,34 @@ def fail_at(step: int, kill: bool = False) -> list[str]:
     ]
 
 
+# The label of each stage's artifact directories (the head's is its YAML name).
+LABELS = {"mediator": "clusterbook", "head": "tr", "probe": "probe"}
+OUTPUT = {"mediator": "clusterbook", "head": "head", "probe": "probe"}
+
+
+def stage_dirs(tmp_path: Path, step: str, tag: str = "") -> list[Path]:
+    """The directories of ``step`` labelled ``tag`` (or unlabelled) in the real artifact root."""
+    prefix = f"{LABELS[step]}-{tag}-" if tag else f"{LABELS[step]}-"
+    parts = 3 if tag else 2
+    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
+    return sorted(
+        p for p in root.rglob(f"{prefix}*") if p.is_dir() and len(p.name.split("-")) == parts
+    )
+
+
+def stage_dir(tmp_path: Path, step: str, tag: str = "") -> Path:
+    found = stage_dirs(tmp_path, step, tag)
+    assert len(found) == 1, found
+    return found[0]
+
+
 def ckpt_dir(tmp_path: Path, step: str, tag: str = "") -> Path:
-    leaf = f"tiny_vit-{tag}" if tag else "tiny_vit"
-    root = tmp_path / "artifacts" / "mosaic" / leaf
-    return (root if step == "mediator" else root / "tr") / "checkpoints" / step
+    return stage_dir(tmp_path, step, tag) / "checkpoints"
+
+
+def artifact(tmp_path: Path, step: str, tag: str = "") -> dict:
+    path = stage_dir(tmp_path, step, tag) / f"{OUTPUT[step]}.pt"
+    return load_artifact(path, OUTPUT[step], step)
 
 
 def read(path: Path) -> dict:
@@ -75,20 +99,18 @@ def test_resumed_stage_equals_the_uninterrupted_run(tiny, tmp_path: Path) -> Non
     # Written at step 6, mid-way through the second epoch; step 7 is lost and redone.
     assert read(ckpt_dir(tmp_path, "mediator", "b") / "last.ckpt")["global_step"] == 6
     run(tiny("stage=mediator", "artifact_tag=b", *SMALL, EVERY_3, "ckpt_path=last", base=BASE))
-    root = tmp_path / "artifacts" / "mosaic"
-    a = load_artifact(root / "tiny_vit-a" / "clusterbook.pt", "clusterbook", "mediator")
-    b = load_artifact(root / "tiny_vit-b" / "clusterbook.pt", "clusterbook", "mediator")
+    a, b = artifact(tmp_path, "mediator", "a"), artifact(tmp_path, "mediator", "b")
     assert (a["clusterbook"] - b["clusterbook"]).abs().max() <= 1e-6
 
 
 def test_ckpt_path_last_takes_the_newest_checkpoint_and_says_which(
     tiny, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run(tiny("stage=mediator", *SMALL, "method.mediator.epochs=1", base=BASE))
+    run(tiny("stage=mediator", *SMALL, base=BASE))
     folder = ckpt_dir(tmp_path, "mediator")
     finished = folder / "last.ckpt"
     shutil.copy2(finished, tmp_path / "finished.ckpt")
-    # A new run of the stage is interrupted after step 6; its checkpoint has another name.
+    # A new run of the stage is interrupted after step 6; its checkpoint gets another name.
     with pytest.raises(RuntimeError):
         run(tiny("stage=mediator", *SMALL, EVERY_3, *fail_at(6), base=BASE))
     finished.rename(folder / "last-v1.ckpt")
@@ -101,7 +123,7 @@ def test_ckpt_path_last_takes_the_newest_checkpoint_and_says_which(
 
 
 def test_killed_stage_keeps_the_work_of_its_last_epoch(tiny, tmp_path: Path) -> None:
-    run(tiny("stage=mediator"))
+    run(tiny("stage=mediator", *SMALL, base=BASE))
     with pytest.raises(RuntimeError):
         run(tiny("stage=head", *SMALL, *fail_at(6), base=BASE))
     # Default settings: written at the end of epoch 1 (step 4) although no step count was due.
@@ -114,13 +136,15 @@ def test_killed_stage_keeps_the_work_of_its_last_epoch(tiny, tmp_path: Path) -> 
 
 def test_checkpoint_of_another_configuration_is_refused(tiny, tmp_path: Path) -> None:
     run(tiny("stage=mediator", *SMALL, "method.mediator.epochs=1", base=BASE))
+    # Other settings have another directory (ckpt_path=last finds nothing there): a named file.
+    last = f"ckpt_path={ckpt_dir(tmp_path, 'mediator') / 'last.ckpt'}"
     differ = r"another configuration: .*method\.mediator\.lr: 0\.004 in the checkpoint, 0\.001 now"
     with pytest.raises(ValueError, match=differ):
-        run(tiny("stage=mediator", *SMALL, "ckpt_path=last", "method.mediator.lr=1e-3", base=BASE))
+        run(tiny("stage=mediator", *SMALL, last, "method.mediator.lr=1e-3", base=BASE))
     with pytest.raises(ValueError, match=r"data\.module\.num_train"):
-        run(tiny("stage=mediator", *SMALL, "ckpt_path=last", "data.module.num_train=6", base=BASE))
+        run(tiny("stage=mediator", *SMALL, last, "data.module.num_train=6", base=BASE))
     # More epochs of the same configuration is a resume, not another configuration.
-    run(tiny("stage=mediator", *SMALL, "ckpt_path=last", base=BASE))
+    run(tiny("stage=mediator", *SMALL, last, base=BASE))
 
 
 def test_non_finite_loss_names_an_existing_checkpoint_with_finite_weights(
@@ -356,7 +380,6 @@ def test_checkpoint_files_follow_the_umask(tiny, tmp_path: Path) -> None:
 # Checkpoints at steps 3 and 6 (every 3) and 4 and 8 (epoch ends): the mediator and head resume
 # mid-epoch from step 6 and redo step 7, the probe resumes from the end of epoch 1.
 KILLED_AT = {"mediator": 7, "head": 7, "probe": 5}
-OUTPUT = {"mediator": "clusterbook", "head": "head", "probe": "probe"}
 
 
 @pytest.mark.slow
@@ -382,7 +405,6 @@ def test_sigkilled_stages_resume_to_the_uninterrupted_result(
         *SMALL,
         EVERY_3,
     ]
-    tree = tmp_path / "artifacts" / "mosaic"
     differences: dict[str, float] = {}
     for step, kill in KILLED_AT.items():
         done = cli(f"stage={step}", "artifact_tag=a", *common, cwd=tmp_path)
@@ -392,12 +414,10 @@ def test_sigkilled_stages_resume_to_the_uninterrupted_result(
         resumed = cli(f"stage={step}", "artifact_tag=b", *common, "ckpt_path=last", cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resuming" in resumed.stderr + resumed.stdout
-        name = f"{OUTPUT[step]}.pt" if step == "mediator" else f"tr/{OUTPUT[step]}.pt"
-        a = load_artifact(tree / "tiny_vit-a" / name, OUTPUT[step], step)
-        b = load_artifact(tree / "tiny_vit-b" / name, OUTPUT[step], step)
+        a, b = artifact(tmp_path, step, "a"), artifact(tmp_path, step, "b")
         differences[step] = _max_difference(a, b)
-        # The next stage starts from the same input in both folders.
-        shutil.copy2(tree / "tiny_vit-a" / name, tree / "tiny_vit-b" / name)
+        # The next stage's runs each start from their own run's result (the store prefers the
+        # run's label): equal results give equal inputs.
     assert all(d <= 1e-6 for d in differences.values()), differences
 
 
@@ -432,23 +452,20 @@ def test_signalled_stage_writes_a_checkpoint_and_resumes_to_the_uninterrupted_ru
         run(tiny("stage=mediator", "artifact_tag=b", *SMALL, *signal_at(step, signum), base=BASE))
     # The step that was running when the signal came is finished and kept.
     assert read(ckpt_dir(tmp_path, "mediator", "b") / "last.ckpt")["global_step"] == step + 1
-    root = tmp_path / "artifacts" / "mosaic"
-    assert not (root / "tiny_vit-b" / "clusterbook.pt").exists()
+    assert not (stage_dir(tmp_path, "mediator", "b") / "clusterbook.pt").exists()
     # Lightning's handlers, ours among them, are gone once the fit has ended.
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
     run(tiny("stage=mediator", "artifact_tag=b", *SMALL, "ckpt_path=last", base=BASE))
-    a = load_artifact(root / "tiny_vit-a" / "clusterbook.pt", "clusterbook", "mediator")
-    b = load_artifact(root / "tiny_vit-b" / "clusterbook.pt", "clusterbook", "mediator")
+    a, b = artifact(tmp_path, "mediator", "a"), artifact(tmp_path, "mediator", "b")
     assert float((a["clusterbook"] - b["clusterbook"]).abs().max()) == 0.0
 
 
 def test_stage_all_stops_at_the_signalled_stage(tiny, tmp_path: Path) -> None:
     with pytest.raises(SIGTERMException):
         run(tiny("stage=all", *SMALL, *signal_at(2), base=BASE))
-    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
     assert (ckpt_dir(tmp_path, "mediator") / "last.ckpt").is_file()
-    assert not (root / "clusterbook.pt").exists()
-    assert not ckpt_dir(tmp_path, "head").exists()  # the head stage never started
+    assert not (stage_dir(tmp_path, "mediator") / "clusterbook.pt").exists()
+    assert not stage_dirs(tmp_path, "head")  # the head stage never started
 
 
 @pytest.mark.slow
@@ -473,10 +490,8 @@ def test_sigterm_through_the_cli_exits_non_zero_and_resumes_exactly(
         f"data.module.root={shared_data_dir / 'mosaic'}",
         *SMALL,
     ]
-    tree = tmp_path / "artifacts" / "mosaic"
-    assert cli("stage=mediator", "artifact_tag=a", *common).returncode == 0
-    (tree / "tiny_vit-b").mkdir(parents=True)
-    shutil.copy2(tree / "tiny_vit-a" / "clusterbook.pt", tree / "tiny_vit-b" / "clusterbook.pt")
+    # One clusterbook, unlabelled: both head runs below find it by its settings.
+    assert cli("stage=mediator", *common).returncode == 0
     done = cli("stage=head", "artifact_tag=a", *common)
     assert done.returncode == 0, done.stderr[-3000:]
     # The shape of `make pipeline`: a chained loop stops at the interrupted stage.
@@ -490,13 +505,11 @@ def test_sigterm_through_the_cli_exits_non_zero_and_resumes_exactly(
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "Error: stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
     assert read(ckpt_dir(tmp_path, "head", "b") / "last.ckpt")["global_step"] == 6
-    assert not (tree / "tiny_vit-b" / "tr" / "head.pt").exists()
-    assert not ckpt_dir(tmp_path, "probe", "b").exists()  # the probe stage never started
+    assert not (stage_dir(tmp_path, "head", "b") / "head.pt").exists()
+    assert not stage_dirs(tmp_path, "probe", "b")  # the probe stage never started
     resumed = cli("stage=head", "artifact_tag=b", *common, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_artifact(tree / "tiny_vit-a" / "tr" / "head.pt", "head", "head")
-    b = load_artifact(tree / "tiny_vit-b" / "tr" / "head.pt", "head", "head")
-    assert _max_difference(a, b) == 0.0
+    assert _max_difference(artifact(tmp_path, "head", "a"), artifact(tmp_path, "head", "b")) == 0.0
 
 
 # ----------------------------------------------------------------- what the command line prints
@@ -521,7 +534,7 @@ def test_expected_errors_print_one_message_without_traceback(tmp_path: Path) -> 
         assert ("Traceback" in result.stderr) is full, result.stderr
     missing = cli("stage=probe", *TINY_DATA, "method.num_concepts=32", cwd=tmp_path, check=False)
     assert missing.returncode == 1  # the test environment asks for tracebacks: still exit 1
-    assert "MissingArtifactError" in missing.stderr and "stage=head" in missing.stderr
+    assert "MissingArtifactError" in missing.stderr and "stage=mediator" in missing.stderr
 
 
 # --------------------------------------------------------------------- diverged stage outputs

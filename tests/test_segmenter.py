@@ -310,11 +310,21 @@ def test_moved_weights_file(tmp_path):
 
 # ---------------------------------------------------------------------------------- from_artifacts
 def _write_artifacts(root: Path, head_type: str, backbone, drop_cb_from_state: bool = False):
+    """Stage artifacts in the store's layout (the head's meta in the earlier flat form)."""
+    from cause_lightning.store import ArtifactStore
+
     head, centroids, clusterbook = _parts(backbone, head_type, seed=7)
     state = dict(head.state_dict())
     if drop_cb_from_state:
         state.pop("clusterbook")
-    artifacts.save_artifact(root / "clusterbook.pt", "clusterbook", {"clusterbook": clusterbook})
+    store = ArtifactStore(root)
+
+    def save(kind, parent, payload):
+        settings = {"stage": kind}
+        directory = store.directory(kind, parent, settings, kind, "")
+        inputs = {} if parent is None else {parent.kind: parent.content}
+        return store.save(kind, directory, payload, settings=settings, inputs=inputs, label=kind)
+
     meta = {
         "head_type": head_type,
         "dim": backbone.embed_dim,
@@ -329,25 +339,22 @@ def _write_artifacts(root: Path, head_type: str, backbone, drop_cb_from_state: b
         "class_names": [f"k{i}" for i in range(NUM_CLASSES)],
         "config": {"stage": "head"},
     }
+    book_meta = {k: v for k, v in meta.items() if k != "head_type"}
+    book = save("clusterbook", None, {"clusterbook": clusterbook, "meta": book_meta})
     linear = {"f.weight": torch.zeros(NUM_CLASSES, REDUCED, 1, 1), "f.bias": torch.zeros(5)}
-    artifacts.save_artifact(
-        root / head_type / "head.pt",
-        "head",
-        {"head_state": state, "linear_state": linear, "meta": meta},
+    trained = save("head", book, {"head_state": state, "linear_state": linear, "meta": meta})
+    probe_meta = {"config": {"stage": "probe"}}
+    probe = save(
+        "probe", trained, {"centroids": centroids, "linear_state": linear, "meta": probe_meta}
     )
-    artifacts.save_artifact(
-        root / head_type / "probe.pt",
-        "probe",
-        {"centroids": centroids, "linear_state": linear, "meta": {"config": {"stage": "probe"}}},
-    )
-    return head, centroids, clusterbook
+    return head, centroids, clusterbook, probe.path
 
 
 @pytest.mark.parametrize(("head_type", "drop_cb"), [("mlp", False), ("tr", False), ("tr", True)])
 def test_from_artifacts(backbone, head_type, drop_cb, tmp_path):
-    head, centroids, clusterbook = _write_artifacts(tmp_path, head_type, backbone, drop_cb)
-    seg = Segmenter.from_artifacts(tmp_path, head_type)
-    shared = Segmenter.from_artifacts(tmp_path, head_type, backbone=backbone, flip=False)
+    head, centroids, clusterbook, probe = _write_artifacts(tmp_path, head_type, backbone, drop_cb)
+    seg = Segmenter.from_artifacts(probe)
+    shared = Segmenter.from_artifacts(probe, backbone=backbone, flip=False)
     x = _images(seed=11)
     expected = _reference_logits(backbone, head, centroids, x, flip=True)
     torch.testing.assert_close(seg.logits(x), expected, atol=1e-5, rtol=1e-5)
@@ -365,16 +372,16 @@ def test_from_artifacts(backbone, head_type, drop_cb, tmp_path):
 
 
 def test_from_artifacts_missing_files(backbone, tmp_path):
-    _write_artifacts(tmp_path, "tr", backbone)
-    (tmp_path / "tr" / "probe.pt").unlink()
+    *_, probe = _write_artifacts(tmp_path / "a", "tr", backbone)
+    (probe / "probe.pt").unlink()
     with pytest.raises(artifacts.MissingArtifactError, match="stage=probe"):
-        Segmenter.from_artifacts(tmp_path, "tr")
-    _write_artifacts(tmp_path, "tr", backbone)
-    (tmp_path / "clusterbook.pt").unlink()
+        Segmenter.from_artifacts(probe)
+    *_, probe = _write_artifacts(tmp_path / "b", "tr", backbone)
+    (probe.parent.parent / "clusterbook.pt").unlink()
     with pytest.raises(artifacts.MissingArtifactError, match="stage=mediator"):
-        Segmenter.from_artifacts(tmp_path, "tr")
-    with pytest.raises(artifacts.MissingArtifactError, match="stage=head"):
-        Segmenter.from_artifacts(tmp_path, "mlp")
+        Segmenter.from_artifacts(probe)
+    with pytest.raises(artifacts.MissingArtifactError, match="not a probe"):
+        Segmenter.from_artifacts(probe.parent)
 
 
 # ---------------------------------------------------------------------------------- predict_image

@@ -142,14 +142,14 @@ def test_segmenter_file_of_the_earlier_layout_loads(tmp_path: Path) -> None:
 
 def test_stage_three_rebuilds_the_head_with_its_dropout(tiny, tmp_path: Path) -> None:
     head = "tr"  # head and decoder dropouts; build_head(spec) covers both kinds above
-    from cause_lightning.steps import Pipeline
+    from cause_lightning.stages.context import RunContext
 
     for stage in ("mediator", "head"):
         run(tiny(f"stage={stage}", f"head={head}", "head.module.dropout=0.3"))
-    # The probe stage rebuilds the head from head.pt, whatever the config says now.
-    pipeline = Pipeline(tiny("stage=probe", f"head={head}")).setup()
-    record = pipeline.load("head", pipeline.head_root / "head.pt")
-    rebuilt, _ = pipeline.trained_head(record)
+    # Stage 3 rebuilds the head from head.pt's spec, not from the head YAML it finds it with.
+    context = RunContext(tiny("stage=probe", f"head={head}", "head.module.dropout=0.3"))
+    entry = context.require("head")
+    rebuilt, _ = context.store.trained_head(context.store.load(entry))
     assert head_spec(rebuilt).kwargs["dropout"] == pytest.approx(0.3)
-    stored = load_artifact(pipeline.head_root / "head.pt", "head", "head")
+    stored = load_artifact(entry.file, "head", "head")
     assert ModelSpec.from_meta(stored["meta"]).head == head_spec(rebuilt)

@@ -13,28 +13,44 @@ from cause_lightning.modules.head import HeadModule
 from cause_lightning.modules.mediator import MediatorModule
 from cause_lightning.modules.probe import ProbeModule
 from cause_lightning.specs import builtin_head_spec
-from cause_lightning.steps import Pipeline
+from cause_lightning.stages import build
+from cause_lightning.stages.context import RunContext
 
 
-def _pipeline(tiny: Callable[..., object], *overrides: str) -> Pipeline:
-    return Pipeline(tiny(*overrides)).setup()  # type: ignore[arg-type]
+class _Pipeline:
+    """A set-up run and the step builders, as a step uses them."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+        self.cfg, self.backbone, self.derived = run.cfg, run.backbone, run.derived
+
+    def stage_module(self, step: str, **runtime: object):  # noqa: ANN201
+        return build.stage_module(self.run, step, **runtime)
+
+    def new_head(self, clusterbook: torch.Tensor) -> torch.nn.Module:
+        return build.new_head(self.run, clusterbook)
 
 
-def test_the_pipeline_builds_nothing_and_writes_nothing_before_setup(
+def _pipeline(tiny: Callable[..., object], *overrides: str) -> _Pipeline:
+    return _Pipeline(RunContext(tiny(*overrides)).setup())  # type: ignore[arg-type]
+
+
+def test_the_run_builds_nothing_and_writes_nothing_before_setup(
     tiny: Callable[..., object],
 ) -> None:
     cfg = tiny()
-    pipeline = Pipeline(cfg)  # type: ignore[arg-type]
+    run = RunContext(cfg)  # type: ignore[arg-type]
     written = Path(cfg.paths.output_dir) / "config_resolved.yaml"  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match=r"setup\(\)"):
-        _ = pipeline.backbone
+        _ = run.backbone
     with pytest.raises(RuntimeError, match=r"setup\(\)"):
-        _ = pipeline.derived
-    assert "derived" not in cfg and not written.exists()  # type: ignore[operator]
-    assert pipeline.setup() is pipeline
-    assert "derived" in cfg and written.is_file()  # type: ignore[operator]
-    backbone = pipeline.backbone
-    assert pipeline.setup().backbone is backbone  # a second set-up changes nothing
+        _ = run.derived
+    assert not written.exists()
+    assert run.setup() is run
+    # The derived values are the run's, returned: the config itself is never written into.
+    assert "derived" not in cfg and "derived:" in written.read_text()  # type: ignore[operator]
+    backbone = run.backbone
+    assert run.setup().backbone is backbone  # a second set-up changes nothing
 
 
 def test_mediator_module_hyper_parameters_and_schedule_come_from_the_config(

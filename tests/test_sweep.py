@@ -14,7 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from cause_lightning.__main__ import config_dir
+from cause_lightning.config.identity import STAGES, digest
 from cause_lightning.run import run
+from cause_lightning.stages.context import RunContext
 from tiny import QUIET, TINY_BATCHES, TINY_DATA
 
 SWEEPS = sorted(p.stem for p in (Path(config_dir()) / "sweep").glob("*.yaml"))
@@ -46,12 +48,14 @@ def test_every_sweep_preset_composes_as_a_multirun(compose) -> None:
         for key, values in params.items():
             choices = str(values).split(",")
             assert len(choices) > 1, f"{name}: {key} sweeps a single value"
-            tags = set()
+            identities = set()
             for value in choices:  # every value is a valid override of the real config
-                cfg = compose(f"+sweep={name}", f"{key}={value}")
-                tags.add(cfg.artifact_tag)
-            if name != "backbones_heads":  # those jobs differ by artifact directory already
-                assert len(tags) == len(choices), f"{name}: jobs would share artifacts ({tags})"
+                context = RunContext(compose(f"+sweep={name}", f"{key}={value}"))
+                where = (context.cfg.data.name, context.cfg.backbone.name, context.label("head"))
+                settings = tuple(digest(context.settings(stage)) for stage in STAGES)
+                identities.add((*where, *settings))
+            # No two jobs share an artifact: their settings name different directories.
+            assert len(identities) == len(choices), f"{name}: jobs would share artifacts"
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""Reading a segmenter back: from its one-file bundle or from the three stage artifacts.
+"""The segmenter file: writing a Segmenter's payload and reading it back, and rebuilding the
+backbone a file names.
 
-Both readers return the constructor arguments of
+The reader returns the constructor arguments of
 :class:`~cause_lightning.segmenter.Segmenter` (this module never imports it, so the class stays
 the only place that writes the bundle). The model itself is rebuilt from the typed specs of
 :mod:`cause_lightning.specs`: the backbone with ``build_backbone`` from a :class:`BackboneRef`,
@@ -31,7 +32,7 @@ from cause_lightning.models.backbones import (
     is_hub_tag,
 )
 from cause_lightning.models.frozen import FrozenBackbone
-from cause_lightning.models.heads import build_head, head_class, head_traits
+from cause_lightning.models.heads import build_head
 from cause_lightning.models.imports import import_class
 from cause_lightning.models.timm_backbone import TIMM_FACTORY, build_timm_backbone
 from cause_lightning.specs import (
@@ -48,8 +49,9 @@ __all__ = [
     "SEGMENTER_KIND",
     "segmenter_payload",
     "derive_backbone_kwargs",
+    "check_backbone",
     "read_segmenter_file",
-    "read_stage_artifacts",
+    "rebuild_backbone",
     "to_plain",
     "weights_reference",
 ]
@@ -149,6 +151,28 @@ def _backbone_factory(target: str) -> Any:
         raise SpecError(f"cannot rebuild the backbone: {err}") from err
 
 
+def rebuild_backbone(
+    ref: BackboneRef,
+    source: Path,
+    weights: str | os.PathLike[str] | None = None,
+    state: Mapping[str, Tensor] | None = None,
+) -> nn.Module:
+    """The backbone a file's :class:`BackboneRef` names, with its weights (or an embedded state).
+
+    Args:
+        ref: The stored reference.
+        source: The file that holds it (named in errors).
+        weights: A new location of the weights file (when the stored one moved).
+        state: An embedded backbone state (weight-free backbones), loaded strictly.
+
+    Raises:
+        FileNotFoundError: The weights file no longer exists (the message says how to pass it).
+        SpecError: The reference names no known backbone factory or class.
+    """
+    resolved = None if state else _resolve_weights(ref, weights, source)
+    return _rebuild_backbone(ref, resolved, state)
+
+
 def _rebuild_backbone(
     ref: BackboneRef, weights: str | None, state: Mapping[str, Tensor] | None
 ) -> nn.Module:
@@ -159,7 +183,8 @@ def _rebuild_backbone(
     return backbone
 
 
-def _check_backbone(backbone: nn.Module, ref: BackboneRef, source: Path) -> None:
+def check_backbone(backbone: nn.Module, ref: BackboneRef, source: Path) -> None:
+    """Refuse a backbone whose width or patch differs from what a file was made with."""
     for attr, want in (("embed_dim", ref.dim), ("patch_size", ref.patch_size)):
         got = getattr(backbone, attr, None)
         if want and got != want:
@@ -277,9 +302,8 @@ def read_segmenter_file(
     ref = spec.backbone
     if backbone is None:
         state = None if weights is not None else backbone_state
-        resolved = None if state else _resolve_weights(ref, weights, path)
-        backbone = _rebuild_backbone(ref, resolved, state)
-    _check_backbone(backbone, ref, path)
+        backbone = rebuild_backbone(ref, path, weights, state)
+    check_backbone(backbone, ref, path)
     head = build_head(spec.head)
     head.load_state_dict(head_state, strict=True)
     palette = record.get("palette")
@@ -301,80 +325,4 @@ def read_segmenter_file(
         "assignment": record.get("assignment"),
         "config": record.get("config"),
         "meta": record.get("meta"),
-    }
-
-
-def read_stage_artifacts(
-    root: str | os.PathLike[str],
-    head_name: str,
-    backbone: nn.Module | None = None,
-    weights: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """Constructor arguments of a segmenter built from the three stage artifacts.
-
-    Args:
-        root: Artifact root ``<artifact_dir>/<data>/<backbone>[-<tag>]``.
-        head_name: Head sub-folder (``mlp`` / ``tr``).
-        backbone: An already-built backbone; rebuilt from the head's spec when ``None``.
-        weights: Override of the backbone weights reference.
-
-    Returns:
-        ``Segmenter`` keyword arguments; ``resolution`` is the spec's test resolution.
-
-    Raises:
-        MissingArtifactError: Naming the missing file and the stage that writes it.
-        ArtifactError: On a wrong kind / format version.
-        SpecError: On a head artifact without a readable model spec.
-        ValueError: If head and probe do not fit together.
-    """
-    root = Path(root)
-    head_path = root / head_name / "head.pt"
-    head_rec = load_artifact(head_path, "head", produced_by="head")
-    probe_rec = load_artifact(root / head_name / "probe.pt", "probe", produced_by="probe")
-    hmeta = dict(head_rec.get("meta") or {})
-    pmeta = dict(probe_rec.get("meta") or {})
-    spec = ModelSpec.from_meta(hmeta)
-    if spec.head is None:
-        raise SpecError(f"{head_path} has a model spec without a head: re-run stage=head")
-    cb_path = root / "clusterbook.pt"
-    clusterbook = None
-    if head_traits(head_class(spec.head.target)).needs_clusterbook or cb_path.is_file():
-        clusterbook = load_artifact(cb_path, "clusterbook", produced_by="mediator")["clusterbook"]
-
-    head = build_head(spec.head)
-    missing, unexpected = head.load_state_dict(head_rec["head_state"], strict=False)
-    if unexpected or [m for m in missing if m != "clusterbook"]:
-        raise ValueError(
-            f"{head_path} does not fit a {spec.head.target} head {spec.head.kwargs}: missing "
-            f"{missing}, unexpected {unexpected}"
-        )
-    if "clusterbook" in missing:
-        head.set_clusterbook(clusterbook)
-
-    ref = spec.backbone
-    if backbone is None:
-        resolved = _resolve_weights(ref, weights, head_path)
-        backbone = _rebuild_backbone(ref, resolved, None)
-    else:
-        resolved = os.fspath(weights) if weights is not None else ref.weights
-    strip = ("config", "spec")
-    return {
-        "backbone": backbone,
-        "head": head,
-        "centroids": probe_rec["centroids"],
-        "backbone_name": ref.name,
-        "backbone_weights": resolved,
-        "backbone_kwargs": ref.kwargs,
-        "backbone_target": ref.target,
-        "clusterbook": clusterbook,
-        "class_names": pmeta.get("class_names") or hmeta.get("class_names"),
-        "resolution": int(spec.resolution.test),
-        "config": pmeta.get("config") or hmeta.get("config") or {},
-        "meta": {
-            "artifact_root": str(root),
-            "head_name": head_name,
-            "spec": spec.to_dict(),
-            "head_meta": {k: v for k, v in hmeta.items() if k not in strip},
-            "probe_meta": {k: v for k, v in pmeta.items() if k not in strip},
-        },
     }

@@ -7,28 +7,33 @@ together, and loads the **teacher** head (``head_ema.*``) strictly into this pro
 :class:`~cause_lightning.models.heads.MLPHead` / :class:`~cause_lightning.models.heads.TRHead`.
 Because the heads use the reference's parameter names, the load is a prefix strip.
 :meth:`OfficialBundle.save` writes the result as this project's stage artifacts (``clusterbook.pt``,
-``<head>/head.pt``, ``<head>/probe.pt``), so ``stage=eval`` / ``stage=predict`` use them.
+``head.pt``, ``probe.pt`` in labelled directories, :mod:`cause_lightning.store`), so ``stage=eval``
+/ ``stage=predict`` use them; :func:`import_release` is ``stage=import``.
 
 The backbone is not part of the release: the caller names it (docs/method.md §10.4 step 5).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import describe_load_error, head_dir, save_artifact
+if TYPE_CHECKING:
+    from cause_lightning.stages.context import RunContext
+
+from cause_lightning.artifacts import describe_load_error
 from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
-from cause_lightning.errors import UnreadableFileError
+from cause_lightning.errors import SettingsError, UnreadableFileError
 from cause_lightning.logs import get_logger
 from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead, head_spec
 from cause_lightning.specs import (
@@ -38,14 +43,24 @@ from cause_lightning.specs import (
     Resolution,
     tr_grid_error,
 )
+from cause_lightning.store import ArtifactStore
 
-__all__ = ["OfficialBundle", "import_official", "REFERENCE_NUM_CONCEPTS"]
+__all__ = [
+    "OfficialBundle",
+    "RELEASE_TAG",
+    "import_official",
+    "import_release",
+    "REFERENCE_NUM_CONCEPTS",
+]
 
 log = get_logger(__name__)
 
 #: Train resolution of the reference MLP heads (docs/method.md §2.6); TR trains at the test
 #: resolution.
 REFERENCE_MLP_TRAIN_RES = 224
+
+#: The label of imported release artifacts when a run gives none (``artifact_tag``).
+RELEASE_TAG = "release"
 
 _TEACHER = "head_ema."
 _LINEAR = "linear.f."
@@ -97,12 +112,14 @@ class OfficialBundle:
         head_name: str | None = None,
         train_resolution: int | None = None,
         patch_size: int | None = None,
+        tag: str = RELEASE_TAG,
+        requirements: dict[str, Any] | None = None,
     ) -> dict[str, Path]:
         """Write the bundle as this project's stage artifacts.
 
         Args:
-            artifact_root: ``<artifact_dir>/<data>/<backbone>[-<tag>]`` (see
-                ``artifacts.artifact_root``).
+            artifact_root: ``<artifact_dir>/<data>/<backbone>``: the artifacts go to labelled
+                directories there, one inside the other, as trained ones do (docs/release.md).
             backbone: Backbone name for ``build_backbone`` (the release does not record it).
             backbone_weights: Path of the upstream backbone weights, recorded for later stages.
             backbone_kwargs: Extra ``build_backbone`` arguments, e.g. ``{"num_heads": 12}`` for the
@@ -117,9 +134,13 @@ class OfficialBundle:
                 for TR and 224 for MLP (the reference recipe).
             patch_size: Backbone patch size. When given, a TR ``resolution`` must give exactly
                 ``num_queries`` tokens (``(resolution / patch_size) ** 2``).
+            tag: The label of the imported artifacts (``artifact_tag`` of the stages that use
+                them, ``release`` by default).
+            requirements: Settings a run must have to use the import (flat ``key: value``: the
+                backbone's options, the dataset), recorded with it and checked when it is used.
 
         Returns:
-            ``{"clusterbook": path, "head": path, "probe": path}``.
+            ``{"clusterbook": path, "head": path, "probe": path}`` (the ``.pt`` files).
 
         Raises:
             ValueError: On class names of the wrong length, or a TR resolution that does not fit the
@@ -168,37 +189,41 @@ class OfficialBundle:
             # every number measured with them inherits it, so reports label them accordingly.
             "reference_leak": True,
         }
-        clusterbook_path = root / "clusterbook.pt"
-        if clusterbook_path.exists():
-            log.warning("overwriting %s with the release clusterbook", clusterbook_path)
-        linear_state = {k: v.detach().clone() for k, v in self.linear.state_dict().items()}
-        paths = {
-            "clusterbook": save_artifact(
-                clusterbook_path,
-                "clusterbook",
-                {"clusterbook": self.clusterbook.detach().float().clone(), "meta": dict(meta)},
-            ),
-            "head": save_artifact(
-                head_dir(root, name) / "head.pt",
-                "head",
-                {
-                    "head_state": {
-                        k: v.detach().clone() for k, v in self.head.state_dict().items()
-                    },
-                    "linear_state": linear_state,
-                    "meta": dict(meta),
-                },
-            ),
-            "probe": save_artifact(
-                head_dir(root, name) / "probe.pt",
-                "probe",
-                {
-                    "centroids": self.centroids.detach().float().clone(),
-                    "linear_state": linear_state,
-                    "meta": dict(meta),
-                },
-            ),
+        store = ArtifactStore(root)
+        # The release's files are its settings: an import is found by its label, not by them.
+        settings = {
+            "imported_from": {k: _sha256(v) for k, v in sorted(self.source.items())},
+            **dict(requirements or {}),
         }
+        linear_state = {k: v.detach().clone() for k, v in self.linear.state_dict().items()}
+        payloads = {
+            "clusterbook": {"clusterbook": self.clusterbook.detach().float().clone()},
+            "head": {
+                "head_state": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+                "linear_state": linear_state,
+            },
+            "probe": {
+                "centroids": self.centroids.detach().float().clone(),
+                "linear_state": linear_state,
+            },
+        }
+        labels = {"clusterbook": "clusterbook", "head": name, "probe": "probe"}
+        parent = None
+        paths = {}
+        for kind, payload in payloads.items():
+            directory = store.directory(kind, parent, settings, labels[kind], tag)
+            inputs = {} if parent is None else {parent.kind: parent.content}
+            parent = store.save(
+                kind,
+                directory,
+                {**payload, "meta": dict(meta)},
+                settings=settings,
+                inputs=inputs,
+                label=labels[kind],
+                tag=tag,
+                imported=True,
+            )
+            paths[kind] = parent.file
         log.info("wrote release artifacts: %s", ", ".join(str(p) for p in paths.values()))
         return paths
 
@@ -441,3 +466,103 @@ def _load_strict(module: nn.Module, state: dict[str, Tensor], path: Path, what: 
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: cannot load {what} strictly: {err}") from err
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def import_release(run: RunContext) -> dict[str, Any]:
+    """``stage=import``: the reference release files as this project's stage artifacts.
+
+    They land in the run's artifact root, labelled ``artifact_tag`` (``release`` when empty);
+    ``stage=eval`` and ``stage=predict`` with the same ``artifact_tag`` use them.
+
+    Raises:
+        SettingsError: A release file is not given, or the release does not fit the configured
+            data (class count), backbone (width) or test resolution (the TR query grid).
+    """
+    cfg = run.cfg
+    source = cfg["import"]
+    missing = [key for key in ("segment", "cluster", "clusterbook") if not source.get(key)]
+    if missing:
+        raise SettingsError(
+            "stage=import needs "
+            + ", ".join(f"import.{k}=<file>" for k in missing)
+            + " (segment_{tr,mlp}.pth, cluster_{tr,mlp}.pth and modular.npy of the release)"
+        )
+    bundle = import_official(source.segment, source.cluster, source.clusterbook, head=cfg.head.name)
+    if bundle.num_classes != int(cfg.data.num_classes):
+        raise SettingsError(
+            f"the release has {bundle.num_classes} classes but data={cfg.data.name} has "
+            f"{cfg.data.num_classes}: pick the matching data= option"
+        )
+    run.setup()
+    backbone = run.backbone
+    if bundle.dim != backbone.embed_dim:
+        raise SettingsError(
+            f"the release head expects {bundle.dim}-d features but backbone={cfg.backbone.name} "
+            f"gives {backbone.embed_dim}: pick the backbone the release was trained on"
+        )
+    resolution = run.derived.resolution["test"]
+    patch = int(backbone.patch_size)
+    error = bundle.head_type == "tr" and tr_grid_error(
+        int(bundle.num_queries or 0), resolution, patch
+    )
+    if error:
+        # The TR position queries fix the token grid: eval would fail on the first batch.
+        raise SettingsError(
+            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test to it)"
+        )
+    node = {k: v for k, v in run.plain["backbone"].items() if k not in ("_target_", "name")}
+    weights = node.pop("weights", None)
+    tag = run.tag or RELEASE_TAG
+    # A run uses the import only with the backbone options and data it was imported for.
+    requirements = {
+        k: v
+        for k, v in run.settings("mediator").items()
+        if k.startswith("backbone.") or k in ("data.name", "data.num_classes")
+    }
+    paths = bundle.save(
+        run.store.root,
+        backbone=cfg.backbone.name,
+        backbone_weights=weights,
+        backbone_kwargs=node,
+        backbone_target=str(cfg.backbone._target_),
+        resolution=resolution,
+        class_names=_class_names(cfg),
+        head_name=cfg.head.name,
+        patch_size=patch,
+        tag=tag,
+        requirements=requirements,
+    )
+    log.info(
+        "imported the reference release into %s; run stage=eval or stage=predict next with "
+        "artifact_tag=%s",
+        paths["probe"].parent,
+        tag,
+    )
+    return {f"artifacts/{k}": str(v) for k, v in paths.items()}
+
+
+def _class_names(cfg: Any) -> list[str] | None:
+    """Class names of the configured dataset, or ``None`` when it does not name its classes."""
+    from hydra.utils import get_class, instantiate
+
+    expected = int(cfg.data.num_classes)
+    names = getattr(get_class(cfg.data.module._target_), "class_names", None)
+    if not (isinstance(names, (list, tuple)) and len(names) == expected):
+        # Some data modules (mosaic, folder) set their names per instance; building one reads
+        # no data (that happens in prepare_data / setup).
+        try:
+            names = getattr(instantiate(cfg.data.module), "class_names", None)
+        except Exception as err:  # names are optional metadata: never fail the import on them
+            log.warning("class names of data=%s unavailable (%s)", cfg.data.name, err)
+            return None
+    if isinstance(names, (list, tuple)) and len(names) == expected:
+        return [str(name) for name in names]
+    return None

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cause_lightning.artifacts import MissingArtifactError, artifact_root, head_dir
+from cause_lightning.artifacts import MissingArtifactError
 from cause_lightning.core.files import ensure_writable
 from cause_lightning.data.datasets import find_images, open_image
 from cause_lightning.errors import ExpectedError, SettingsError
 from cause_lightning.logs import get_logger
 from cause_lightning.precision import apply_stage_precision
+from cause_lightning.store import SEGMENTER_FILE
 from cause_lightning.visualize import (
     contact_sheet,
     contact_sheet_html,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from cause_lightning.segmenter import Segmenter
+    from cause_lightning.stages.context import RunContext
 
 __all__ = [
     "predict_images",
@@ -64,37 +66,42 @@ class UnreadableImagesError(ExpectedError, OSError):
     """No input image could be read, or (``predict.strict=true``) some could not."""
 
 
-def load_segmenter(cfg: DictConfig) -> Segmenter:
-    """The model to predict with: an explicit file, the eval stage's export, or the artifacts."""
+def load_segmenter(run: RunContext) -> Segmenter:
+    """The model to predict with: an explicit file, else the ``segmenter.pt`` of an evaluation of
+    the probe made with the run's settings (the one of the run's evaluation settings, else the
+    newest), else one assembled from that probe."""
     from cause_lightning.segmenter import Segmenter
 
-    root = artifact_root(cfg.paths.artifact_dir, cfg.data.name, cfg.backbone.name, cfg.artifact_tag)
+    cfg = run.cfg
     explicit = cfg.predict.segmenter
     weights = cfg.backbone.weights
     if explicit:
         if not Path(explicit).is_file():
             raise FileNotFoundError(f"predict.segmenter={explicit} does not exist")
         return Segmenter.load(explicit, weights=weights)
-    exported = head_dir(root, cfg.head.name) / "segmenter.pt"
-    if exported.is_file():
-        return Segmenter.load(exported, weights=weights)
-    log.info("no %s yet: assembling the model from the stage artifacts", exported)
     try:
-        return Segmenter.from_artifacts(root, cfg.head.name, weights=weights)
+        probe = run.require("probe")
+        evaluated = run.find("eval") or run.store.newest("eval", probe)
+        if evaluated is not None and (evaluated.path / SEGMENTER_FILE).is_file():
+            log.info("predicting with %s", evaluated.path / SEGMENTER_FILE)
+            return Segmenter.load(evaluated.path / SEGMENTER_FILE, weights=weights)
     except MissingArtifactError as err:
         # Name every way to get a model, not only the stage that writes the first missing file.
         raise MissingArtifactError(
-            f"stage=predict found no model for data={cfg.data.name} backbone={cfg.backbone.name} "
-            f"head={cfg.head.name}: no predict.segmenter=<file> was given, {exported} (written "
-            f"by stage=eval) does not exist, and {err}. Train with stage=all, import the "
-            "reference release with stage=import, or pass predict.segmenter=<segmenter.pt>"
+            f"stage=predict found no model for these settings: no predict.segmenter=<file> was "
+            f"given, and {err}. Train with stage=all, import the reference release with "
+            "stage=import (then predict with its artifact_tag), or pass "
+            "predict.segmenter=<segmenter.pt>"
         ) from err
+    log.info("no evaluation yet: assembling the model from %s", probe.path)
+    return Segmenter.from_artifacts(probe.path, weights=weights)
 
 
-def predict_images(cfg: DictConfig) -> dict[str, Any]:
+def predict_images(run: RunContext) -> dict[str, Any]:
     """Run stage ``predict`` and return the written paths."""
     import torch
 
+    cfg = run.cfg
     if not cfg.predict.input:
         raise ValueError("stage=predict needs predict.input=<folder | 'glob/*.jpg' | image file>")
     source = str(cfg.predict.input)
@@ -109,7 +116,7 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
     # The outputs take at least about as much room as the inputs (PNG is lossless).
     need = sum(Path(p).stat().st_size for p in paths)
     ensure_writable(output, "predict.output_dir", need=need)
-    segmenter = load_segmenter(cfg)
+    segmenter = load_segmenter(run)
     if cfg.predict.crf:
         segmenter.crf = True
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"

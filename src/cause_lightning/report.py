@@ -9,6 +9,8 @@ many-to-one matching and printed with their cluster count.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +27,7 @@ from cause_lightning.visualize import colorize, contact_sheet, default_palette, 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from cause_lightning.modules.evaluate import EvalModule
-
-__all__ = ["write_report", "RECORD_VARIANT", "clusters_used", "describe_probe"]
+__all__ = ["EvalOutcome", "RECORD_VARIANT", "clusters_used", "describe_probe", "write_report"]
 
 log = get_logger(__name__)
 
@@ -35,33 +35,65 @@ log = get_logger(__name__)
 RECORD_VARIANT = ("flip_crf", "flip", "crf", "raw")
 
 
-def _record_variant(module: EvalModule) -> str:
-    return next(v for v in RECORD_VARIANT if v in module.variants)
+@dataclass
+class EvalOutcome:
+    """What an evaluation hands its report: plain values only.
+
+    Attributes:
+        results: Every ``test/...`` metric and ``details/...`` record (confusion, assignment,
+            per-class IoU) of the evaluation.
+        examples: Kept examples: ``image`` (uint8 ``[H, W, 3]``), ``label`` and one prediction per
+            cluster variant.
+        variants: The cluster-probe variants computed, in protocol order.
+        num_classes: C.
+        overcluster_counts: The over-clustering counts scored (empty when off).
+        class_names: The dataset's class names.
+        palette: ``uint8 [C, 3]`` colours.
+        data_description: The data module's description (plain values).
+    """
+
+    results: dict[str, Any]
+    examples: list[dict[str, np.ndarray]]
+    variants: tuple[str, ...]
+    num_classes: int
+    overcluster_counts: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    palette: np.ndarray | None = None
+    data_description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record_variant(self) -> str:
+        """The variant the report records: the published protocol (flip + CRF), or the best
+        available one without pydensecrf."""
+        return next(v for v in RECORD_VARIANT if v in self.variants)
+
+    @property
+    def assignment(self) -> list[int] | None:
+        """Cluster -> class of the recorded variant."""
+        return self.results.get(f"details/cluster/{self.record_variant}/assignment")
 
 
 def write_report(
     cfg: DictConfig,
-    module: EvalModule,
-    data: Any,
+    outcome: EvalOutcome,
     leak: bool,
     *,
-    head_root: Path,
-    output_dir: Path,
-    segmenter_kwargs: dict[str, Any],
+    directories: Sequence[Path],
+    resolution: int,
+    backbone_kwargs: dict[str, Any],
     probe: dict[str, Any] | None = None,
     overcluster: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write and print the evaluation report (rank 0 only).
 
     Args:
-        cfg: The run config.
-        module: The evaluated module, holding ``results`` and example predictions.
-        data: The evaluated datamodule (class names and palette).
+        cfg: The run config (names, seed, published figure).
+        outcome: What the evaluation found.
         leak: Whether the probe stage ran with ``reference_leak``.
-        head_root: The head's artifact directory (``metrics.json``, ``segmenter.pt``).
-        output_dir: The run directory (``metrics.json``, prediction images).
-        segmenter_kwargs: ``Segmenter`` arguments of the evaluated model besides class names,
-            palette and assignment, which the report adds.
+        directories: Where ``metrics.json`` goes (the evaluation's artifact directory, then the
+            run directory, which also gets the prediction images).
+        resolution: The test resolution.
+        backbone_kwargs: The backbone's architecture keywords (recorded).
         probe: The ``fit`` record of ``probe.pt`` (init, restarts, held-out objectives, kept
             index); ``None`` for centroids of unknown origin (an imported release).
         overcluster: The ``fit`` record of each over-clustering probe by cluster count (empty
@@ -70,41 +102,36 @@ def write_report(
     Returns:
         Paths of what was written, under ``artifacts/...`` keys.
     """
-    results = module.results
-    class_names = list(
-        getattr(data, "class_names", None) or [f"class_{i}" for i in range(module.num_classes)]
-    )
+    results = outcome.results
+    class_names = list(outcome.class_names) or [f"class_{i}" for i in range(outcome.num_classes)]
     palette = np.asarray(
-        getattr(data, "palette", None)
-        if getattr(data, "palette", None) is not None
-        else default_palette(module.num_classes),
+        outcome.palette if outcome.palette is not None else default_palette(outcome.num_classes),
         dtype=np.uint8,
     )
-    variant = _record_variant(module)
-    assignment = results.get(f"details/cluster/{variant}/assignment")
+    variant = outcome.record_variant
     report = {
         "experiment": cfg.experiment_name,
         "data": cfg.data.name,
         "backbone": cfg.backbone.name,
-        "backbone_kwargs": segmenter_kwargs["backbone_kwargs"],
+        "backbone_kwargs": backbone_kwargs,
         "head": cfg.head.name,
         "num_classes": int(cfg.data.num_classes),
         "num_clusters": int(cfg.data.num_classes),
-        "test_resolution": int(segmenter_kwargs["resolution"]),
+        "test_resolution": int(resolution),
         "record_variant": variant,
         "checkpoint_rule": "last epoch of every stage (no selection on validation labels)",
         "seed": int(cfg.seed),
         "reference_leak": leak,
         "unsupervised": not leak,
         "class_names": class_names,
-        "data_description": _describe(data),
+        "data_description": outcome.data_description,
         "published": _plain(cfg.get("published")),
         "metrics": {k: v for k, v in results.items() if k.startswith("test/")},
         "details": {k: v for k, v in results.items() if k.startswith("details/")},
         "clusters_used": clusters_used(results),
         "cluster_probe": probe,
     }
-    counts = sorted(getattr(module, "overcluster_counts", []))
+    counts = sorted(outcome.overcluster_counts)
     if counts:
         report["overcluster"] = {
             "counts": counts,
@@ -113,16 +140,10 @@ def write_report(
             "cluster_probe": {str(k): (overcluster or {}).get(k) for k in counts},
         }
     written: dict[str, Any] = {}
-    for directory in (head_root, output_dir):
+    for directory in directories:
         path = write_json_atomic(Path(directory) / "metrics.json", report)
         written.setdefault("artifacts/metrics", str(path))
-    written.update(_write_examples(Path(output_dir), module, variant, palette))
-    from cause_lightning.segmenter import Segmenter
-
-    segmenter = Segmenter(
-        **segmenter_kwargs, class_names=class_names, palette=palette, assignment=assignment
-    )
-    written["artifacts/segmenter"] = str(segmenter.save(Path(head_root) / "segmenter.pt"))
+    written.update(_write_examples(Path(directories[-1]), outcome, palette))
     print_table(report, class_names)
     return written
 
@@ -164,16 +185,6 @@ def describe_probe(probe: dict[str, Any] | None) -> str:
     )
 
 
-def _describe(data: Any) -> dict[str, Any]:
-    describe = getattr(data, "describe", None)
-    if callable(describe):
-        try:
-            return _plain(describe())
-        except Exception as err:  # the report must not fail on a description
-            log.debug("datamodule.describe() failed: %s", err)
-    return {"name": getattr(data, "name", None)}
-
-
 def _plain(value: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -182,16 +193,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_examples(
-    output_dir: Path, module: EvalModule, variant: str, palette: np.ndarray
-) -> dict[str, Any]:
-    if not module.examples:
+def _write_examples(output_dir: Path, outcome: EvalOutcome, palette: np.ndarray) -> dict[str, Any]:
+    if not outcome.examples:
         return {}
-    results = module.results
-    assignment = np.asarray(results[f"details/cluster/{variant}/assignment"])
+    variant = outcome.record_variant
+    assignment = np.asarray(outcome.assignment)
     directory = output_dir / "predictions"
     rows = []
-    for i, example in enumerate(module.examples):
+    for i, example in enumerate(outcome.examples):
         prediction = remap_clusters(example[variant].astype(np.int64), assignment)
         predicted = colorize(prediction, palette)
         truth = colorize(example["label"], palette)

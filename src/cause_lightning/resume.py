@@ -1,7 +1,8 @@
 """Resuming a training step: finding its checkpoint and refusing one of another configuration.
 
 Every stage checkpoint carries the flat signature of the settings that determine what the step
-computes (:meth:`cause_lightning.steps.Pipeline.signature`); a resume compares it with the
+computes and of the artifact it started from
+(:func:`cause_lightning.config.identity.resume_signature`); a resume compares it with the
 current run's and names every setting that differs.
 """
 
@@ -18,9 +19,6 @@ from cause_lightning.logs import get_logger
 from cause_lightning.modules.base import CHECKPOINT_KEY
 
 __all__ = [
-    "RESULT_TRAINER_KEYS",
-    "flatten",
-    "step_signature",
     "newest_first",
     "read_checkpoint",
     "resume_checkpoint",
@@ -28,58 +26,6 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
-
-# Trainer options that change what a training step computes (the others only change how).
-RESULT_TRAINER_KEYS = ("precision", "accumulate_grad_batches", "limit_train_batches")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as flat ``"a.b.c": value`` entries."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def step_signature(
-    cfg: dict[str, Any], step: str, input_kind: str | None, input_checksum: str | None
-) -> dict[str, Any]:
-    """The settings that determine what a training step computes, as flat ``key: value``.
-
-    Data, backbone, head, the step's hyper-parameters (its epoch count excepted: a finished run
-    may be trained on) with its module, optimiser and schedule, the seed, result-changing trainer
-    options and the checksum of the artifact the step starts from.
-
-    Args:
-        cfg: The resolved config as plain values, ``derived`` included.
-        step: ``mediator``, ``head`` or ``probe``.
-        input_kind: The artifact the step starts from (None for the mediator).
-        input_checksum: That artifact's checksum.
-    """
-    method = cfg["method"]
-    data = dict(cfg["data"])
-    data["module"] = {k: v for k, v in data["module"].items() if k != "num_workers"}
-    sections: dict[str, Any] = {
-        "seed": cfg["seed"],
-        "data": data,
-        "backbone": cfg["backbone"],
-        "method": {
-            "num_concepts": method["num_concepts"],
-            "window": method["window"],
-            "scale_lr_with_world_size": method["scale_lr_with_world_size"],
-            step: {k: v for k, v in method[step].items() if k != "epochs"},
-        },
-        "trainer": {k: cfg["trainer"].get(k) for k in RESULT_TRAINER_KEYS},
-        "derived": {"resolution": cfg["derived"]["resolution"], step: cfg["derived"][step]},
-    }
-    if input_kind is not None:
-        sections["head"] = {k: v for k, v in cfg["head"].items() if k != "probe_epochs"}
-        sections[f"input.{input_kind}"] = input_checksum
-    return flatten(sections)
 
 
 def newest_first(folder: Path) -> list[Path]:

@@ -1,26 +1,98 @@
-"""``run(cfg)``: dispatch a composed config to its stage(s).
+"""``run(cfg)``: run the stage(s) a composed config selects.
 
-Training stages (mediator, head, probe) run ``trainer.fit`` and export their artifact on rank 0;
-``eval`` runs the test loop(s) and writes the report; ``predict``, ``prepare``, ``import`` and
-``summarize`` are plain tasks. ``stage=all`` chains mediator -> head -> probe -> eval in one
-process, reusing the backbone.
+Every stage is one function of the run (:class:`~cause_lightning.stages.context.RunContext`),
+looked up by name in :data:`STAGES`: the four CAUSE steps (``mediator`` -> ``head`` -> ``probe``
+-> ``eval``), ``predict``, and the tasks ``prepare``, ``import``, ``summarize`` and
+``artifacts``. ``stage.steps`` lists what a stage runs (``stage=all``: the four steps, in one
+process, reusing the backbone; a step whose artifact already exists with the run's settings is
+kept, not run again, so an interrupted ``stage=all`` resumes where it stopped).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
+from cause_lightning.config.identity import STAGE_INPUT
+from cause_lightning.core.files import ensure_writable
 from cause_lightning.logs import get_logger
+from cause_lightning.stages.context import RunContext
 from cause_lightning.utils import finish_wandb
 
-__all__ = ["run"]
+__all__ = ["STAGES", "run"]
 
 log = get_logger(__name__)
+
+
+def _prepare(run: RunContext) -> dict[str, Any]:
+    """``stage=prepare``: download (where possible), verify and crop the configured data module.
+
+    The configured ``data.module`` (its ``_target_``, ``root``, lists and crop recipe) is what
+    gets prepared, so training later finds exactly what was written.
+    """
+    from hydra.utils import instantiate
+
+    from cause_lightning.data.prepare import prepare_module
+
+    cfg = run.cfg
+    try:
+        report = prepare_module(
+            lambda: instantiate(cfg.data.module),
+            download=cfg.stage.get("download"),
+            num_workers=int(cfg.data.module.get("num_workers", 0) or 0),
+        )
+    except TypeError as err:
+        raise ValueError(f"data={cfg.data.name}: {err}") from err
+    return {"prepare": report}
+
+
+def _import(run: RunContext) -> dict[str, Any]:
+    from cause_lightning.interop import import_release
+
+    return import_release(run)
+
+
+def _predict(run: RunContext) -> dict[str, Any]:
+    from cause_lightning.predict import predict_images
+
+    return predict_images(run)
+
+
+def _summarize(run: RunContext) -> dict[str, Any]:
+    from cause_lightning.tasks import summarize
+
+    return summarize(run.cfg)
+
+
+def _artifacts(run: RunContext) -> dict[str, Any]:
+    from cause_lightning.listing import list_artifacts
+
+    return list_artifacts(run)
+
+
+def _step(name: str) -> Callable[[RunContext], dict[str, Any]]:
+    def step(run: RunContext) -> dict[str, Any]:
+        from cause_lightning.stages.steps import STEPS
+
+        return STEPS[name](run)
+
+    return step
+
+
+#: Every stage by the name ``stage.steps`` uses.
+STAGES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
+    **{name: _step(name) for name in ("mediator", "head", "probe", "eval")},
+    "predict": _predict,
+    "prepare": _prepare,
+    "import": _import,
+    "summarize": _summarize,
+    "artifacts": _artifacts,
+}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -39,32 +111,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     require_wandb_login(cfg)
     _configure_logging()
+    steps = [str(step) for step in cfg.stage.steps]
+    unknown = [step for step in steps if step not in STAGES]
+    if unknown:
+        raise ValueError(f"stage.steps names unknown steps {unknown}; known: {list(STAGES)}")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    action = cfg.stage.action
+    context = RunContext(cfg)
+    if any(step in STAGE_INPUT for step in steps):
+        # Every folder a step writes to is below this one: proven writable before any work.
+        ensure_writable(context.store.root, "paths.artifact_dir")
+    results: dict[str, Any] = {}
     exit_code = 1
     try:
-        if action in ("fit", "test", "pipeline"):
-            from cause_lightning.steps import Pipeline
-
-            results = Pipeline(cfg).run(list(cfg.stage.steps))
-        elif action == "predict":
-            from cause_lightning.steps import Pipeline
-
-            results = Pipeline(cfg).predict()
-        elif action == "prepare":
-            from cause_lightning.tasks import prepare
-
-            results = prepare(cfg)
-        elif action == "import":
-            from cause_lightning.tasks import import_release
-
-            results = import_release(cfg)
-        elif action == "summarize":
-            from cause_lightning.tasks import summarize
-
-            results = summarize(cfg)
-        else:
-            raise ValueError(f"unknown stage action {action!r} (stage={cfg.stage.name})")
+        for step in steps:
+            if len(steps) > 1 and _finished(context, step):
+                continue
+            # Every step starts from the run seed, so its initial weights do not depend on what
+            # ran before it in this process (stage=all vs one stage).
+            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+            results.update(STAGES[step](context))
         exit_code = 0
     finally:
         finish_wandb(exit_code)
@@ -72,6 +137,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["objective"] = results.get(str(cfg.summary_metric))
     _write_results(cfg, results)
     return results
+
+
+def _finished(context: RunContext, step: str) -> bool:
+    """Whether a step of a multi-step run already has its artifact, made with this run's settings
+    from the current version of its input; it is then kept, not run again."""
+    from cause_lightning.errors import ExpectedError
+
+    if step == "eval" or step not in STAGE_INPUT:
+        return False  # the evaluation is cheap beside training and always reports
+    try:
+        entry = context.made(step)
+        parent = STAGE_INPUT[step]
+        if entry is None:
+            return False
+        context.store.check_fresh(entry, None if parent is None else context.find(parent))
+    except ExpectedError:
+        return False
+    log.info("=== stage %s: kept %s (made with these settings) ===", step, entry.path)
+    return True
 
 
 class _DropAdvertisement(logging.Filter):

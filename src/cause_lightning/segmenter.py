@@ -33,12 +33,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import save_artifact
+from cause_lightning.artifacts import MissingArtifactError, save_artifact
 from cause_lightning.bundle import (
     SEGMENTER_KIND,
     derive_backbone_kwargs,
     read_segmenter_file,
-    read_stage_artifacts,
     segmenter_payload,
     to_plain,
     weights_reference,
@@ -543,8 +542,7 @@ class Segmenter(nn.Module):
     @classmethod
     def from_artifacts(
         cls,
-        root: str | os.PathLike[str],
-        head_name: str,
+        directory: str | os.PathLike[str],
         backbone: nn.Module | None = None,
         *,
         weights: str | os.PathLike[str] | None = None,
@@ -559,13 +557,13 @@ class Segmenter(nn.Module):
     ) -> Segmenter:
         """Assemble a segmenter from the stage artifacts (docs/architecture.md §4).
 
-        Reads ``root/clusterbook.pt`` (required for TR heads, optional for MLP),
-        ``root/<head_name>/head.pt`` (teacher head state + model spec) and
-        ``root/<head_name>/probe.pt`` (centroids).
+        ``directory`` is a probe artifact's directory (``.../probe-<digest>/``, holding
+        ``probe.pt``), or an evaluation's inside it; the head and clusterbook are those it was
+        made from (the directories around it). The head is the one the evaluation scores: with
+        ``method.probe.reference_leak`` the head stage 3 trained.
 
         Args:
-            root: artifact root ``<artifact_dir>/<data>/<backbone>[-<tag>]``.
-            head_name: head sub-folder (``mlp`` / ``tr``).
+            directory: The probe (or evaluation) artifact directory.
             backbone: an already-built backbone (e.g. the eval stage's); rebuilt from the head's
                 model spec when ``None``.
             weights: override of the backbone weights reference.
@@ -583,10 +581,19 @@ class Segmenter(nn.Module):
 
         Raises:
             MissingArtifactError: naming the missing file and the stage that writes it.
-            ArtifactError: on a wrong kind / format version.
-            ValueError: if head and probe do not fit together.
+            ArtifactError: on a damaged file, or one made from an earlier version of its input.
         """
-        kwargs = read_stage_artifacts(root, head_name, backbone, weights)
+        from cause_lightning.store import ArtifactStore
+
+        path = Path(directory)
+        store = ArtifactStore(path)
+        entry = store.entry(path)
+        if entry is None or entry.kind not in ("probe", "eval"):
+            raise MissingArtifactError(
+                f"{path} is not a probe (or evaluation) artifact directory: it holds no "
+                "artifact.json of one; pass the directory of a probe.pt"
+            )
+        kwargs = store.segmenter_arguments(entry, backbone, weights)
         if resolution is not None:
             kwargs["resolution"] = int(resolution)
         if class_names:

@@ -1,4 +1,4 @@
-"""Non-training stages: ``prepare`` (datasets), ``import`` (release), ``summarize`` (sweeps)."""
+"""``stage=summarize``: one table of a multirun's jobs, mean ± std over seeds."""
 
 from __future__ import annotations
 
@@ -12,114 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.core.files import atomic_write
 from cause_lightning.logs import get_logger
-from cause_lightning.specs import tr_grid_error
 
-__all__ = ["prepare", "import_release", "summarize", "collect_sweep", "sweep_statistics"]
+__all__ = ["summarize", "collect_sweep", "sweep_statistics"]
 
 log = get_logger(__name__)
-
-
-def prepare(cfg: DictConfig) -> dict[str, Any]:
-    """``stage=prepare``: download (where possible), verify and crop the dataset of ``data.module``.
-
-    The configured data module (its ``_target_``, ``root``, lists and crop recipe) is what gets
-    prepared, so training later finds exactly what was written. Its ``num_workers`` cut the crops.
-    """
-    from hydra.utils import instantiate
-
-    from cause_lightning.data.prepare import prepare_module
-
-    def build() -> Any:
-        return instantiate(cfg.data.module)
-
-    try:
-        report = prepare_module(
-            build,
-            download=cfg.stage.get("download"),
-            num_workers=int(cfg.data.module.get("num_workers", 0) or 0),
-        )
-    except TypeError as err:
-        raise ValueError(f"data={cfg.data.name}: {err}") from err
-    return {"prepare": report}
-
-
-def _class_names(cfg: DictConfig) -> list[str] | None:
-    """Class names of the configured dataset, or ``None`` when it does not name its classes."""
-    from hydra.utils import get_class, instantiate
-
-    expected = int(cfg.data.num_classes)
-    names = getattr(get_class(cfg.data.module._target_), "class_names", None)
-    if not (isinstance(names, (list, tuple)) and len(names) == expected):
-        # Some data modules (mosaic, folder) set their names per instance; building one reads
-        # no data (that happens in prepare_data / setup).
-        try:
-            names = getattr(instantiate(cfg.data.module), "class_names", None)
-        except Exception as err:  # names are optional metadata: never fail the import on them
-            log.warning("class names of data=%s unavailable (%s)", cfg.data.name, err)
-            return None
-    if isinstance(names, (list, tuple)) and len(names) == expected:
-        return [str(name) for name in names]
-    return None
-
-
-def import_release(cfg: DictConfig) -> dict[str, Any]:
-    """``stage=import``: turn the reference release files into this project's stage artifacts."""
-    from cause_lightning.interop import import_official
-    from cause_lightning.steps import Pipeline
-
-    source = cfg["import"]
-    missing = [key for key in ("segment", "cluster", "clusterbook") if not source.get(key)]
-    if missing:
-        raise ValueError(
-            "stage=import needs "
-            + ", ".join(f"import.{k}=<file>" for k in missing)
-            + " (segment_{tr,mlp}.pth, cluster_{tr,mlp}.pth and modular.npy of the release)"
-        )
-    bundle = import_official(source.segment, source.cluster, source.clusterbook, head=cfg.head.name)
-    if bundle.num_classes != int(cfg.data.num_classes):
-        raise ValueError(
-            f"the release has {bundle.num_classes} classes but data={cfg.data.name} has "
-            f"{cfg.data.num_classes}: pick the matching data= option"
-        )
-    pipeline = Pipeline(cfg).setup()
-    if bundle.dim != pipeline.backbone.embed_dim:
-        raise ValueError(
-            f"the release head expects {bundle.dim}-d features but backbone={cfg.backbone.name} "
-            f"gives {pipeline.backbone.embed_dim}: pick the backbone the release was trained on"
-        )
-    resolution = int(pipeline.derived.resolution.test)
-    patch = int(pipeline.backbone.patch_size)
-    error = bundle.head_type == "tr" and tr_grid_error(
-        int(bundle.num_queries or 0), resolution, patch
-    )
-    if error:
-        # The TR position queries fix the token grid: eval would fail on the first batch.
-        raise ValueError(
-            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test to it)"
-        )
-    paths = bundle.save(
-        pipeline.root,
-        backbone=cfg.backbone.name,
-        backbone_weights=cfg.backbone.weights,
-        backbone_kwargs=pipeline.backbone_kwargs(),
-        backbone_target=str(cfg.backbone._target_),
-        resolution=resolution,
-        class_names=_class_names(cfg),
-        head_name=cfg.head.name,
-        patch_size=int(pipeline.backbone.patch_size),
-    )
-    # A self-contained model right away (and no stale segmenter.pt of an earlier run left behind);
-    # stage=eval rewrites it with the cluster -> class assignment.
-    from cause_lightning.segmenter import Segmenter
-
-    segmenter = Segmenter.from_artifacts(pipeline.root, cfg.head.name, backbone=pipeline.backbone)
-    paths["segmenter"] = pipeline.head_root / "segmenter.pt"
-    segmenter.save(paths["segmenter"])
-    log.info(
-        "imported the reference release into %s; run stage=eval or stage=predict next",
-        pipeline.root,
-    )
-    return {f"artifacts/{k}": str(v) for k, v in paths.items()}
 
 
 def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:

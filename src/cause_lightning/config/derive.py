@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.core.bounds import check_overcluster
 from cause_lightning.errors import SettingsError
 
-__all__ = ["derive", "snap_resolution", "to_plain"]
+__all__ = ["Derived", "derive", "snap_resolution", "to_plain", "train_resolution"]
 
 
 def snap_resolution(resolution: int, patch_size: int) -> int:
@@ -26,7 +28,40 @@ def train_resolution(cfg: DictConfig) -> int | None:
     return override if override is not None else cfg.head.get("train_resolution")
 
 
-def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Derived:
+    """The values a run derives from its config, the backbone's patch size and its process count.
+
+    Attributes:
+        patch_size: The backbone's patch size.
+        world_size: Training processes (devices x nodes).
+        lr_scale: The factor of every learning rate (``world_size`` with
+            ``method.scale_lr_with_world_size``, else 1).
+        resolution: Input side per step (``mediator``, ``head``, ``probe``, ``test``), snapped up to
+            a multiple of the patch.
+        num_queries: Tokens per image at the training resolution (a fixed-grid head's queries).
+        lr: Effective learning rate per training step (``probe_cluster``: the centroids').
+        batch_size: Per-device batch size per training step.
+    """
+
+    patch_size: int
+    world_size: int
+    lr_scale: int
+    resolution: dict[str, int]
+    num_queries: int
+    lr: dict[str, float]
+    batch_size: dict[str, int]
+
+    def global_batch(self, step: str) -> int:
+        """The batch of one optimiser step over every process."""
+        return self.batch_size[step] * self.world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (written beside the resolved config)."""
+        return dataclasses.asdict(self)
+
+
+def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> Derived:
     """Compute the values that follow from the config, the backbone and the process count.
 
     Args:
@@ -35,8 +70,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
         world_size: Number of training processes (devices x nodes).
 
     Returns:
-        A plain dict stored as ``cfg.derived``: resolutions per step, the query count of a
-        fixed-grid head, effective learning rates and global batch sizes.
+        The derived values (the config itself is not changed).
 
     Raises:
         SettingsError: On a bad ``method.eval.overcluster``, or a fixed-grid head asked to train at
@@ -57,30 +91,19 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> dict[str, A
             "remove that setting or set it to the test resolution (method.md §2.6)"
         )
     scale = world_size if cfg.method.scale_lr_with_world_size else 1
-    derived: dict[str, Any] = {
-        "patch_size": patch_size,
-        "world_size": world_size,
-        "lr_scale": scale,
-        "resolution": {
-            # stage 1 runs at the test resolution for every head (method.md §2.6)
-            "mediator": test_res,
-            "head": train_res,
-            "probe": train_res,
-            "test": test_res,
-        },
-        "num_queries": (train_res // patch_size) ** 2,
-    }
-    for step in ("mediator", "head", "probe"):
-        step_cfg = cfg.method[step]
-        derived[step] = {
-            "lr": float(step_cfg.lr) * scale,
-            "batch_size_per_device": int(step_cfg.batch_size),
-            "global_batch_size": int(step_cfg.batch_size) * world_size,
-        }
-    derived["probe"]["cluster_lr"] = float(cfg.method.probe.cluster_lr) * scale
-    with open_dict(cfg):
-        cfg.derived = derived
-    return derived
+    steps = ("mediator", "head", "probe")
+    lr = {step: float(cfg.method[step].lr) * scale for step in steps}
+    lr["probe_cluster"] = float(cfg.method.probe.cluster_lr) * scale
+    return Derived(
+        patch_size=int(patch_size),
+        world_size=int(world_size),
+        lr_scale=int(scale),
+        # stage 1 runs at the test resolution for every head (method.md §2.6)
+        resolution={"mediator": test_res, "head": train_res, "probe": train_res, "test": test_res},
+        num_queries=(train_res // patch_size) ** 2,
+        lr=lr,
+        batch_size={step: int(cfg.method[step].batch_size) for step in steps},
+    )
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

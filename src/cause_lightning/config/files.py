@@ -6,9 +6,21 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["compose", "config_dir", "stage_module"]
+
+
+def _classes_of(target: str) -> int:
+    """``${classes_of:<data module>}``: the class count of a data module's label map, so that a
+    dataset's YAML does not write it a second time."""
+    from cause_lightning.data.base import SegDataModule
+    from cause_lightning.models.imports import import_class
+
+    return int(import_class(str(target), SegDataModule, "data module class").num_classes)
+
+
+OmegaConf.register_new_resolver("classes_of", _classes_of, replace=True)
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 

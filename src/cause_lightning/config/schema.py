@@ -121,7 +121,6 @@ SCHEMA: dict[str, Any] = {
     "summary_metric": Setting(str),
     "stage": {
         "name": Setting(str, required=True),
-        "action": Setting(str, required=True),
         "steps": Setting(list[str], required=True),
         "download": Setting(bool | None),
     },

@@ -199,23 +199,47 @@ def _locate(target: str) -> Any:
 
 
 def _signature(obj: Any) -> tuple[set[str], dict[str, Any], bool]:
-    """Parameter names, resolved annotations and whether ``**kwargs`` takes any other name."""
-    function = obj.__init__ if isinstance(obj, type) else obj
+    """Parameter names, resolved annotations and whether ``**kwargs`` takes any other name.
+
+    A class whose constructor passes ``**kwargs`` on to its base takes the base's parameters too:
+    the bases are read until a constructor without ``**kwargs``.
+    """
+    functions = []
+    if isinstance(obj, type):
+        for cls in obj.__mro__:
+            if "__init__" in vars(cls) and cls is not object:
+                functions.append(vars(cls)["__init__"])
+                if not _passes_kwargs(functions[-1]):
+                    break
+    else:
+        functions.append(obj)
+    names: set[str] = set()
+    hints: dict[str, Any] = {}
+    open_keywords = True
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return names, hints, True
+        try:
+            found = typing.get_type_hints(function, include_extras=True)
+        except Exception:  # annotations that name types only imported for type checkers
+            found = {}
+        for p in parameters:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.add(p.name)
+                if p.name in found and p.name not in hints:
+                    hints[p.name] = found[p.name]
+        open_keywords = _passes_kwargs(function)
+    return names, hints, open_keywords
+
+
+def _passes_kwargs(function: Any) -> bool:
     try:
-        signature = inspect.signature(obj)
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return set(), {}, True
-    try:
-        hints = typing.get_type_hints(function, include_extras=True)
-    except Exception:  # annotations that name types only imported for type checkers
-        hints = {}
-    names = {
-        p.name
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    open_keywords = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    return names, {k: v for k, v in hints.items() if k in names}, open_keywords
+        return True
+    return any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _annotation_error(value: Any, annotation: Any) -> str | None:

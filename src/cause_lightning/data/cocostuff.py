@@ -22,7 +22,6 @@ background + 80 things; 171 used fine ids), everything else 255. Crops: COCO-Stu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -85,22 +84,13 @@ def _layout(crop_folder: str, val_list: str) -> str:
 class _CocoStuffDataModule(RealSegDataModule):
     """Shared COCO-Stuff-164k logic; the variants differ in label map, val list and crop recipe.
 
+    ``root`` is the data root holding ``cocostuff/`` (or the ``cocostuff`` folder itself).
+
     Args:
-        root: data root holding ``cocostuff/`` (or the ``cocostuff`` folder itself).
-        train_res: side of the training crops after the protocol transform.
-        test_res: side of the evaluation images.
-        batch_size: training batch size per device.
-        num_workers: DataLoader workers per process (None: from the available cores).
-        eval_batch_size: val/test batch size (default ``batch_size``).
-        limit_train: use only a seeded random subset of this many training crops.
-        seed: seeds the shuffle and the subset.
         train_list: training list file name in ``curated/train2017/`` (or a path to a custom list).
         val_list: validation list in ``curated/val2017/``; ``None`` = the variant's protocol list.
-        crops: crop recipe; ``None`` = the variant's protocol recipe.
-        strict_counts: compare list sizes with the published counts.
-        expected_counts: explicit expected image counts per split (``{"train": n, "val": m}``).
-        **kwargs: further :class:`~cause_lightning.data.base.SegDataModule` arguments (e.g.
-            ``shuffle``).
+        **kwargs: the arguments of :class:`~cause_lightning.data.real.RealSegDataModule` (crop
+            recipe, count checks) and of its base (root, resolutions, batch sizes, ...).
     """
 
     dataset_dir: ClassVar[str] = "cocostuff"
@@ -111,34 +101,11 @@ class _CocoStuffDataModule(RealSegDataModule):
     def __init__(
         self,
         root: str | Path,
-        train_res: int = 320,
-        test_res: int = 320,
-        batch_size: int = 16,
-        num_workers: int | None = 0,
-        eval_batch_size: int | None = None,
-        limit_train: int | None = None,
-        seed: int = 0,
         train_list: str = TRAIN_LIST,
         val_list: str | None = None,
-        crops: str | None = None,
-        strict_counts: bool = True,
-        expected_counts: Mapping[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            train_res=train_res,
-            test_res=test_res,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_batch_size=eval_batch_size,
-            limit_train=limit_train,
-            seed=seed,
-            crops=crops,
-            strict_counts=strict_counts,
-            expected_counts=expected_counts,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
         if not train_list:
             raise ValueError(f"{self.name}: train_list must name a list file, e.g. {TRAIN_LIST!r}")
         self.train_list = str(train_list)

@@ -78,19 +78,14 @@ def _images_under(folder: Path) -> list[Path]:
 class FolderDataModule(SegDataModule):
     """User images (``root/images``) with optional class-id masks (``root/masks``).
 
+    ``root`` is the folder holding ``images/`` (and optionally ``masks/``).
+
     Args:
-        root: Folder holding ``images/`` (and optionally ``masks/``).
         num_classes: Number of classes in the masks (and of clusters to find).
         class_names: Optional names, ``num_classes`` of them (default ``class_0 ...``).
-        train_res: Training side after the protocol transform.
-        test_res: Evaluation side.
-        batch_size: Training batch size.
-        num_workers: DataLoader workers per process (None: from the available cores).
-        eval_batch_size: Val/test batch size.
-        limit_train: Use only this many training images.
-        seed: Shuffle / subset seed.
         mode: ``"crop"`` (shorter-side resize + centre crop) or ``"squash"``.
-        shuffle: Shuffle the training loader (see :class:`SegDataModule`).
+        **kwargs: The arguments of :class:`SegDataModule` (``root``, resolutions, batch sizes,
+            workers, ``limit_train``, ``seed``, ``shuffle``).
 
     Raises:
         ValueError: On a bad ``num_classes`` / ``class_names`` / ``mode``.
@@ -107,27 +102,10 @@ class FolderDataModule(SegDataModule):
         root: str | Path,
         num_classes: int,
         class_names: list[str] | None = None,
-        train_res: int = 320,
-        test_res: int = 320,
-        batch_size: int = 16,
-        num_workers: int | None = 0,
-        eval_batch_size: int | None = None,
-        limit_train: int | None = None,
-        seed: int = 0,
         mode: str = "crop",
-        shuffle: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            train_res=train_res,
-            test_res=test_res,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_batch_size=eval_batch_size,
-            limit_train=limit_train,
-            seed=seed,
-            shuffle=shuffle,
-        )
+        super().__init__(root=root, **kwargs)
         if int(num_classes) < 1 or int(num_classes) > 255:
             raise ValueError(f"folder num_classes must be in [1, 255], got {num_classes}.")
         if mode not in ("crop", "squash"):

@@ -354,16 +354,13 @@ class MosaicDataModule(SegDataModule):
         num_val: Validation scenes (also the test split).
         image_size: Scene side in pixels.
         num_classes: Texture classes, 2 to ``len(MOSAIC_TEXTURES)`` (11).
-        seed: Loader shuffle seed (the run seed).
         data_seed: Scene generator seed (train and val use different streams); kept apart from
-            ``seed`` so that runs with different seeds evaluate on the same scenes.
+            the run ``seed`` (which shuffles) so that runs with different seeds evaluate on the
+            same scenes.
         train_res: Training side after the protocol transform (default ``image_size``).
         test_res: Evaluation side (default ``image_size``).
-        batch_size: Training batch size.
-        num_workers: DataLoader workers per process (None: from the available cores).
-        eval_batch_size: Val/test batch size.
-        limit_train: Use only this many training scenes.
-        shuffle: Shuffle the training loader (see :class:`SegDataModule`).
+        **kwargs: The other arguments of :class:`SegDataModule` (batch sizes, workers,
+            ``limit_train``, ``seed``, ``shuffle``).
 
     Raises:
         ValueError: On an unsupported ``num_classes`` or non-positive sizes.
@@ -385,15 +382,10 @@ class MosaicDataModule(SegDataModule):
         num_val: int = 48,
         image_size: int = 192,
         num_classes: int = 6,
-        seed: int = 0,
         data_seed: int = 0,
         train_res: int | None = None,
         test_res: int | None = None,
-        batch_size: int = 16,
-        num_workers: int | None = 0,
-        eval_batch_size: int | None = None,
-        limit_train: int | None = None,
-        shuffle: bool = True,
+        **kwargs: Any,
     ) -> None:
         if not 2 <= int(num_classes) <= len(MOSAIC_TEXTURES):
             raise ValueError(
@@ -409,12 +401,7 @@ class MosaicDataModule(SegDataModule):
             root=default_mosaic_root() if root is None else root,
             train_res=int(image_size) if train_res is None else train_res,
             test_res=int(image_size) if test_res is None else test_res,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_batch_size=eval_batch_size,
-            limit_train=limit_train,
-            seed=seed,
-            shuffle=shuffle,
+            **kwargs,
         )
         self.num_train = int(num_train)
         self.num_val = int(num_val)

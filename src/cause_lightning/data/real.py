@@ -225,24 +225,18 @@ class RealSegDataModule(SegDataModule):
     Subclasses set the class attributes and implement :meth:`source_list` (and
     :meth:`is_own_layout`).
 
+    ``root`` is the data root ``<data_dir>`` that holds ``<dataset dir>/`` (the dataset directory
+    itself is accepted too).
+
     Args:
-        root: the data root ``<data_dir>`` that holds ``<dataset dir>/`` (the dataset directory
-            itself is accepted too).
-        train_res: side of the training crops after the protocol transform.
-        test_res: side of the evaluation images (320; DINOv2 322).
-        batch_size: training batch size per device.
-        num_workers: DataLoader workers per process (None: from the available cores).
-        eval_batch_size: val/test batch size (default ``batch_size``).
-        limit_train: use only a seeded random subset of this many training crops.
-        seed: seeds the shuffle and the subset.
         crops: crop recipe (``five`` / ``double`` / ``super``); ``None`` = the dataset's protocol
             recipe.
         strict_counts: compare list / split sizes with the published counts (turn off for custom or
             tiny trees).
         expected_counts: explicit expected image counts per split (``{"train": n, "val": m}``); they
             replace the published counts where given.
-        **kwargs: further :class:`~cause_lightning.data.base.SegDataModule` arguments (e.g.
-            ``shuffle``).
+        **kwargs: the arguments of :class:`~cause_lightning.data.base.SegDataModule` (``root``,
+            resolutions, batch sizes, workers, ``limit_train``, ``seed``, ``shuffle``).
     """
 
     #: folder of the dataset under the data root
@@ -261,29 +255,12 @@ class RealSegDataModule(SegDataModule):
     def __init__(
         self,
         root: str | Path,
-        train_res: int = 320,
-        test_res: int = 320,
-        batch_size: int = 16,
-        num_workers: int | None = 0,
-        eval_batch_size: int | None = None,
-        limit_train: int | None = None,
-        seed: int = 0,
         crops: str | None = None,
         strict_counts: bool = True,
         expected_counts: Mapping[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            train_res=train_res,
-            test_res=test_res,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            eval_batch_size=eval_batch_size,
-            limit_train=limit_train,
-            seed=seed,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
         self.label_spec: LabelSpec = get_label_spec(self.name)
         self.palette = self.label_spec.palette
         self.recipe = get_recipe(crops or self.default_crops)
