@@ -17,9 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cause_lightning.artifacts import write_json_atomic
+from cause_lightning.constants import HELDOUT_MODULARITY
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import remap_clusters
 from cause_lightning.modules.evaluate import OVERCLUSTER_PREFIX, overcluster_row
+from cause_lightning.plots import report_plots
 from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
 
 if TYPE_CHECKING:
@@ -68,7 +70,9 @@ def write_report(
             or ``None`` when over-clustering is off).
 
     Returns:
-        Paths of what was written, under ``artifacts/...`` keys.
+        Paths of what was written, under ``artifacts/...`` keys (``metrics.json`` and, beside
+        it, its plots), and the kept centroid set's held-out modularity under
+        :data:`~cause_lightning.constants.HELDOUT_MODULARITY` when the probe recorded one.
     """
     results = module.results
     class_names = list(
@@ -116,6 +120,9 @@ def write_report(
     for directory in (head_root, output_dir):
         path = write_json_atomic(Path(directory) / "metrics.json", report)
         written.setdefault("artifacts/metrics", str(path))
+    written.update(report_plots(report, [head_root, output_dir]))
+    if probe and probe["objectives"][probe["kept"]] is not None:
+        written[HELDOUT_MODULARITY] = float(probe["objectives"][probe["kept"]])
     written.update(_write_examples(Path(output_dir), module, variant, palette))
     from cause_lightning.segmenter import Segmenter
 
