@@ -431,9 +431,15 @@ class Pipeline:
             pl.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
             step_results = getattr(self, f"step_{step}")()
             results.update(step_results)
-            # W&B: the step's artifacts and report, then close its run (rank 0, W&B loggers only).
+            # W&B: the step's inputs, artifacts and report, then close its run (rank 0, W&B only).
             trainer = self.trainers[-1] if self.trainers else None
-            publish_step(trainer, step, step_results, str(self.cfg.experiment_name))
+            files = [
+                self.root / "clusterbook.pt",
+                self.head_root / "head.pt",
+                self.head_root / "probe.pt",
+            ]
+            inputs = {"head": files[:1], "probe": files[1:2], "eval": files}.get(step, [])
+            publish_step(trainer, step, step_results, str(self.cfg.experiment_name), inputs)
         return results
 
     def step_mediator(self) -> dict[str, Any]:
