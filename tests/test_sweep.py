@@ -264,12 +264,19 @@ def test_slurm_preset_asks_for_the_task_layout_lightning_reads(
 
     from cause_lightning.steps import Pipeline
 
-    cfg = _hydra_compose(
+    defaults = _hydra_compose("+launcher=slurm", base=tmp_path).hydra.launcher
+    assert (defaults.nodes, defaults.gpus_per_node, defaults.cpus_per_task) == (1, 1, 8)
+    cfg = _hydra_compose(  # the example of docs/scaling.md §4.3
         "+launcher=slurm",
+        "+sweep=seeds",
+        "experiment=cocostuff27_dino_vits8_tr",
         "trainer.num_nodes=2",
         "trainer.devices=4",
         "hydra.launcher.partition=gpu",
-        "hydra.launcher.timeout_min=600",
+        "hydra.launcher.timeout_min=720",
+        "hydra.launcher.cpus_per_task=10",
+        "hydra.launcher.account=proj42",
+        "logger=wandb",
         f"paths.output_dir={tmp_path / 'out'}",
         base=tmp_path,
     )
@@ -298,10 +305,11 @@ def test_slurm_preset_asks_for_the_task_layout_lightning_reads(
         "--nodes=2",
         "--ntasks-per-node=4",  # one task per GPU
         "--gpus-per-node=4",
-        "--cpus-per-task=8",  # per GPU: loaders and the CRF pool
+        "--cpus-per-task=10",  # per GPU: loaders and the CRF pool
         "--partition=gpu",
-        "--time=600",
+        "--time=720",
         "--job-name=cause-all",
+        "--account=proj42",
     ):
         assert f"#SBATCH {line}" in sbatch, line
 
@@ -342,12 +350,18 @@ def test_jobs_side_by_side_equal_the_same_jobs_one_after_the_other(
     tmp_path: Path, shared_data_dir: Path
 ) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    sweep = ["+sweep=num_concepts", "method.num_concepts=16,32"]
+    sweep = ["+sweep=num_concepts", "method.num_concepts=16,32,0"]  # K = 0 fails: recorded
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     for base in (serial, parallel):
         base.mkdir()
     _tiny_cli(*sweep, base=serial, data=shared_data_dir)  # also writes the shared data
-    _tiny_cli(*sweep, "+launcher=local", base=parallel, data=shared_data_dir)
+    _tiny_cli(  # two jobs at a time, then the third
+        *sweep,
+        "+launcher=local",
+        "hydra.sweeper.max_batch_size=2",
+        base=parallel,
+        data=shared_data_dir,
+    )
     job_ids = set()
     for job in ("0", "1"):
         expected = json.loads((serial / "sweep" / job / "metrics.json").read_text())
@@ -357,10 +371,11 @@ def test_jobs_side_by_side_equal_the_same_jobs_one_after_the_other(
         hydra = OmegaConf.load(parallel / "sweep" / job / ".hydra" / "hydra.yaml")
         job_ids.add(str(hydra.hydra.job.id))
     # each job ran in a process of its own, started by the local executor (its id is the pid)
-    assert len(job_ids) == 2 and all(i.isdigit() for i in job_ids)
+    assert len(job_ids) == 2 and all(i.isdigit() for i in job_ids)  # basic: "job_id_for_0"
     assert all((parallel / "sweep" / ".submitit" / i).is_dir() for i in job_ids)
-    summary = collect_sweep(parallel / "sweep")
-    assert [r["status"] for r in summary] == ["ok", "ok"]
+    failure = json.loads((parallel / "sweep" / "2" / "failure.json").read_text())
+    assert "method.num_concepts=0" in failure["error"]
+    assert [r["status"] for r in collect_sweep(parallel / "sweep")] == ["ok", "ok", "failed"]
 
 
 @pytest.mark.slow

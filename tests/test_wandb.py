@@ -230,6 +230,44 @@ def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
 
 
 @pytest.mark.slow
+def test_summarize_logs_the_sweep_as_a_run_with_its_tables(
+    compose, tmp_path: Path, wandb_offline_dir: Path
+) -> None:
+    import wandb
+
+    from test_sweep import fake_job
+
+    sweep_dir = tmp_path / "sweep"
+    for job, (k, seed) in enumerate((k, s) for k in (16, 32) for s in (0, 1)):
+        metrics = {"test/cluster/flip/mIoU": 0.1 * (job + 1), "test/cluster/flip/pAcc": 0.5}
+        fake_job(sweep_dir, str(job), [f"method.num_concepts={k}", f"seed={seed}"], metrics)
+    save_dir = wandb_offline_dir
+    summary = run(
+        compose(
+            "stage=summarize",
+            f"sweep_dir={sweep_dir}",
+            "logger=wandb",
+            f"logger.wandb.save_dir={save_dir}",
+        )
+    )
+    assert wandb.run is None
+    record = offline_runs(save_dir, expected=1)["summarize"]
+    assert record["name"] == "summary-sweep" and record["exit"] == 0
+    history = record["history"]
+    assert history["summary/jobs/_type"] == "table-file"
+    assert history["summary/jobs/nrows"] == 4
+    (run_dir,) = (save_dir / "wandb").glob("offline-run-*")
+    table = json.loads((run_dir / "files" / history["summary/statistics/path"]).read_text())
+    assert table["columns"] == ["group", "metric", "mean", "std", "n"]
+    assert len(table["data"]) == len(summary["summary/stats"]) == 4  # 2 settings x 2 metrics
+    rows = {(row[0], row[1]): row for row in table["data"]}
+    k32 = rows[("method.num_concepts=32", "test/cluster/flip/mIoU")]
+    assert k32[2] == pytest.approx(0.35) and k32[4] == 2  # mean of 0.3 and 0.4, two seeds
+    if summary["summary/plot"]:
+        assert history["summary/plot/_type"] == "image-file"
+
+
+@pytest.mark.slow
 def test_wandb_run_is_finished_when_a_step_fails(tiny, wandb_offline_dir: Path) -> None:
     import wandb
 

@@ -23,5 +23,5 @@ IGNORE_INDEX: int = 255
 #: Concepts K of the reference clusterbook (the released ``modular.npy``, docs/method.md §10.3).
 REFERENCE_NUM_CONCEPTS: int = 2048
 #: Result key of the kept cluster-probe centroid set's modularity on held-out training tokens
-#: (``probe.pt["fit"]``; no labels): the label-free objective of sweeps (docs/scaling.md §4).
+#: (``probe.pt["fit"]``; no labels): the label-free objective of sweeps (docs/scaling.md §4.4).
 HELDOUT_MODULARITY: str = "fit/cluster/heldout_modularity"

@@ -103,11 +103,14 @@ _MISSING_PACKAGES = {
 
 
 def metric_summary(key: str) -> str | None:
-    """The W&B summary of a metric: ``max`` for scores, ``min`` for losses, ``None`` (the last
-    value) for anything else (counts such as ``train/bank_size``).
+    """The W&B summary of a metric.
 
     Args:
         key: A slash-named metric (``test/cluster/flip_crf/mIoU``, ``train/loss_front``).
+
+    Returns:
+        ``max`` for scores (mIoU, pAcc, the held-out modularity), ``min`` for losses, ``None``
+        (W&B keeps the last value) for anything else, e.g. counts such as ``train/bank_size``.
     """
     name = key.rsplit("/", 1)[-1]
     if name in ("mIoU", "pAcc") or key == HELDOUT_MODULARITY:
