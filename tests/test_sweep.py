@@ -261,6 +261,8 @@ def test_slurm_preset_asks_for_the_task_layout_lightning_reads(
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra.utils import instantiate
     from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only as lightning_rank_zero
+    from lightning_utilities.core.rank_zero import rank_zero_only as utilities_rank_zero
 
     from cause_lightning.steps import Pipeline
 
@@ -320,11 +322,16 @@ def test_slurm_preset_asks_for_the_task_layout_lightning_reads(
     slurm |= {"SLURM_JOB_NAME": "cause-all", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "n[1-2]"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    # The DDP strategy records the rank in Lightning's process-wide rank-zero switches: restore
+    # them afterwards, or every later test of this process logs as rank 5, that is, not at all.
+    for switch in (lightning_rank_zero, utilities_rank_zero):
+        monkeypatch.setattr(switch, "rank", switch.rank)
     trainer = instantiate(cfg.trainer, accelerator="cpu", precision="32-true", logger=False)
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank) == (8, 5, 1)
     assert trainer.node_rank == 1
     assert Pipeline(cfg).world_size == 8
+    assert "MASTER_ADDR" not in os.environ  # nothing process-wide was left behind
 
 
 def _tiny_cli(*overrides: str, base: Path, data: Path) -> subprocess.CompletedProcess:

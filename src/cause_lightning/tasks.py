@@ -386,6 +386,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
             f"best by {metric}: chosen with the evaluation labels, a diagnostic, not an "
             f"unsupervised result (label-free: summary_metric={HELDOUT_MODULARITY})",
             soft_wrap=True,
+            highlight=False,
         )
     stats = sweep_statistics(rows)
     stats_out = _write_csv(
