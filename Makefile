@@ -13,7 +13,7 @@ help: ## Show this help
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q "torch==2.14.1" "torchvision==0.29.1" -e ".[crf,dev]"
+	$(VENV)/bin/pip install --disable-pip-version-check -q "torch==2.14.1" "torchvision==0.29.1" -e ".[crf,dev,slurm,optuna]"
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the package (editable) with its extras

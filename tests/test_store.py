@@ -46,6 +46,26 @@ def test_an_ablation_keeps_the_baseline_and_reuses_its_clusterbook(tiny, tmp_pat
     assert probe.parent.parent == ablation.parent
 
 
+def test_a_seed_by_temperature_sweep_gives_four_heads_over_two_clusterbooks(
+    tiny, tmp_path: Path
+) -> None:
+    # The jobs of `-m seed=0,1 method.head.temperature=0.07,0.1`, one after the other; no job
+    # names a directory.
+    heads = {}
+    for seed in (0, 1):
+        for temperature in (0.07, 0.1):
+            job = (f"seed={seed}", f"method.head.temperature={temperature}")
+            if temperature == 0.07:
+                run(tiny("stage=mediator", *job))
+            heads[seed, temperature] = Path(run(tiny("stage=head", *job))["artifacts/head"])
+    root = tmp_path / "artifacts"
+    assert len(_dirs(root, "clusterbook")) == 2 and len(_dirs(root, "tr")) == 4
+    assert len(set(heads.values())) == 4
+    for seed in (0, 1):  # each seed's two heads share that seed's clusterbook
+        assert heads[seed, 0.07].parent.parent == heads[seed, 0.1].parent.parent
+    assert heads[0, 0.07].parent.parent != heads[1, 0.07].parent.parent
+
+
 def test_a_directory_of_other_settings_is_refused_before_any_work(tiny) -> None:
     run(tiny("stage=mediator"))
     head = Path(run(tiny("stage=head"))["artifacts/head"])

@@ -1,5 +1,6 @@
-"""Experiment tracking: W&B offline runs (one per step, images, table, artifacts), CSV, TensorBoard,
-and the throughput shown by the progress bar.
+"""Experiment tracking: W&B offline runs (one per step, grouped by settings, lineage, metric
+summaries, images, tables, artifacts; a summary run per sweep), CSV, TensorBoard, and the
+throughput shown by the progress bar.
 
 The W&B run files are read back with a small reader of their record log (the LevelDB log format
 W&B uses: 32 KiB blocks of checksummed FULL/FIRST/MIDDLE/LAST fragments after a 7-byte header)
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from cause_lightning.run import run
-from cause_lightning.tracking import confusion_image
+from cause_lightning.tracking import metric_summary, run_group
 from tiny import QUIET, TINY_BATCHES, TINY_DATA
 
 TINY = [
@@ -81,11 +82,13 @@ def _records(path: Path) -> Iterator[bytes]:
 
 
 def read_run(directory: Path) -> dict[str, Any]:
-    """Name, group, job type, config keys, history items, artifacts and exit code of a run."""
+    """Name, group, job type, config keys, history items, logged artifacts, input artifacts
+    (used once committed), metric summaries and exit code of a run."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (run_file,) = directory.glob("*.wandb")
-    out: dict[str, Any] = {"history": {}, "artifacts": [], "config": set(), "exit": None}
+    out: dict[str, Any] = {"history": {}, "artifacts": [], "inputs": [], "summaries": {}}
+    out.update(config=set(), exit=None)
     for raw in _records(run_file):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -101,7 +104,14 @@ def read_run(directory: Path) -> dict[str, Any]:
                 key = item.key or "/".join(item.nested_key)
                 out["history"][key] = json.loads(item.value_json)
         elif kind == "artifact":
-            out["artifacts"].append((record.artifact.type, record.artifact.name))
+            used = "inputs" if record.artifact.use_after_commit else "artifacts"
+            out[used].append((record.artifact.type, record.artifact.name))
+        elif kind == "metric" and record.metric.name:
+            summary = record.metric.summary
+            out["summaries"][record.metric.name] = (
+                "max" if summary.max else ("min" if summary.min else None)
+            )
+            out["step_metric"] = record.metric.step_metric
         elif kind == "exit":
             out["exit"] = record.exit.exit_code
     return out
@@ -127,24 +137,25 @@ def offline_runs(save_dir: Path, expected: int, timeout: float = 30.0) -> dict[s
 # --------------------------------------------------------------------------------------------------
 
 
-def test_confusion_image_is_the_row_normalised_matched_matrix() -> None:
-    # 3 classes x 4 clusters; cluster 3 unmatched (dropped), clusters map to classes 2, 0, 1.
-    confusion = np.array([[0, 6, 2, 5], [3, 1, 0, 0], [1, 0, 7, 0]])
-    assignment = [2, 0, 1, -1]
-    image = confusion_image(confusion, assignment, ["a", "b", "c"], cell=12)
-    matched = np.zeros((3, 3))
-    for k, c in enumerate(assignment):
-        if c >= 0:
-            matched[:, c] += confusion[:, k]
-    expected = matched / matched.sum(1, keepdims=True)
-    height, width, _ = image.shape
-    top, left = height - 36, width - 36
-    assert top == 12 and left > 0  # header row and a label column
-    centres = image[top + 6 :: 12, left + 6 :: 12]  # 3 3 3: one pixel per cell
-    recovered = (255 - centres[..., 0].astype(float)) / 255  # red channel: 255 - v * 255
-    np.testing.assert_allclose(recovered, expected, atol=1 / 255)
-    np.testing.assert_array_equal(centres[..., 2], 255)  # blue stays full
-    assert (image[:top] < 128).any() and (image[top:, :left] < 128).any()  # text drawn
+def test_metric_summaries_keep_the_best_score_and_the_lowest_loss() -> None:
+    assert metric_summary("test/cluster/flip_crf/mIoU") == "max"
+    assert metric_summary("val/linear/pAcc") == "max"
+    assert metric_summary("fit/cluster/heldout_modularity") == "max"
+    assert metric_summary("train/loss_front") == "min"
+    assert metric_summary("train/modularity") == "min"  # the mediator's and probe's loss
+    assert metric_summary("train/bank_size") is None  # a count: its last value
+
+
+def test_run_group_is_the_experiment_and_its_settings_without_the_seed() -> None:
+    job = ["+sweep=seeds", "method.head.temperature=0.1", "logger=wandb", "stage=all"]
+    seeds = {run_group("exp", [*job, f"seed={s}", f"artifact_tag=seed{s}"]) for s in range(3)}
+    assert seeds == {"exp method.head.temperature=0.1"}  # one group for the repeats
+    other = run_group("exp", ["method.head.temperature=0.2", "seed=0"])
+    assert other == "exp method.head.temperature=0.2"
+    assert run_group("exp", ["paths.root_dir=/x", "data.module.root=/y"]) == "exp"
+    long = [f"method.head.option_{i}={i}" for i in range(20)]
+    named = {run_group("exp", [*long, f"method.num_concepts={k}"]) for k in (256, 512)}
+    assert len(named) == 2 and all(len(n) <= 128 and n.startswith("exp ") for n in named)
 
 
 @pytest.fixture
@@ -167,11 +178,27 @@ def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
     assert results["test/cluster/raw/mIoU"] >= 0
     runs = offline_runs(save_dir, expected=4)
     assert set(runs) == {"mediator", "head", "probe", "eval"}  # one run per step
+    (group,) = {record["group"] for record in runs.values()}  # the steps share one group
+    assert group.startswith("mosaic_tiny_vit_mlp backbone=tiny_vit ")  # settings, by key
+    assert "seed" not in group and len(group) <= 128
     for step, record in runs.items():
         assert record["name"] == f"mosaic_tiny_vit_mlp-{step}"
-        assert record["group"] == "mosaic_tiny_vit_mlp"
         assert record["exit"] == 0  # finished
         assert {"method", "data", "backbone", "seed"} <= record["config"]
+    # lineage: each step declares the artifacts it read
+    clusterbook = ("clusterbook", "mosaic_tiny_vit_mlp-clusterbook")
+    head = ("head", "mosaic_tiny_vit_mlp-head")
+    probe = ("probe", "mosaic_tiny_vit_mlp-probe")
+    assert runs["mediator"]["inputs"] == []
+    assert runs["head"]["inputs"] == [clusterbook]
+    assert runs["probe"]["inputs"] == [head]
+    assert sorted(runs["eval"]["inputs"]) == sorted([clusterbook, head, probe])
+    # metric summaries: the best score, the lowest loss, on Lightning's step axis
+    assert runs["head"]["summaries"]["train/loss_front"] == "min"
+    assert runs["mediator"]["summaries"]["train/modularity"] == "min"
+    assert runs["eval"]["summaries"]["test/cluster/flip/mIoU"] == "max"
+    assert runs["eval"]["summaries"]["fit/cluster/heldout_modularity"] == "max"
+    assert runs["eval"]["step_metric"] == "trainer/global_step"
     assert "train/modularity" in runs["mediator"]["history"]
     assert {"train/loss_front", "train/empty_pos_terms"} <= set(runs["head"]["history"])
     assert ("clusterbook", "mosaic_tiny_vit_mlp-clusterbook") in runs["mediator"]["artifacts"]
@@ -183,6 +210,8 @@ def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
     assert 0 <= history["test/cluster/flip/mIoU"] <= 1
     assert history["eval/contact_sheet/_type"] == "image-file"
     assert history["eval/confusion_matrix/_type"] == "image-file"
+    assert history["eval/per_class_iou_plot/_type"] == "image-file"
+    assert history["fit/cluster/heldout_modularity"] == results["fit/cluster/heldout_modularity"]
     assert history["eval/examples/count"] == 2
     assert history["eval/per_class_iou/_type"] == "table-file"
     assert history["eval/per_class_iou/nrows"] == 6  # one row per class
@@ -198,6 +227,44 @@ def test_wandb_offline_runs_per_step_with_media_table_and_artifacts(
     assert [row[0] for row in table["data"]] == report["class_names"]
     np.testing.assert_allclose([row[1] for row in table["data"]], ious, equal_nan=True)
     assert (eval_dir / "files" / history["eval/confusion_matrix/path"]).is_file()
+
+
+@pytest.mark.slow
+def test_summarize_logs_the_sweep_as_a_run_with_its_tables(
+    compose, tmp_path: Path, wandb_offline_dir: Path
+) -> None:
+    import wandb
+
+    from test_sweep import fake_job
+
+    sweep_dir = tmp_path / "sweep"
+    for job, (k, seed) in enumerate((k, s) for k in (16, 32) for s in (0, 1)):
+        metrics = {"test/cluster/flip/mIoU": 0.1 * (job + 1), "test/cluster/flip/pAcc": 0.5}
+        fake_job(sweep_dir, str(job), [f"method.num_concepts={k}", f"seed={seed}"], metrics)
+    save_dir = wandb_offline_dir
+    summary = run(
+        compose(
+            "stage=summarize",
+            f"sweep_dir={sweep_dir}",
+            "logger=wandb",
+            f"logger.wandb.save_dir={save_dir}",
+        )
+    )
+    assert wandb.run is None
+    record = offline_runs(save_dir, expected=1)["summarize"]
+    assert record["name"] == "summary-sweep" and record["exit"] == 0
+    history = record["history"]
+    assert history["summary/jobs/_type"] == "table-file"
+    assert history["summary/jobs/nrows"] == 4
+    (run_dir,) = (save_dir / "wandb").glob("offline-run-*")
+    table = json.loads((run_dir / "files" / history["summary/statistics/path"]).read_text())
+    assert table["columns"] == ["group", "metric", "mean", "std", "n"]
+    assert len(table["data"]) == len(summary["summary/stats"]) == 4  # 2 settings x 2 metrics
+    rows = {(row[0], row[1]): row for row in table["data"]}
+    k32 = rows[("method.num_concepts=32", "test/cluster/flip/mIoU")]
+    assert k32[2] == pytest.approx(0.35) and k32[4] == 2  # mean of 0.3 and 0.4, two seeds
+    if summary["summary/plot"]:
+        assert history["summary/plot/_type"] == "image-file"
 
 
 @pytest.mark.slow

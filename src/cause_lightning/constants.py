@@ -6,7 +6,13 @@ depending on each other.
 
 from __future__ import annotations
 
-__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "REFERENCE_NUM_CONCEPTS"]
+__all__ = [
+    "HELDOUT_MODULARITY",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "REFERENCE_NUM_CONCEPTS",
+]
 
 #: Per-channel RGB mean of ImageNet, the normalisation of every supported backbone.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -16,3 +22,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IGNORE_INDEX: int = 255
 #: Concepts K of the reference clusterbook (the released ``modular.npy``, docs/method.md §10.3).
 REFERENCE_NUM_CONCEPTS: int = 2048
+#: Result key of the kept cluster-probe centroid set's modularity on held-out training tokens
+#: (``probe.pt["fit"]``; no labels): the label-free objective of sweeps (docs/scaling.md §4.4).
+HELDOUT_MODULARITY: str = "fit/cluster/heldout_modularity"

@@ -18,10 +18,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from cause_lightning.constants import HELDOUT_MODULARITY
 from cause_lightning.core.files import write_json_atomic
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import remap_clusters
 from cause_lightning.modules.evaluate import OVERCLUSTER_PREFIX, overcluster_row
+from cause_lightning.plots import report_plots
 from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
 
 if TYPE_CHECKING:
@@ -100,7 +102,9 @@ def write_report(
             or ``None`` when over-clustering is off).
 
     Returns:
-        Paths of what was written, under ``artifacts/...`` keys.
+        Paths of what was written, under ``artifacts/...`` keys (``metrics.json`` and, beside
+        it, its plots), and the kept centroid set's held-out modularity under
+        :data:`~cause_lightning.constants.HELDOUT_MODULARITY` when the probe recorded one.
     """
     results = outcome.results
     class_names = list(outcome.class_names) or [f"class_{i}" for i in range(outcome.num_classes)]
@@ -143,6 +147,9 @@ def write_report(
     for directory in directories:
         path = write_json_atomic(Path(directory) / "metrics.json", report)
         written.setdefault("artifacts/metrics", str(path))
+    written.update(report_plots(report, list(directories)))
+    if probe and probe["objectives"][probe["kept"]] is not None:
+        written[HELDOUT_MODULARITY] = float(probe["objectives"][probe["kept"]])
     written.update(_write_examples(Path(directories[-1]), outcome, palette))
     print_table(report, class_names)
     return written

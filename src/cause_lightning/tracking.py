@@ -1,63 +1,103 @@
-"""Experiment tracking beyond scalar metrics: W&B images, tables and artifacts (docs/scaling.md).
+"""Experiment tracking beyond scalar metrics: W&B runs, lineage, groups, plots and tables
+(docs/scaling.md §5).
 
 Scalar metrics reach every configured logger through Lightning (slash-named keys such as
 ``train/loss_front`` and ``test/cluster/flip_crf/mIoU``), and the resolved config is the W&B run
-config. After each CAUSE step the pipeline calls :func:`publish_step`, which adds, for every
-:class:`~lightning.pytorch.loggers.WandbLogger` of the step's trainer and on global rank 0 only:
+config. One W&B run per CAUSE step, named ``<experiment>-<step>``:
 
-* the step's exported files as W&B artifacts of type ``clusterbook`` / ``head`` / ``probe`` /
-  ``segmenter`` (named ``<experiment>-<kind>``);
-* after ``eval``: the prediction contact sheet and example PNGs as ``wandb.Image``, the per-class
-  IoU of every cluster-probe variant as a ``wandb.Table``, and the matched confusion matrix of the
-  recorded variant as an image (drawn with PIL, no plotting library needed);
+* its group is the experiment name and the run's settings (its command-line overrides) without
+  the seed (:func:`run_group`), so the runs that differ only by seed form one group and the W&B UI
+  shows their mean ± std;
+* :class:`WandbLogger` declares each metric's summary before its first value: the best (max)
+  mIoU, pAcc and held-out modularity, the lowest (min) loss (:func:`metric_summary`);
+* after each step the pipeline calls :func:`publish_step`, which, on global rank 0 only, declares
+  the artifact files the step read as the run's inputs (lineage: the head run used the
+  clusterbook, ...), logs the files it wrote as artifacts of type ``clusterbook`` / ``head`` /
+  ``probe`` / ``segmenter`` (named ``<experiment>-<kind>``), after ``eval`` the contact sheet,
+  example predictions, the confusion-matrix and per-class IoU plots (:mod:`cause_lightning.plots`)
+  as images and the per-class IoU of every variant as a table, and then finishes the step's run
+  (no run bleeds into the next step or multirun job, rule P2);
+* ``stage=summarize`` logs one more run, ``summary-<sweep>``, with the sweep's job and statistics
+  tables and its plot (:func:`publish_summary`).
 
-and then finishes the step's W&B run, so that every step is its own run (grouped by experiment,
-named by step) and no run bleeds into the next step or multirun job (rule P2). The W&B mode is
-the ``WANDB_MODE`` environment variable (``online``, ``offline``, ``disabled``), never a logger
-argument (rule P3).
+The W&B mode is the ``WANDB_MODE`` environment variable (``online``, ``offline``, ``disabled``),
+never a logger argument (rule P3).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import netrc
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import numpy as np
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from cause_lightning.constants import HELDOUT_MODULARITY
 from cause_lightning.errors import SettingsError
 from cause_lightning.logs import get_logger
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import WandbLogger
 
 __all__ = [
     "require_wandb_login",
-    "step_loggers",
     "ARTIFACT_KINDS",
-    "confusion_image",
+    "REPEAT_KEYS",
+    "WandbLogger",
+    "declare_input",
     "instantiate_logger",
+    "is_repeat",
     "log_artifact",
     "log_evaluation",
+    "metric_summary",
     "publish_step",
+    "publish_summary",
+    "run_group",
+    "step_loggers",
     "wandb_loggers",
 ]
 
 log = get_logger(__name__)
 
-#: result key of an exported file -> W&B artifact type
+#: result key of an exported file -> W&B artifact type (the file is ``<type>.pt``)
 ARTIFACT_KINDS: dict[str, str] = {
     "artifacts/clusterbook": "clusterbook",
     "artifacts/head": "head",
     "artifacts/probe": "probe",
     "artifacts/segmenter": "segmenter",
 }
+
+#: Overrides that repeat a setting rather than change it: runs that differ only in these are
+#: repetitions (one W&B group; one mean ± std row in ``stage=summarize``).
+REPEAT_KEYS = ("seed", "artifact_tag")
+# Overrides that choose what to run, where to write or how to record it, not what is computed.
+_RECORD_KEYS = (
+    "stage",
+    "logger",
+    "callbacks",
+    "paths",
+    "sweep",
+    "sweep_dir",
+    "summary_metric",
+    "hparams_search",
+    "launcher",
+    "ckpt_path",
+    "tags",
+    "notes",
+    "data.module.root",
+    "data.module.num_workers",
+    "trainer.enable_progress_bar",
+)
+# W&B's limit on a group name.
+_GROUP_LENGTH = 128
 
 _MISSING_PACKAGES = {
     "TensorBoardLogger": (
@@ -66,6 +106,46 @@ _MISSING_PACKAGES = {
     ),
     "WandbLogger": "logger=wandb needs the `wandb` package: `pip install wandb`",
 }
+
+
+def metric_summary(key: str) -> str | None:
+    """The W&B summary of a metric.
+
+    Args:
+        key: A slash-named metric (``test/cluster/flip_crf/mIoU``, ``train/loss_front``).
+
+    Returns:
+        ``max`` for scores (mIoU, pAcc, the held-out modularity), ``min`` for losses, ``None``
+        (W&B keeps the last value) for anything else, e.g. counts such as ``train/bank_size``.
+    """
+    name = key.rsplit("/", 1)[-1]
+    if name in ("mIoU", "pAcc") or key == HELDOUT_MODULARITY:
+        return "max"
+    if name.startswith("loss") or key == "train/modularity":  # the modularity loss (method.md §4)
+        return "min"
+    return None
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's W&B logger that declares each metric's summary (:func:`metric_summary`)
+    before the metric's first value, so the run shows the best mIoU and the lowest loss."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._declared: set[str] = set()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key in metrics.keys() - self._declared:
+            summary = metric_summary(key)
+            if summary is not None:
+                # A metric's own definition replaces the "*" one Lightning makes, so it repeats
+                # Lightning's x-axis.
+                self.experiment.define_metric(
+                    key, summary=summary, step_metric="trainer/global_step", step_sync=True
+                )
+            self._declared.add(key)
+        super().log_metrics(metrics, step)
 
 
 def instantiate_logger(node: DictConfig, **overrides: Any) -> Any:
@@ -105,9 +185,57 @@ def instantiate_logger(node: DictConfig, **overrides: Any) -> Any:
         raise ModuleNotFoundError(f"{hint} ({err})") from err
 
 
+def _override_key(override: str) -> str:
+    """``"+method.num_concepts=16"`` -> ``"method.num_concepts"``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def is_repeat(override: str) -> bool:
+    """Whether a ``key=value`` override only repeats a setting (:data:`REPEAT_KEYS`)."""
+    return _under(_override_key(override), REPEAT_KEYS)
+
+
+def run_group(experiment: str, overrides: Sequence[str]) -> str:
+    """The W&B group of a run: the experiment name and its settings without the seed.
+
+    The settings are the run's command-line overrides (a sweep job's include its swept values)
+    less the repeat keys (:data:`REPEAT_KEYS`) and those that only say what to run or where to
+    record it (stage, logger, paths, ...), sorted by key. A name longer than W&B allows keeps
+    its start and ends with a digest of the whole, so different settings never share a group.
+
+    Args:
+        experiment: ``cfg.experiment_name``.
+        overrides: The run's overrides (``HydraConfig.get().overrides.task``).
+
+    Returns:
+        For example ``"mosaic_filterbank_tr method.head.temperature=0.1"``.
+    """
+    ignored = (*REPEAT_KEYS, *_RECORD_KEYS)
+    settings = sorted(
+        (o for o in overrides if not _under(_override_key(o), ignored)), key=_override_key
+    )
+    group = " ".join([experiment, *settings])
+    if len(group) > _GROUP_LENGTH:
+        digest = hashlib.sha1(group.encode()).hexdigest()[:8]
+        group = f"{group[: _GROUP_LENGTH - len(digest) - 4]}... {digest}"
+    return group
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
 def step_loggers(cfg: DictConfig, step: str) -> list[Any]:
-    """The loggers of ``cfg.logger`` for one step; a W&B run per step, named after it and
-    grouped by experiment, with the config attached."""
+    """The loggers of ``cfg.logger`` for one step; a W&B run per step, named after it, grouped
+    by :func:`run_group` (unless ``logger.wandb.group`` is set), with the config attached."""
     from cause_lightning.config import to_plain
 
     loggers = []
@@ -117,6 +245,7 @@ def step_loggers(cfg: DictConfig, step: str) -> list[Any]:
             overrides = {
                 "name": f"{cfg.experiment_name}-{step}",
                 "job_type": step,
+                "group": node.get("group") or run_group(cfg.experiment_name, _task_overrides()),
                 "config": to_plain(cfg),
             }
         loggers.append(instantiate_logger(node, **overrides))
@@ -158,23 +287,29 @@ def require_wandb_login(cfg: DictConfig) -> None:
     )
 
 
-def wandb_loggers(trainer: pl.Trainer | None) -> list[WandbLogger]:
+def wandb_loggers(trainer: pl.Trainer | None) -> list[LightningWandbLogger]:
     """The trainer's W&B loggers on global rank 0 (empty elsewhere, or without W&B)."""
     if trainer is None or not trainer.is_global_zero:
         return []
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover - Lightning always ships the class
-        return []
-    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    return [logger for logger in trainer.loggers if isinstance(logger, LightningWandbLogger)]
 
 
-def _artifact_name(experiment: str, kind: str) -> str:
+def _file_artifact(path: Path, kind: str, experiment: str) -> Any:
+    """A W&B artifact ``<experiment>-<kind>`` holding one file. The producing and the consuming
+    step build it identically, so W&B finds one version (by content digest) for both."""
+    import wandb
+
     # W&B artifact names allow letters, digits, '-', '_' and '.'.
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}-{kind}")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{experiment}-{kind}")
+    metadata = {"file": path.name, "bytes": path.stat().st_size}
+    artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+    artifact.add_file(str(path), name=path.name)
+    return artifact
 
 
-def log_artifact(logger: WandbLogger, path: str | Path, kind: str, experiment: str) -> None:
+def log_artifact(
+    logger: LightningWandbLogger, path: str | Path, kind: str, experiment: str
+) -> None:
     """Upload (or, offline, stage for ``wandb sync``) one exported file as a W&B artifact.
 
     Args:
@@ -183,90 +318,55 @@ def log_artifact(logger: WandbLogger, path: str | Path, kind: str, experiment: s
         kind: Artifact type (the file's kind).
         experiment: Experiment name; the artifact is ``<experiment>-<kind>``.
     """
-    import wandb
-
-    path = Path(path)
-    artifact = wandb.Artifact(
-        _artifact_name(experiment, kind),
-        type=kind,
-        metadata={"file": path.name, "bytes": path.stat().st_size},
-    )
-    artifact.add_file(str(path), name=path.name)
+    artifact = _file_artifact(Path(path), kind, experiment)
     logger.experiment.log_artifact(artifact)
     log.info("W&B artifact %s (%s) from %s", artifact.name, kind, path)
 
 
-def confusion_image(
-    confusion: np.ndarray | list[list[int]],
-    assignment: np.ndarray | list[int] | None,
-    class_names: list[str] | None = None,
-    cell: int | None = None,
-) -> np.ndarray:
-    """Draw the matched confusion matrix (rows: true class, columns: predicted class).
+def declare_input(logger: LightningWandbLogger, path: str | Path, experiment: str) -> None:
+    """Declare an artifact file a step read as an input of its W&B run (lineage).
 
-    Cluster ``k`` is counted as class ``assignment[k]``; unmatched clusters (``-1``) are dropped
-    (they are errors in the metric, protocol.md §5). Rows are normalised to sum to 1 (recall per
-    class); a cell's colour goes from white (0) to dark blue (1): ``rgb = 255 - v * (255, 153,
-    0)``.
+    The artifact is built from the local file exactly as the producing step logged it, so W&B
+    links the version that step logged (or creates it, when that step logged nothing).
+    ``Run.use_artifact`` does this for such an artifact online but refuses any artifact
+    offline, where looking a name up is impossible; a local artifact needs no look-up, so both
+    modes record it the way ``use_artifact`` does, as used once committed, and ``wandb sync``
+    links it later.
 
     Args:
-        confusion: Long ``[C, K]`` pixel counts, ground-truth class x cluster.
-        assignment: ``[K]`` cluster -> class, or ``None`` for the identity (``K == C``).
-        class_names: Row labels (drawn when cells are large enough).
-        cell: Cell side in pixels (default: fits the matrix in about 720 pixels).
+        logger: The step's W&B logger.
+        path: ``clusterbook.pt``, ``head.pt`` or ``probe.pt`` (the type is the file's stem).
+        experiment: Experiment name; the artifact is ``<experiment>-<type>``.
 
-    Returns:
-        ``uint8 [H, W, 3]`` image. The matrix fills the bottom-right ``C * cell`` square; above it
-        a one-cell header holds the column indices and to its left the row labels.
+    Raises:
+        ValueError: When the file is not one of the artifact kinds.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    matrix = np.asarray(confusion, dtype=np.float64)  # C K
-    classes, clusters = matrix.shape
-    mapping = np.arange(clusters) if assignment is None else np.asarray(assignment, dtype=np.int64)
-    matched = np.zeros((classes, classes), dtype=np.float64)  # C C: true x predicted class
-    for k in range(clusters):
-        if 0 <= mapping[k] < classes:
-            matched[:, mapping[k]] += matrix[:, k]
-    totals = matched.sum(axis=1, keepdims=True)  # C 1
-    recall = np.divide(matched, totals, out=np.zeros_like(matched), where=totals > 0)  # C C
-    size = cell or int(max(4, min(32, 720 // max(classes, 1))))
-    names = list(class_names or [str(i) for i in range(classes)])
-    labelled = size >= 12
-    left = (max(len(n) for n in names) * 6 + 8) if labelled else 0
-    top = size
-    shade = (recall[..., None] * np.array([255.0, 153.0, 0.0])).round()  # C C 3
-    grid = (255 - shade).astype(np.uint8)  # C C 3
-    grid = grid.repeat(size, axis=0).repeat(size, axis=1)  # (C s) (C s) 3
-    canvas = np.full((top + grid.shape[0], left + grid.shape[1], 3), 255, dtype=np.uint8)
-    canvas[top:, left:] = grid
-    if not labelled:
-        return canvas
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    for i, name in enumerate(names):
-        draw.text((2, top + i * size + size // 2 - 5), name, fill=(0, 0, 0), font=font)
-        draw.text((left + i * size + 2, 1), str(i), fill=(0, 0, 0), font=font)
-    return np.asarray(image, dtype=np.uint8).copy()
+    path = Path(path)
+    if path.stem not in ARTIFACT_KINDS.values():
+        raise ValueError(f"{path} is not a stage artifact ({sorted(ARTIFACT_KINDS.values())})")
+    artifact = _file_artifact(path, path.stem, experiment)
+    logger.experiment._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+    log.info("W&B input %s (%s) from %s", artifact.name, path.stem, path)
 
 
-def log_evaluation(logger: WandbLogger, report_path: str | Path, predictions: str | None) -> None:
-    """Log the evaluation report's images, per-class IoU table and confusion matrix to W&B.
+def log_evaluation(logger: LightningWandbLogger, results: dict[str, Any]) -> None:
+    """Log the evaluation's images, plots, per-class IoU table and held-out objective to W&B.
 
     Args:
         logger: The eval step's W&B logger.
-        report_path: ``metrics.json`` written by :func:`cause_lightning.report.write_report`.
-        predictions: Directory of the prediction PNGs (contact sheet and examples), or ``None``.
+        results: The eval step's results: ``artifacts/metrics`` (``metrics.json``),
+            ``artifacts/predictions`` (prediction PNGs), ``artifacts/plot/...`` (plots) and
+            the held-out modularity when the probe recorded one.
     """
     import wandb
 
-    report = json.loads(Path(report_path).read_text())
+    report = json.loads(Path(results["artifacts/metrics"]).read_text())
     details: dict[str, Any] = report.get("details", {})
     class_names: list[str] = list(report.get("class_names") or [])
     variant = report.get("record_variant")
     payload: dict[str, Any] = {}
 
+    predictions = results.get("artifacts/predictions")
     if predictions and Path(predictions).is_dir():
         directory = Path(predictions)
         sheet = directory / "contact_sheet.png"
@@ -292,42 +392,105 @@ def log_evaluation(logger: WandbLogger, report_path: str | Path, predictions: st
         ]
         payload["eval/per_class_iou"] = wandb.Table(columns=columns, data=rows)
 
-    confusion = details.get(f"{prefix}{variant}/confusion")
-    if confusion is not None:
-        picture = confusion_image(
-            confusion, details.get(f"{prefix}{variant}/assignment"), class_names or None
-        )
-        payload["eval/confusion_matrix"] = wandb.Image(
-            picture, caption=f"cluster/{variant}: rows true class, columns matched prediction"
-        )
+    plots = {  # W&B key: (result key, caption)
+        "eval/confusion_matrix": (
+            "artifacts/plot/confusion_matrix",
+            f"cluster/{variant}: rows true class (normalised), columns matched prediction",
+        ),
+        "eval/per_class_iou_plot": ("artifacts/plot/per_class_iou", f"cluster/{variant}"),
+    }
+    for key, (result, caption) in plots.items():
+        if results.get(result) and Path(results[result]).is_file():
+            payload[key] = wandb.Image(str(results[result]), caption=caption)
     if payload:
         logger.experiment.log(payload)
+    if results.get(HELDOUT_MODULARITY) is not None:
+        logger.log_metrics({HELDOUT_MODULARITY: float(results[HELDOUT_MODULARITY])})
 
 
 def publish_step(
-    trainer: pl.Trainer | None, step: str, results: dict[str, Any], experiment: str
+    trainer: pl.Trainer | None,
+    step: str,
+    results: dict[str, Any],
+    experiment: str,
+    inputs: Sequence[str | Path | None] = (),
 ) -> None:
-    """Log a finished step's artifacts (and eval report) to W&B, then finish its W&B run.
+    """Declare a finished step's inputs, log its artifacts (and eval report) to W&B, then finish
+    its W&B run.
 
-    Does nothing unless ``trainer`` has a :class:`WandbLogger` and this is global rank 0.
+    Does nothing unless ``trainer`` has a W&B logger and this is global rank 0.
 
     Args:
         trainer: The step's trainer (the last one the pipeline built).
         step: ``mediator``, ``head``, ``probe`` or ``eval``.
         results: The step's results (``artifacts/...`` paths, metrics).
         experiment: ``cfg.experiment_name`` (artifact names).
+        inputs: The artifact files the step read (``clusterbook.pt`` for ``head``, ...); those
+            that do not exist (or ``None``) are skipped.
     """
     loggers = wandb_loggers(trainer)
     for logger in loggers:
+        for path in inputs:
+            if path is not None and Path(path).is_file():
+                declare_input(logger, path, experiment)
         for key, kind in ARTIFACT_KINDS.items():
             path = results.get(key)
             if path and Path(path).is_file():
                 log_artifact(logger, path, kind, experiment)
         if step == "eval" and results.get("artifacts/metrics"):
-            log_evaluation(
-                logger, results["artifacts/metrics"], results.get("artifacts/predictions")
-            )
+            log_evaluation(logger, results)
     for logger in loggers:
         run = getattr(logger, "_experiment", None)
         if run is not None and hasattr(run, "finish"):
             run.finish()
+
+
+def publish_summary(
+    cfg: DictConfig,
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    stats: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> None:
+    """Log a sweep's summary as its own W&B run, ``summary-<sweep directory name>`` (job type
+    ``summarize``), for every W&B logger of ``cfg.logger``: the jobs and the mean ± std tables
+    (``summary/jobs``, ``summary/statistics``), the sweep plot (``summary/plot``) and, in the
+    run summary, the best job and its metric.
+
+    Args:
+        cfg: The ``stage=summarize`` config (``sweep_dir``, ``logger``).
+        rows: One row per job (:func:`cause_lightning.tasks.collect_sweep`).
+        columns: The columns of ``summary.csv``.
+        stats: :func:`cause_lightning.tasks.sweep_statistics`.
+        summary: The summarize results (``summary/plot``, ``summary/best_job``, ...).
+    """
+    from cause_lightning.config import to_plain
+
+    nodes = [
+        n for n in (cfg.get("logger") or {}).values() if "WandbLogger" in str(n.get("_target_"))
+    ]
+    if not nodes:
+        return
+    import wandb
+
+    name = f"summary-{Path(str(cfg.sweep_dir)).name}"
+    statistics = ["group", "metric", "mean", "std", "n"]
+    for node in nodes:
+        logger = instantiate_logger(
+            node, name=name, job_type="summarize", group=node.get("group"), config=to_plain(cfg)
+        )
+        run = logger.experiment
+        payload: dict[str, Any] = {
+            "summary/jobs": wandb.Table(
+                columns=columns, data=[[row.get(c) for c in columns] for row in rows]
+            ),
+            "summary/statistics": wandb.Table(
+                columns=statistics, data=[[s[c] for c in statistics] for s in stats]
+            ),
+        }
+        if summary.get("summary/plot"):
+            payload["summary/plot"] = wandb.Image(summary["summary/plot"])
+        run.log(payload)
+        for key in ("summary/best_job", "summary/metric", "objective"):
+            run.summary[key] = summary.get(key)
+        run.finish()

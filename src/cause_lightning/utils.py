@@ -57,7 +57,9 @@ def cores_per_rank(local_processes: int = 1) -> int:
     """CPU cores this process may use, shared fairly among the processes of one node.
 
     Counts the cores the process is allowed to run on (CPU affinity, which containers and job
-    schedulers restrict), not the machine's total.
+    schedulers restrict), not the machine's total. A process that SLURM started as one task per
+    rank (``SLURM_NTASKS_PER_NODE`` equal to ``local_processes``, e.g. ``+launcher=slurm``) owns
+    the ``SLURM_CPUS_PER_TASK`` cores allocated to its task: they are not shared again.
 
     Args:
         local_processes: Processes of this run on the node (DDP ranks per node).
@@ -69,7 +71,12 @@ def cores_per_rank(local_processes: int = 1) -> int:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
         available = os.cpu_count() or 1
-    return max(1, available // max(1, int(local_processes)))
+    local_processes = max(1, int(local_processes))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    if per_task.isdigit() and tasks.isdigit() and int(tasks) == local_processes:
+        return max(1, min(available, int(per_task)))
+    return max(1, available // local_processes)
 
 
 @functools.lru_cache(maxsize=1)

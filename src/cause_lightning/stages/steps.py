@@ -213,7 +213,7 @@ def train_head(run: RunContext) -> dict[str, Any]:
     payload = {**module.export(), "meta": provenance(run, spec)}
     entry = _handed_on(run, "head", built, target, payload, inputs)
     results = {"artifacts/head": str(entry.file)}
-    publish_step(built, "head", results, str(run.cfg.experiment_name))
+    publish_step(built, "head", results, str(run.cfg.experiment_name), [book.file])
     return results
 
 
@@ -247,7 +247,7 @@ def fit_probe(run: RunContext) -> dict[str, Any]:
     }
     entry = _handed_on(run, "probe", built, target, {**module.export(), "meta": meta}, inputs)
     results = {"artifacts/probe": str(entry.file)}
-    publish_step(built, "probe", results, str(run.cfg.experiment_name))
+    publish_step(built, "probe", results, str(run.cfg.experiment_name), [head_entry.file])
     return results
 
 
@@ -317,7 +317,8 @@ def evaluate(run: RunContext) -> dict[str, Any]:
         segmenter = Segmenter(**arguments)
         results["artifacts/segmenter"] = str(segmenter.save(target / SEGMENTER_FILE))
     _handed_on(run, "eval", built, target, None, inputs={"probe": probe_entry.content})
-    publish_step(built, "eval", results, str(run.cfg.experiment_name))
+    read = [book_entry.file, head_entry.file, probe_entry.file]
+    publish_step(built, "eval", results, str(run.cfg.experiment_name), read)
     return results
 
 
