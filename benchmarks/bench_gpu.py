@@ -7,7 +7,8 @@ Run through ``benchmarks/gpu.sh``. Sections (each line starts with its label in 
 * ``[steps]``: one training step of each stage (backbone included, bf16 autocast, bf16 products)
   for ViT-B/8 TR at the reference shapes; the head step with the full bank of 204,800 entries,
   ms per step and peak GPU memory;
-* ``[eval]``: per image, the forward with its flip on the GPU and one DenseCRF call on the CPU;
+* ``[eval]``: per image, the forward with its flip on the GPU and, on one CPU process, its three
+  DenseCRFs on one lattice, timed on scikit-image's photos (``bench_crf.real_photo_crf_seconds``);
 * ``[projection]``: the full schedule's wall time from those figures.
 
 Random weights throughout: nothing is downloaded. ``--tiny`` runs every section at toy sizes on
@@ -26,10 +27,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cause_lightning.crf import default_crf_workers
 from cause_lightning.models import ConceptBank, LinearProbe, TRHead, build_backbone
 from cause_lightning.modules.head import HeadModule
 from cause_lightning.modules.mediator import MediatorModule
@@ -39,7 +40,6 @@ from cause_lightning.modules.probe import ProbeModule
 CROPS = 488_510
 VAL_IMAGES = 2_175
 EPOCHS = {"mediator": 1, "head": 2, "probe": 5}
-CRF_CALLS_PER_IMAGE = 3  # cluster crf, cluster flip_crf, linear crf
 
 
 def _sync(device: torch.device) -> None:
@@ -236,25 +236,18 @@ def eval_figures(
     per_image = timed(forward_flip, device, 1, args.iters) / args.eval_batch
     print(f"[eval] forward + flip on {device.type}: {per_image * 1e3:8.2f} ms/image", flush=True)
     out = {"eval_forward": per_image}
-    from cause_lightning.crf import crf_available, dense_crf
+    from bench_crf import CRFS_PER_IMAGE, real_photo_crf_seconds
+
+    from cause_lightning.crf import crf_available
 
     if crf_available():
-        rng = np.random.default_rng(0)
-        # A photo-like image (smooth regions): per-pixel noise is DenseCRF's worst case.
-        coarse = torch.from_numpy(rng.integers(0, 256, (1, 3, 10, 10)).astype(np.float32))
-        smooth = F.interpolate(coarse, size=(size, size), mode="bilinear")[0]
-        image = smooth.permute(1, 2, 0).round().to(torch.uint8).numpy()  # H W 3
-        # Scores as the eval pipeline makes them: one per patch, upsampled, 3 x cosine.
-        cos = torch.rand(1, args.classes, grid, grid) * 2 - 1
-        up = F.interpolate(cos, size=(size, size), mode="bilinear")[0]
-        logits = torch.log_softmax(3.0 * up, 0).numpy()
-        crf = timed(lambda: dense_crf(image, logits, 10), torch.device("cpu"), 1, 3)
+        crf = real_photo_crf_seconds(size, args.classes)
         print(
-            f"[eval] DenseCRF {size}px, {args.classes} classes, 10 iterations, one CPU "
-            f"process: {crf:.3f} s/call ({CRF_CALLS_PER_IMAGE} calls per image)",
+            f"[eval] DenseCRF {size}px real photos, {args.classes} classes, 10 iterations, "
+            f"{CRFS_PER_IMAGE} CRFs per image on one lattice, one CPU process: {crf:.3f} s/image",
             flush=True,
         )
-        out["crf"] = crf
+        out["crf_image"] = crf
     else:
         print("[eval] DenseCRF: pydensecrf2 missing, CRF left out of the projection", flush=True)
     return out
@@ -276,17 +269,18 @@ def projection(figures: dict[str, float], args: argparse.Namespace) -> None:
         seconds = figures[stage] * scale * steps_per_epoch * epochs
         total += seconds
         print(f"[projection] {stage:<8} {epochs} epoch(s): {seconds / 3600:7.2f} h")
-    cores = args.crf_processes or os.cpu_count() or 1
+    workers = args.crf_processes or default_crf_workers()  # the eval's default pool
     if "eval_forward" in figures:
         forward = figures["eval_forward"] * VAL_IMAGES
-        crf = figures.get("crf", 0.0) * CRF_CALLS_PER_IMAGE * VAL_IMAGES
+        crf = figures.get("crf_image", 0.0) * VAL_IMAGES
         # The CRF runs on the CPU beside the GPU forward: the slower of the two sets the pace.
-        overlapped = max(forward, crf / cores)
+        overlapped = max(forward, crf / workers)
         total += overlapped
         print(
             f"[projection] eval {VAL_IMAGES:,} images: forward {forward / 60:.1f} min, CRF "
-            f"{crf / 3600:.2f} h in one process, {crf / cores / 60:.1f} min over {cores} "
-            f"processes; eval {overlapped / 60:.1f} min with the CRF overlapped"
+            f"(real photos, one lattice per image) {crf / 3600:.2f} h in one process, "
+            f"{crf / workers / 60:.1f} min over {workers} worker processes; eval "
+            f"{overlapped / 60:.1f} min with the CRF overlapped"
         )
     print(f"[projection] TOTAL full schedule on this machine: {total / 3600:.2f} h", flush=True)
 
