@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from cause_lightning.artifacts import load_artifact
 from cause_lightning.inference import bilinear_matmul, upsample_to
 from cause_lightning.modules.base import linear_probe_loss
+from cause_lightning.precision import apply_stage_precision
 from cause_lightning.run import run
 
 # (h, w) -> (H, W): odd sizes, up, down, one axis each way, a single row, the eval's 40 -> 320.
@@ -117,18 +118,40 @@ def test_deterministic_loss_equals_the_default_loss_in_float64(deterministic) ->
     torch.testing.assert_close(grad, default_grad, rtol=0, atol=1e-12)
 
 
+def test_gpu_stages_keep_cudnn_autotuning_off_under_the_setting(deterministic) -> None:
+    matmul, tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        for stage in ("mediator", "head", "probe", "eval"):
+            torch.backends.cudnn.benchmark = False
+            settings = apply_stage_precision(stage, on_gpu=True)
+            assert settings is not None and not settings.cudnn_benchmark
+            assert not torch.backends.cudnn.benchmark, stage
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def _two_runs(tiny, tmp_path: Path, *trainer: str) -> None:
-    """mediator -> head (TR) -> probe twice; every artifact identical bit for bit."""
+    """``stage=all`` (TR head) twice: every artifact and metric identical bit for bit."""
     records = []
     for tag in ("first", "second"):
-        for stage in ("mediator", "head", "probe"):
-            run(tiny(f"stage={stage}", "head=tr", f"artifact_tag={tag}", *trainer))
+        results = run(
+            tiny(
+                "stage=all",
+                "head=tr",
+                f"artifact_tag={tag}",
+                "method.eval.variants=[raw,flip]",
+                "method.eval.baselines=false",
+                *trainer,
+            )
+        )
         root = tmp_path / "artifacts" / "mosaic" / f"tiny_vit-{tag}"
         records.append(
             {
                 "clusterbook": load_artifact(root / "clusterbook.pt", "clusterbook", "mediator"),
                 "head": load_artifact(root / "tr" / "head.pt", "head", "head"),
                 "probe": load_artifact(root / "tr" / "probe.pt", "probe", "probe"),
+                "metrics": {k: v for k, v in results.items() if k.startswith("test/")},
             }
         )
     first, second = records
@@ -141,6 +164,7 @@ def _two_runs(tiny, tmp_path: Path, *trainer: str) -> None:
         for name, tensor in first[record][key].items():
             assert torch.equal(tensor, second[record][key][name]), (record, key, name)
     assert torch.equal(first["probe"]["centroids"], second["probe"]["centroids"])
+    assert first["metrics"] and first["metrics"] == second["metrics"]
 
 
 def test_two_cpu_runs_with_the_setting_give_identical_weights(
