@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cause_lightning.config import stage_module
 from cause_lightning.models import ConceptBank, LinearProbe, MLPHead, TRHead, build_backbone
 from cause_lightning.modules.head import HeadModule
-from cause_lightning.modules.mediator import MediatorModule
 from cause_lightning.modules.probe import ProbeModule
 from cause_lightning.ops import (
     concept_contrastive_loss,
@@ -141,20 +141,23 @@ class Setup:
         with torch.inference_mode():
             self.backbone(self.images)
 
-    def head_factory(self, kind: str) -> Callable[..., torch.nn.Module]:
+    def new_head(self, kind: str) -> torch.nn.Module:
         if kind == "tr":
-            return functools.partial(TRHead, reduced_dim=self.args.reduced, dropout=0.1)
-        return functools.partial(MLPHead, reduced_dim=self.args.reduced)
+            grid = self.grid * self.grid
+            return TRHead(
+                self.dim, self.args.reduced, num_queries=grid, clusterbook=self.clusterbook
+            )
+        return MLPHead(self.dim, reduced_dim=self.args.reduced)
 
     def head_module(self, kind: str, bank_size: int) -> HeadModule:
         capacity = max(1, bank_size // self.args.concepts)
-        module = HeadModule(
+        module = stage_module(
+            "head",
             self.backbone,
-            self.head_factory(kind),
-            self.clusterbook,
+            head=self.new_head(kind),
+            clusterbook=self.clusterbook,
             num_classes=self.args.classes,
-            head_type=kind,
-            num_queries=self.grid * self.grid,
+            lr=4e-3,
             projection_dim=self.args.projection,
             bank_capacity=capacity,
             debug_checks=False,
@@ -162,6 +165,19 @@ class Setup:
         if bank_size:
             fill_bank(module.bank, capacity, self.device)
         return module
+
+    def probe_module(self) -> ProbeModule:
+        head = self.new_head("tr")
+        linear = LinearProbe(self.args.reduced, self.args.classes)
+        return stage_module(
+            "probe",
+            self.backbone,
+            head=head,
+            linear=linear,
+            num_classes=self.args.classes,
+            lr=4e-3,
+            cluster_lr=4e-3,
+        ).to(self.device)
 
 
 def fill_bank(bank: ConceptBank, capacity: int, device: torch.device) -> None:
@@ -312,14 +328,10 @@ def bench_bank(s: Setup, bank_size: int, backbone_s: float) -> dict[str, Any]:
 
 def bench_stages(s: Setup, backbone_s: float, bank_size: int) -> list[dict[str, Any]]:
     rows = []
-    mediator = MediatorModule(s.backbone, num_concepts=s.args.concepts).to(s.device)
+    mediator = stage_module("mediator", s.backbone, num_concepts=s.args.concepts, lr=4e-3)
+    mediator = mediator.to(s.device)
     head_tr = s.head_module("tr", bank_size)
-    head = TRHead(
-        s.dim, reduced_dim=s.args.reduced, num_queries=s.grid**2, clusterbook=s.clusterbook
-    )
-    probe = ProbeModule(
-        s.backbone, head, LinearProbe(s.args.reduced, s.args.classes), num_classes=s.args.classes
-    ).to(s.device)
+    probe = s.probe_module()
     modules = {"mediator": mediator, f"head TR, bank {bank_size}": head_tr, "probe": probe}
     for name, module in modules.items():
         module.train()
@@ -346,12 +358,7 @@ def bench_stages(s: Setup, backbone_s: float, bank_size: int) -> list[dict[str, 
 
 
 def bench_probe(s: Setup, backbone_s: float) -> dict[str, Any]:
-    head = TRHead(
-        s.dim, reduced_dim=s.args.reduced, num_queries=s.grid**2, clusterbook=s.clusterbook
-    )
-    probe = ProbeModule(
-        s.backbone, head, LinearProbe(s.args.reduced, s.args.classes), num_classes=s.args.classes
-    ).to(s.device)
+    probe = s.probe_module()
     probe.train()
     probe.extract = lambda images: s.features  # the step without its backbone forward
     optimizer = _optimizer(probe)
@@ -420,14 +427,15 @@ def bench_eval(s: Setup, backbone_s: float) -> list[dict[str, Any]]:
     return rows
 
 
-def default_workers() -> int:
-    """``num_workers`` of the COCO-Stuff data config (the default of a real run)."""
+def default_workers() -> int | None:
+    """``num_workers`` of the COCO-Stuff data config, the default of a real run (``None``: the
+    data module's own rule, :meth:`SegDataModule.workers`)."""
     from omegaconf import OmegaConf
 
-    return int(OmegaConf.load(ROOT / "conf" / "data" / "cocostuff27.yaml").module.num_workers)
+    return OmegaConf.load(ROOT / "conf" / "data" / "cocostuff27.yaml").module.num_workers
 
 
-def bench_data(s: Setup, backbone_s: float, images: int, workers: int) -> dict[str, Any]:
+def bench_data(s: Setup, backbone_s: float, images: int, workers: int | None) -> dict[str, Any]:
     from PIL import Image
 
     from cause_lightning.data.folder import FolderDataModule
@@ -463,9 +471,10 @@ def bench_data(s: Setup, backbone_s: float, images: int, workers: int) -> dict[s
         start = time.perf_counter()
         epoch()
         elapsed = time.perf_counter() - start
+        used = data.workers()  # the data module's rule when the config leaves it to it
     per_batch = elapsed * s.args.batch / images
     return row(
-        f"data pipeline: decode + crop + transform, {workers} workers",
+        f"data pipeline: decode + crop + transform, {used} workers",
         per_batch,
         0.0,
         backbone_s,
@@ -508,7 +517,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="seconds above which a call is timed once after its warm-up",
     )
     parser.add_argument("--data-images", type=int, default=96)
-    parser.add_argument("--workers", type=int, default=None, help="default: the data config's")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data loader workers (default: the data config's)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--skip", default="", help="comma list of: stages,data,eval,contrastive")
     parser.add_argument("--device", default="cpu")
@@ -521,6 +532,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     skip = {part for part in args.skip.split(",") if part}
     banks = [int(b) for b in args.banks.split(",") if b != ""]
+    # Read before the long rows, so that a config it cannot use stops the run at once.
+    workers = default_workers() if args.workers is None else args.workers
     started = time.perf_counter()
     s = Setup(args, device)
     rows: list[dict[str, Any]] = []
@@ -563,7 +576,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "stages" not in skip:
         emit(bench_stages(s, backbone_s, args.stage_bank))
     if "data" not in skip:
-        workers = default_workers() if args.workers is None else args.workers
         emit(bench_data(s, backbone_s, args.data_images, workers))
 
     out = Path(args.out)

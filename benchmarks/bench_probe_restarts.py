@@ -24,7 +24,6 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 
 from cause_lightning.__main__ import config_dir
-from cause_lightning.config import register_configs
 from cause_lightning.run import run
 
 REFERENCE = ["method.probe.init=reference", "method.probe.restarts=1"]
@@ -72,7 +71,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("cause_lightning").setLevel(logging.WARNING)
     root = args.root.resolve()
-    register_configs()
     initialize_config_dir(config_dir=config_dir(), version_base="1.3")
 
     rows = []

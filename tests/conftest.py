@@ -33,9 +33,7 @@ def compose(tmp_path: Path) -> Iterator[Callable[..., object]]:
     from hydra.core.global_hydra import GlobalHydra
 
     from cause_lightning.__main__ import config_dir
-    from cause_lightning.config import register_configs
 
-    register_configs()
     GlobalHydra.instance().clear()
     initialize_config_dir(config_dir=config_dir(), version_base="1.3")
 

@@ -10,7 +10,10 @@ from hydra.utils import get_class, get_method, instantiate
 from omegaconf import OmegaConf
 
 from cause_lightning.__main__ import config_dir
-from cause_lightning.models import list_backbones
+from cause_lightning.config import SettingsError, validate
+from cause_lightning.models import build_head, list_backbones
+from cause_lightning.models.heads import head_arguments, head_class
+from cause_lightning.specs import HeadSpec
 
 CONF = Path(config_dir())
 
@@ -45,7 +48,10 @@ def test_every_option_composes(compose, group: str) -> None:
     names = options(group)
     assert names, f"conf/{group} is empty"
     for name in names:
-        extra = ["data.num_classes=3"] if (group, name) == ("data", "folder") else []
+        extra = {
+            ("data", "folder"): ["data.num_classes=3"],
+            ("backbone", "timm"): ["backbone.model=vit_tiny_patch16_224"],
+        }.get((group, name), [])
         cfg = compose(f"{group}={name}", *extra)
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         node = cfg.get(group)
@@ -59,6 +65,8 @@ def test_backbone_configs_match_registry() -> None:
     registered = set(list_backbones())
     for name in options("backbone"):
         cfg = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
+        if cfg._target_ != "cause_lightning.models.build_backbone":
+            continue  # backbone=timm: any timm model, labelled by its name
         assert cfg.name == name
         assert name in registered
 
@@ -77,10 +85,11 @@ def test_experiment_presets_compose(compose, name: str) -> None:
     # published rows: the reference probe and the reference's per-rank step count
     assert (cfg.method.probe.init, cfg.method.probe.restarts) == ("reference", 1)
     assert cfg.method.reference_schedule and cfg.method.reference_world_size == 4
-    # the head factory instantiates with the backbone width only
-    factory = instantiate(cfg.head.module)
-    kwargs = {"num_queries": 4} if head == "tr" else {}
-    assert factory(dim=16, **kwargs).reduced_dim == 90
+    # the head builds from its YAML and what its traits ask of the pipeline
+    node = OmegaConf.to_container(cfg.head.module)
+    target = node.pop("_target_")
+    runtime = head_arguments(head_class(target), dim=16, num_queries=4, num_concepts=8)
+    assert build_head(HeadSpec(target, {**node, **runtime})).reduced_dim == 90
 
 
 @pytest.mark.parametrize("data", ["cocostuff27", "cityscapes27"])
@@ -110,13 +119,15 @@ def test_datamodules_instantiate_without_touching_disk(compose, tmp_path: Path) 
     assert not (tmp_path / "data").exists()
 
 
-def test_badly_typed_override_is_rejected_at_compose_time(compose) -> None:
-    with pytest.raises(ConfigCompositionException, match="num_concepts"):
-        compose("method.num_concepts=abc")
-    with pytest.raises(ConfigCompositionException):
-        compose("method.probe.head_dropout=maybe")
-    with pytest.raises(ConfigCompositionException):
-        compose("data.num_classes=many")
+def test_badly_typed_override_is_refused_before_any_work(compose) -> None:
+    with pytest.raises(SettingsError, match=r"method\.num_concepts='abc' must be an integer"):
+        validate(compose("method.num_concepts=abc"))
+    with pytest.raises(SettingsError, match=r"method\.probe\.head_dropout='maybe' must be true"):
+        validate(compose("method.probe.head_dropout=maybe"))
+    with pytest.raises(SettingsError, match=r"data\.num_classes='many' must be an integer"):
+        validate(compose("data.num_classes=many"))
+    with pytest.raises(SettingsError, match=r"method\.probe\.init='kmeans' must be one of"):
+        validate(compose("method.probe.init=kmeans"))
 
 
 def test_unknown_key_is_rejected(compose) -> None:

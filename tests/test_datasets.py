@@ -879,21 +879,21 @@ def test_data_yaml(name: str) -> None:
     assert cfg["name"] == name == cls.name and cfg["num_classes"] == cls.num_classes
     assert cfg["module"]["root"] == "${paths.data_dir}"
     recipe = cfg["recipe"]
-    assert recipe["resolution"] == {"train": {"tr": 320, "mlp": 224}, "test": 320}
+    assert recipe["resolution"] == {"test": 320}  # each head brings its training resolution
     # protocol.md §3; the data module's class holds it (data.module.crops overrides it)
     protocol_crops = {"cocostuff27": "five", "cityscapes27": "five", "pascalvoc21": "super"}
     assert "crops" not in recipe and cls.default_crops == protocol_crops.get(name, "double")
-    # method.md §8
-    if name == "cityscapes27":
-        assert recipe["weight_decay"] == 0 and recipe["clip"] == {
-            "head": {"tr": 1.0, "mlp": 1.0},
-            "probe": {"tr": 1.0, "mlp": 1.0},
-        }
-    else:
-        assert recipe["weight_decay"] == pytest.approx(1e-4)
-        assert recipe["clip"]["head"] == {"tr": 2.0, "mlp": 0.1}
-        probe = {"tr": 2.0, "mlp": 0.1} if name == "cocostuff27" else {"tr": None, "mlp": None}
-        assert recipe["clip"]["probe"] == probe
+    assert recipe["weight_decay"] == pytest.approx(0.0 if name == "cityscapes27" else 1e-4)
+    # method.md §8: the effective per-head values, the head's unless the dataset overrides them
+    from cause_lightning.config import compose
+    from cause_lightning.config.derive import train_resolution
+
+    for head, own in (("tr", 2.0), ("mlp", 0.1)):
+        composed = compose(f"data={name}", f"head={head}")
+        clip = 1.0 if name == "cityscapes27" else own
+        probe_clip = clip if name in ("cityscapes27", "cocostuff27") else None
+        assert (composed.method.head.clip, composed.method.probe.clip) == (clip, probe_clip)
+        assert train_resolution(composed) == (None if head == "tr" else 224)
     if name.startswith("coco"):
         assert cfg["module"]["train_list"] == "Coco164kFull_Stuff_Coarse.txt"
 

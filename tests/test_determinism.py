@@ -1,6 +1,6 @@
-"""Run-to-run identical training under ``trainer.deterministic=true`` (docs/performance.md §9): the
-separable bilinear upsampling equals ``F.interpolate`` forward and backward, the default path is
-untouched, and two runs of the stages give identical weights."""
+"""Run-to-run identical training under ``trainer.deterministic=true`` (docs/performance.md §10):
+the separable bilinear upsampling equals ``F.interpolate`` forward and backward, the default path
+is untouched, and two runs of the stages give identical weights."""
 
 from __future__ import annotations
 

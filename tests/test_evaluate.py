@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from cause_lightning.config import stage_module
 from cause_lightning.crf import CRFRunner, crf_available, dense_crf
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule
-from cause_lightning.specs import HeadSpec
+from cause_lightning.specs import builtin_head_spec
 
 C = 4
 
@@ -21,9 +22,10 @@ C = 4
 def module(crf_runner: CRFRunner | None = None, **kwargs: object) -> EvalModule:
     torch.manual_seed(0)
     backbone = build_backbone("tiny_vit")
-    head = build_head(HeadSpec("mlp", int(backbone.embed_dim), 8, 0.1)).eval()
+    head = build_head(builtin_head_spec("mlp", int(backbone.embed_dim), 8, 0.1)).eval()
     variants = ["raw", "flip", "crf", "flip_crf"] if crf_runner else ["raw", "flip"]
-    return EvalModule(
+    return stage_module(
+        "eval",
         backbone,
         head=head,
         centroids=torch.randn(C, 8),
@@ -33,6 +35,7 @@ def module(crf_runner: CRFRunner | None = None, **kwargs: object) -> EvalModule:
         crf_runner=crf_runner,
         kmeans_restarts=1,
         save_images=3,
+        overcluster=None,
         **kwargs,
     )
 

@@ -3,12 +3,12 @@ deferred finiteness check, a bank in the product's dtype that travels in the sta
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import pytest
 import torch
 
+from cause_lightning.config import stage_module
 from cause_lightning.models import TRHead, build_backbone
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.modules.head import HeadModule
@@ -18,19 +18,26 @@ from host_sync import HostSyncs
 MAX_SYNCS = 2
 
 
-def _module(**kwargs: object) -> HeadModule:
-    torch.manual_seed(0)
-    return HeadModule(
+def _head_module(head: torch.nn.Module, clusterbook: torch.Tensor, **kwargs: object) -> HeadModule:
+    kwargs.setdefault("debug_checks", True)
+    return stage_module(
+        "head",
         build_backbone("tiny_vit"),
-        functools.partial(TRHead, reduced_dim=16, dropout=0.1),
-        torch.randn(32, 64),
+        head=head,
+        clusterbook=clusterbook,
         num_classes=5,
-        head_type="tr",
-        num_queries=64,
+        lr=4e-3,
         projection_dim=32,
         bank_capacity=4,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
+
+
+def _module(**kwargs: object) -> HeadModule:
+    torch.manual_seed(0)
+    clusterbook = torch.randn(32, 64)
+    head = TRHead(64, reduced_dim=16, num_queries=64, clusterbook=clusterbook, dropout=0.1)
+    return _head_module(head, clusterbook, **kwargs)
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -88,16 +95,8 @@ def _mlp_module(**kwargs: object) -> HeadModule:
     from cause_lightning.models import MLPHead
 
     torch.manual_seed(0)
-    return HeadModule(
-        build_backbone("tiny_vit"),
-        functools.partial(MLPHead, reduced_dim=16),
-        torch.randn(32, 64),
-        num_classes=5,
-        head_type="mlp",
-        projection_dim=32,
-        bank_capacity=4,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    clusterbook = torch.randn(32, 64)
+    return _head_module(MLPHead(64, reduced_dim=16), clusterbook, **kwargs)
 
 
 def test_deferred_finite_check_stops_before_a_checkpoint() -> None:

@@ -17,9 +17,10 @@ from cause_lightning.models.heads import (
     build_head,
     ema_update,
     head_spec,
+    head_traits,
 )
 from cause_lightning.models.probes import ClusterProbe
-from cause_lightning.specs import HeadSpec, SpecError
+from cause_lightning.specs import SpecError, builtin_head_spec
 
 D, R, K = 32, 90, 64
 H = W = 4
@@ -103,10 +104,13 @@ def _n_params(m: nn.Module) -> int:
 @pytest.mark.parametrize("kind", ["mlp", "tr"])
 def test_head_output_shape_and_type(kind: str) -> None:
     tr = kind == "tr"
-    spec = HeadSpec(kind, D, R, 0.1, num_queries=Q if tr else None, num_concepts=K if tr else None)
+    spec = builtin_head_spec(
+        kind, D, R, 0.1, num_queries=Q if tr else None, num_concepts=K if tr else None
+    )
     head = build_head(spec, clusterbook=torch.randn(K, D) if kind == "tr" else None)
     assert head_spec(head) == spec
-    assert head.head_type == kind
+    assert head_traits(head).fixed_grid == head_traits(head).needs_clusterbook == tr
+    assert head_traits(head).per_token != tr
     out = head.eval()(_feats(3))
     assert out.shape == (3, R, H, W)
     assert torch.isfinite(out).all()
@@ -131,9 +135,9 @@ def test_mlp_accepts_non_square_grids() -> None:
 
 def test_head_spec_rejects_unknown_kinds_and_incomplete_tr() -> None:
     with pytest.raises(SpecError, match="head kind 'conv' is not one of"):
-        HeadSpec("conv", D, R, 0.1)
+        builtin_head_spec("conv", D, R, 0.1)
     with pytest.raises(SpecError, match="TR head spec needs num_queries and num_concepts"):
-        HeadSpec("tr", D, R, 0.1, num_queries=Q)
+        builtin_head_spec("tr", D, R, 0.1, num_queries=Q)
 
 
 def test_tr_requires_num_queries() -> None:

@@ -123,6 +123,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
         ("cause_lightning.inference", ("lightning", "cause_lightning.modules")),
         ("cause_lightning.metrics", ("lightning", "cause_lightning.modules")),
         ("cause_lightning.specs", ("torch", "lightning", "cause_lightning.models")),
+        ("cause_lightning.errors", ("torch", "lightning", "hydra", "omegaconf")),
     ],
 )
 def test_layer_rules(layer: str, forbidden: tuple[str, ...]) -> None:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from cause_lightning.config import stage_module
 from cause_lightning.crf import CRFRunner, crf_available
 from cause_lightning.inference import cosine_argmax, cosine_logits, grid_features
 from cause_lightning.models import LinearProbe, build_backbone, build_head
-from cause_lightning.modules.evaluate import EvalModule
 from cause_lightning.segmenter import Segmenter
-from cause_lightning.specs import HeadSpec
+from cause_lightning.specs import builtin_head_spec
 
 C = 4
 R = 8
@@ -59,10 +59,10 @@ def _model(head_kind: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tens
     dim = int(backbone.embed_dim)
     if head_kind == "tr":
         clusterbook = torch.randn(12, dim)
-        spec = HeadSpec("tr", dim, R, 0.1, num_queries=(RES // 8) ** 2, num_concepts=12)
+        spec = builtin_head_spec("tr", dim, R, 0.1, num_queries=(RES // 8) ** 2, num_concepts=12)
         head = build_head(spec, clusterbook=clusterbook)
     else:
-        head = build_head(HeadSpec("mlp", dim, R, 0.1))
+        head = build_head(builtin_head_spec("mlp", dim, R, 0.1))
     return backbone, head.eval(), torch.randn(C, R)
 
 
@@ -75,7 +75,8 @@ def _eval_labels(
 ) -> dict[str, np.ndarray]:
     """Labels ``[B, H, W]`` per variant, as the evaluation scored them (its kept examples)."""
     variants = ["raw", "flip", "crf", "flip_crf"] if crf else ["raw", "flip"]
-    module = EvalModule(
+    module = stage_module(
+        "eval",
         backbone,
         head=head,
         centroids=centroids,
@@ -85,6 +86,7 @@ def _eval_labels(
         crf_runner=CRFRunner(num_workers=0) if crf else None,
         baselines=False,
         save_images=BATCH,
+        overcluster=None,
     )
     module.on_test_start()
     step_batch = module.on_after_batch_transfer(module.on_before_batch_transfer(dict(batch), 0), 0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cause_lightning.config import check_overcluster
+from cause_lightning.core.bounds import check_overcluster
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics, majority_assignment
 
 IGNORE = 255

@@ -10,29 +10,32 @@ import pytest
 import torch
 
 from cause_lightning.artifacts import ArtifactError, load_artifact
+from cause_lightning.config import stage_module
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule
 from cause_lightning.modules.probe import ProbeModule
 from cause_lightning.run import run
-from cause_lightning.specs import HeadSpec
+from cause_lightning.specs import builtin_head_spec
 
 
 def _parts(num_classes: int, reduced_dim: int):
     backbone = build_backbone("tiny_vit")
-    head = build_head(HeadSpec("mlp", backbone.embed_dim, reduced_dim, 0.1))
+    head = build_head(builtin_head_spec("mlp", backbone.embed_dim, reduced_dim, 0.1))
     return backbone, head, LinearProbe(reduced_dim, num_classes)
 
 
 def _eval_module(overcluster: dict[int, torch.Tensor], **kwargs) -> EvalModule:
     """An eval module with C=2 classes, head width R=3 and the raw variant."""
     backbone, head, linear = _parts(num_classes=2, reduced_dim=3)
-    return EvalModule(
+    return stage_module(
+        "eval",
         backbone,
         head=head,
         centroids=torch.randn(2, 3),
         linear=linear,
         num_classes=2,
         variants=["raw"],
+        crf_runner=None,
         overcluster=overcluster,
         **kwargs,
     )
@@ -67,10 +70,13 @@ def test_k_centroid_probe_of_the_wrong_shape_is_refused() -> None:
 
 def _probe(overcluster: list[int], init: str = "reference") -> ProbeModule:
     backbone, head, linear = _parts(num_classes=4, reduced_dim=8)
-    return ProbeModule(
+    return stage_module(
+        "probe",
         backbone,
         head=head,
         linear=linear,
+        lr=4e-3,
+        cluster_lr=4e-3,
         num_classes=4,
         init=init,
         restarts=3,
@@ -137,9 +143,12 @@ def test_probe_checkpoints_record_the_counts_only_when_set(tiny) -> None:
     def signature(*overrides: str) -> dict:
         return Pipeline(tiny(*overrides)).setup().signature("probe")
 
-    # Off: the probe's signature is what it was, so existing checkpoints still resume.
-    assert not any("overcluster" in key for key in signature())
-    assert signature("method.eval.overcluster=[18,12]")["method.eval.overcluster"] == [12, 18]
+    # The probe stage fits the over-clustering centroids too: its module receives the counts.
+    assert signature()["method.probe.module.overcluster"] == []
+    assert signature("method.eval.overcluster=[18,12]")["method.probe.module.overcluster"] == [
+        18,
+        12,
+    ]
 
 
 def test_too_few_tokens_for_the_k_cluster_baselines_name_the_settings() -> None:

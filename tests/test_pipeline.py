@@ -33,7 +33,7 @@ def test_stages_chain_through_artifacts(tiny, tmp_path: Path, head: str) -> None
     clusterbook = load_artifact(root / "clusterbook.pt", "clusterbook", "mediator")
     assert clusterbook["clusterbook"].shape == (32, 64)
     head_record = load_artifact(root / head / "head.pt", "head", "head")
-    assert ModelSpec.from_meta(head_record["meta"]).head.kind == head
+    assert ModelSpec.from_meta(head_record["meta"]).head.name == f"{head.upper()}Head"
     assert head_record["meta"]["config"]["head"]["name"] == head  # resolved config inside
     results = run(tiny("stage=eval", f"head={head}", "method.eval.variants=[raw,flip]"))
     for key in (

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 
 from cause_lightning.artifacts import load_artifact
 from cause_lightning.baselines import spherical_kmeans_plus_plus
+from cause_lightning.config import stage_module
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.probe import (
     ProbeModule,
@@ -24,7 +25,7 @@ from cause_lightning.modules.probe import (
 )
 from cause_lightning.ops import modularity_loss
 from cause_lightning.run import run
-from cause_lightning.specs import HeadSpec
+from cause_lightning.specs import builtin_head_spec
 
 
 def _clustered_tokens(images: int, tokens: int, clusters: int, dim: int, seed: int):
@@ -73,12 +74,16 @@ def test_fixed_samples_are_disjoint_and_seeded() -> None:
 
 def _module(restarts: int, num_classes: int = 4) -> ProbeModule:
     backbone = build_backbone("tiny_vit")
-    head = build_head(HeadSpec("mlp", backbone.embed_dim, 8, 0.1))
-    return ProbeModule(
+    head = build_head(builtin_head_spec("mlp", backbone.embed_dim, 8, 0.1))
+    return stage_module(
+        "probe",
         backbone,
         head=head,
         linear=LinearProbe(8, num_classes),
+        lr=4e-3,
+        cluster_lr=4e-3,
         num_classes=num_classes,
+        init="reference",
         restarts=restarts,
     )
 

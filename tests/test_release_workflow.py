@@ -148,12 +148,10 @@ def workflow(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) ->
     from hydra.utils import instantiate
 
     from cause_lightning.__main__ import config_dir
-    from cause_lightning.config import register_configs
 
     base = tmp_path_factory.mktemp("release_workflow")
     data_root = shared_data_dir / "mosaic"
     release = write_release(base / "release", "tr")
-    register_configs()
     GlobalHydra.instance().clear()
     initialize_config_dir(config_dir=config_dir(), version_base="1.3")
     try:
@@ -242,8 +240,12 @@ def test_import_writes_the_release_as_stage_artifacts(workflow: dict) -> None:
     meta = head["meta"]
     spec = ModelSpec.from_meta(meta)
     # The release's K = 2048 rows, whatever method.num_concepts says (32 in these runs).
-    assert (spec.num_concepts, spec.head.num_queries, spec.num_classes) == (K, Q, C)
-    assert (spec.head.dim, spec.backbone.name, spec.head.kind) == (D, "tiny_vit", "tr")
+    assert (spec.num_concepts, spec.head.kwargs["num_queries"], spec.num_classes) == (K, Q, C)
+    assert (spec.head.kwargs["dim"], spec.backbone.name, spec.head.name) == (
+        D,
+        "tiny_vit",
+        "TRHead",
+    )
     assert spec.resolution == Resolution(train=RES, test=RES)
     assert meta["class_names"] == MOSAIC_NAMES
     assert meta["reference_release"] is True and meta["reference_leak"] is True
@@ -404,7 +406,11 @@ def test_mlp_release_predicts_right_after_import(
     run(compose(*common, *import_overrides(files["paths"])))
     root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
     spec = ModelSpec.from_meta(load_artifact(root / "mlp" / "head.pt", "head", "head")["meta"])
-    assert (spec.head.kind, spec.head.num_queries, spec.num_concepts) == ("mlp", None, K)
+    assert (spec.head.name, spec.head.kwargs.get("num_queries"), spec.num_concepts) == (
+        "MLPHead",
+        None,
+        K,
+    )
     sizes = write_odd_images(tmp_path / "images")
     output = tmp_path / "predictions"
     # No stage=eval: the import's own segmenter.pt, without a class assignment.

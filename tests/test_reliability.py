@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,10 +18,15 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from PIL import Image
 
+import faults
 from cause_lightning.artifacts import ArtifactError, load_artifact, save_artifact
-from cause_lightning.config import RANGES, MethodConfig, validate
+from cause_lightning.config import validate
+from cause_lightning.core.files import atomic_write, ensure_writable
 from cause_lightning.data.base import ResumableLoader, ResumableSampler
+from cause_lightning.errors import DiskFullError, SettingsError
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
 from cause_lightning.visualize import save_png
@@ -217,26 +224,47 @@ def test_out_of_range_settings_are_refused_before_work(tiny, override: str, sett
         run(tiny("stage=mediator", override))
 
 
-def test_every_numeric_schema_setting_has_a_range() -> None:
-    import dataclasses
+def test_every_numeric_setting_has_a_range(compose) -> None:
+    """Numbers of the pipeline's schema, and of every argument a stage module takes from
+    conf/method, are bounded where they are declared."""
+    import typing
 
-    from cause_lightning.config import DataConfig, HeadConfig
+    from hydra.utils import get_class
 
-    def numeric(schema: type, prefix: str) -> list[str]:
-        names = []
-        for f in dataclasses.fields(schema):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            if dataclasses.is_dataclass(default):
-                names += numeric(type(default), f"{prefix}.{f.name}")
-            elif "list" in str(f.type):  # lists are checked by their own rule (overcluster)
+    from cause_lightning.config.schema import SCHEMA, Setting
+    from cause_lightning.core.bounds import Bound
+
+    def numeric(annotation: object) -> bool:
+        if typing.get_origin(annotation) is list:  # lists have rules of their own (overcluster)
+            return False
+        return any(t in (int, float) for t in (annotation, *typing.get_args(annotation)))
+
+    def walk(schema: dict, prefix: str) -> list[str]:
+        found = []
+        for key, rule in schema.items():
+            if isinstance(rule, dict):
+                found += walk(rule, f"{prefix}{key}.")
+            elif isinstance(rule, Setting) and numeric(rule.type) and rule.bound is None:
+                found.append(prefix + key)
+        return found
+
+    missing = walk(SCHEMA, "")
+    cfg = compose()
+    for stage in ("mediator", "head", "probe", "eval"):
+        node = cfg.method[stage].module
+        hints = typing.get_type_hints(get_class(node._target_).__init__, include_extras=True)
+        for key in node:
+            if key.startswith("_") or key not in hints:
                 continue
-            elif any(t in str(f.type) for t in ("int", "float")):
-                names.append(f"{prefix}.{f.name}")
-        return names
-
-    names = numeric(MethodConfig, "method") + numeric(DataConfig, "data")
-    names += numeric(HeadConfig, "head")
-    missing = [n for n in names if n not in RANGES and f"{n}.*" not in RANGES]
+            hint = hints[key]
+            bounded = typing.get_origin(hint) is typing.Annotated and any(
+                isinstance(m, Bound) for m in hint.__metadata__
+            )
+            inner = (
+                typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            )
+            if numeric(inner) and not bounded:
+                missing.append(f"method.{stage}.module.{key}")
     assert not missing
 
 
@@ -380,3 +408,352 @@ def _max_difference(a: object, b: object) -> float:
         keys = [k for k in a if k not in ("meta", "checksum")]
         return max([_max_difference(a[k], b[k]) for k in keys], default=0.0)  # type: ignore[index]
     return 0.0
+
+
+# ------------------------------------------------------------------- pre-emption (signals)
+
+
+def signal_at(step: int, signum: str = "SIGTERM") -> list[str]:
+    return [
+        "+callbacks.fault._target_=faults.SignalAtStep",
+        f"+callbacks.fault.step={step}",
+        f"+callbacks.fault.signum={signum}",
+    ]
+
+
+# SIGTERM in the middle of epoch 2 (steps 0-3 are epoch 1); the warning signal in the epoch's last
+# step, which Lightning stops after without running the epoch's end.
+@pytest.mark.parametrize(("signum", "step"), [("SIGTERM", 5), ("SIGUSR1", 3)])
+def test_signalled_stage_writes_a_checkpoint_and_resumes_to_the_uninterrupted_run(
+    tiny, tmp_path: Path, signum: str, step: int
+) -> None:
+    run(tiny("stage=mediator", "artifact_tag=a", *SMALL, base=BASE))
+    with pytest.raises(SIGTERMException):
+        run(tiny("stage=mediator", "artifact_tag=b", *SMALL, *signal_at(step, signum), base=BASE))
+    # The step that was running when the signal came is finished and kept.
+    assert read(ckpt_dir(tmp_path, "mediator", "b") / "last.ckpt")["global_step"] == step + 1
+    root = tmp_path / "artifacts" / "mosaic"
+    assert not (root / "tiny_vit-b" / "clusterbook.pt").exists()
+    # Lightning's handlers, ours among them, are gone once the fit has ended.
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    run(tiny("stage=mediator", "artifact_tag=b", *SMALL, "ckpt_path=last", base=BASE))
+    a = load_artifact(root / "tiny_vit-a" / "clusterbook.pt", "clusterbook", "mediator")
+    b = load_artifact(root / "tiny_vit-b" / "clusterbook.pt", "clusterbook", "mediator")
+    assert float((a["clusterbook"] - b["clusterbook"]).abs().max()) == 0.0
+
+
+def test_stage_all_stops_at_the_signalled_stage(tiny, tmp_path: Path) -> None:
+    with pytest.raises(SIGTERMException):
+        run(tiny("stage=all", *SMALL, *signal_at(2), base=BASE))
+    root = tmp_path / "artifacts" / "mosaic" / "tiny_vit"
+    assert (ckpt_dir(tmp_path, "mediator") / "last.ckpt").is_file()
+    assert not (root / "clusterbook.pt").exists()
+    assert not ckpt_dir(tmp_path, "head").exists()  # the head stage never started
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sigterm_through_the_cli_exits_non_zero_and_resumes_exactly(
+    shared_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_cli import cli as run_cli
+
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.delenv("HYDRA_FULL_ERROR")  # the user's view: one message, no traceback
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, cwd=tmp_path, check=False)
+
+    common = [
+        *TINY_DATA,
+        "method.num_concepts=32",
+        "trainer.enable_progress_bar=false",
+        f"data.module.root={shared_data_dir / 'mosaic'}",
+        *SMALL,
+    ]
+    tree = tmp_path / "artifacts" / "mosaic"
+    assert cli("stage=mediator", "artifact_tag=a", *common).returncode == 0
+    (tree / "tiny_vit-b").mkdir(parents=True)
+    shutil.copy2(tree / "tiny_vit-a" / "clusterbook.pt", tree / "tiny_vit-b" / "clusterbook.pt")
+    done = cli("stage=head", "artifact_tag=a", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The shape of `make pipeline`: a chained loop stops at the interrupted stage.
+    args = " ".join(f"'{a}'" for a in ["artifact_tag=b", *common, *signal_at(5)])
+    chain = (
+        f"for s in head probe; do {sys.executable} -m cause_lightning stage=$s {args} || exit; done"
+    )
+    stopped = subprocess.run(
+        ["bash", "-c", chain], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "Error: stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert read(ckpt_dir(tmp_path, "head", "b") / "last.ckpt")["global_step"] == 6
+    assert not (tree / "tiny_vit-b" / "tr" / "head.pt").exists()
+    assert not ckpt_dir(tmp_path, "probe", "b").exists()  # the probe stage never started
+    resumed = cli("stage=head", "artifact_tag=b", *common, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_artifact(tree / "tiny_vit-a" / "tr" / "head.pt", "head", "head")
+    b = load_artifact(tree / "tiny_vit-b" / "tr" / "head.pt", "head", "head")
+    assert _max_difference(a, b) == 0.0
+
+
+# ----------------------------------------------------------------- what the command line prints
+
+
+def test_expected_errors_print_one_message_without_traceback(tmp_path: Path) -> None:
+    from test_cli import cli
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    settings = ["backbone=tiny_vit", "method.num_concepts=0"]
+    for full in (False, True):
+        result = subprocess.run(
+            [sys.executable, "-m", "cause_lightning", *settings],
+            cwd=tmp_path,
+            env={**env, "HYDRA_FULL_ERROR": "1"} if full else env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 1
+        assert "Error: invalid settings (nothing was run):" in result.stderr
+        assert ("Traceback" in result.stderr) is full, result.stderr
+    missing = cli("stage=probe", *TINY_DATA, "method.num_concepts=32", cwd=tmp_path, check=False)
+    assert missing.returncode == 1  # the test environment asks for tracebacks: still exit 1
+    assert "MissingArtifactError" in missing.stderr and "stage=head" in missing.stderr
+
+
+# --------------------------------------------------------------------- diverged stage outputs
+
+
+def test_non_finite_or_overflowing_artifacts_are_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "clusterbook.pt"
+    huge = torch.full((4, 8), 2.9e30)  # finite values whose float32 row norms overflow
+    with pytest.raises(ArtifactError, match=r"rows whose norm overflows float32") as caught:
+        save_artifact(path, "clusterbook", {"clusterbook": huge, "meta": {}})
+    message = str(caught.value)
+    assert str(path) in message and "stage=mediator" in message and "method.mediator.lr" in message
+    nan = {"head_state": {"proj.weight": torch.tensor([[1.0, float("nan")]])}, "meta": {}}
+    with pytest.raises(ArtifactError, match=r"'head_state\.proj\.weight' holds 1 NaN") as caught:
+        save_artifact(tmp_path / "head.pt", "head", nan)
+    assert "method.head.lr" in str(caught.value) and "method.head.clip" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # neither file, nor a temporary one
+
+
+def test_diverged_stage_fails_without_exporting(tiny, tmp_path: Path) -> None:
+    diverged = r"clusterbook\.pt: .*stage=mediator .*lower method\.mediator\.lr, then run"
+    with pytest.raises(ArtifactError, match=diverged):
+        run(tiny("stage=mediator", "method.mediator.lr=1e30"))
+    assert not (tmp_path / "artifacts" / "mosaic" / "tiny_vit" / "clusterbook.pt").exists()
+
+
+# ------------------------------------------------------------------------- load-error messages
+
+
+def _torch_file(path: Path) -> Path:
+    torch.save({"w": torch.ones(256)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: torch.save({"x": _RunsCode(str(p) + ".ran")}, p), "could run code"),
+        (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a file written by"),
+        (lambda p: np.save(p.with_suffix(".npy"), np.ones(3)) or p.with_suffix(".npy").rename(p),
+         r"not a file written by torch\.save \(a NumPy array file\)"),
+        (lambda p: p.write_bytes(_torch_file(p).read_bytes()[:500]), "cut short"),
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+    ],
+)  # fmt: skip
+def test_load_errors_tell_objects_foreign_and_truncated_files_apart(
+    tmp_path: Path, make: object, reason: str
+) -> None:
+    from cause_lightning.interop import import_official
+
+    path = tmp_path / "segment_tr.pth"
+    make(path)  # type: ignore[operator]
+    with pytest.raises(ArtifactError) as as_artifact:
+        load_artifact(path, "head", "head")
+    with pytest.raises(ValueError) as as_release:
+        import_official(path, path, path, head="tr")
+    for message in (str(as_artifact.value), str(as_release.value)):
+        assert re.search(reason, message), message
+        assert "weights_only" not in message and str(path) in message
+    assert not Path(str(path) + ".ran").exists()
+
+
+def test_release_file_with_non_finite_values_is_refused(tmp_path: Path) -> None:
+    from cause_lightning.errors import UnreadableFileError
+    from cause_lightning.interop import import_official
+
+    path = tmp_path / "segment_tr.pth"
+    torch.save({"head_ema.f.weight": torch.tensor([[1.0, float("inf")]])}, path)
+    with pytest.raises(UnreadableFileError, match=r"contains NaN or Inf .*head_ema\.f\.weight"):
+        import_official(path, path, path, head="tr")
+
+
+# --------------------------------------------------------------------------- predict outputs
+
+
+def test_output_folder_inside_the_input_folder_is_refused_before_work(tiny, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_png(np.zeros((8, 8, 3), np.uint8), photos / "a.png")
+    for output in (photos / "predictions", photos):
+        cfg = tiny("stage=predict", f"predict.input={photos}", f"predict.output_dir={output}")
+        with pytest.raises(SettingsError, match=r"predict\.output_dir=.*inside predict\.input"):
+            run(cfg)
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png"]  # nothing written
+
+
+# --------------------------------------------------------------------------------- disk full
+
+
+def test_artifact_write_on_a_full_disk_says_so_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults.fill_disk(monkeypatch, free=3 * 2**20, flush_fails=False)
+    # torch's own writer reports a full disk without errno: "enforce fail ... unexpected pos".
+    monkeypatch.setattr(torch, "save", faults.torch_save_on_full_disk)
+    payload = {"clusterbook": torch.ones(2048, 1024), "meta": {}}  # 8 MB
+    with pytest.raises(DiskFullError, match=r"needs about 8\.0 MB, 3\.0 MB free in ") as caught:
+        save_artifact(tmp_path / "clusterbook.pt", "clusterbook", payload)
+    assert "no space left on device" in str(caught.value) and "enforce" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_write_on_a_full_disk_removes_its_temporary_file(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults.fill_disk(monkeypatch, free=0, flush_fails=False)
+    monkeypatch.setattr(
+        "lightning.fabric.plugins.io.torch_io._atomic_save", faults.atomic_save_on_full_disk
+    )
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*last\.ckpt"):
+        run(tiny("stage=mediator", base=BASE))
+    folder = ckpt_dir(tmp_path, "mediator")
+    assert list(folder.iterdir()) == []  # no hidden temporary file keeps the disk full
+
+
+def test_writability_check_writes_bytes_and_refuses_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as full:
+        faults.fill_disk(full, free=0)  # an empty file could still be created
+        with pytest.raises(DiskFullError, match=r"paths\.artifact_dir.*nothing was run"):
+            ensure_writable(tmp_path / "b", "paths.artifact_dir")
+    assert list((tmp_path / "b").iterdir()) == []
+    ensure_writable(tmp_path / "a", "paths.artifact_dir", need=1)
+    faults.fill_disk(monkeypatch, free=2**20, flush_fails=False)
+    with pytest.raises(DiskFullError, match=r"in predict\.output_dir=.*needs about 5\.0 MB, 1\.0"):
+        ensure_writable(tmp_path / "a", "predict.output_dir", need=5 * 2**20)
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_writes_use_unique_temporary_names_and_flush_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src: str, dst: str) -> None:
+        events.append(("rename", str(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    target = tmp_path / "last.ckpt"
+    names: list[str] = []
+
+    def outer(tmp: str) -> None:
+        names.append(tmp)
+        Path(tmp).write_text("outer")
+        atomic_write(target, inner)  # a second writer of the same file meanwhile
+
+    def inner(tmp: str) -> None:
+        names.append(tmp)
+        Path(tmp).write_text("inner")
+
+    atomic_write(target, outer)
+    assert names[0] != names[1] and target.read_text() == "outer"
+    tmp = names[0]
+    assert events.index(("fsync", tmp)) < events.index(("rename", tmp))
+    assert events[events.index(("rename", tmp)) + 1] == ("fsync", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+# ------------------------------------------------------------------------------- W&B login
+
+
+def test_wandb_online_without_a_key_is_refused_before_work(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SettingsError, match=r"(?s)no W&B API key.*wandb login.*WANDB_MODE=offline"):
+        run(tiny("stage=mediator", "logger=wandb"))
+    assert not (tmp_path / "out" / "config_resolved.yaml").exists()  # nothing was built
+
+
+# ----------------------------------------------------------------- the evaluation's hand-off
+
+
+def test_evaluation_hand_off_is_plain_content_read_without_code(tmp_path: Path) -> None:
+    from test_evaluate import batches, evaluate, module
+
+    ran = module()
+    evaluate(ran, batches(count=1))
+    ran.kmeans_centroids = {"kmeans": torch.ones(4, 3)}
+    handoff = tmp_path / "outcome.pt"
+    torch.save(ran.outcome(), handoff)
+    torch.load(handoff, weights_only=True)  # tensors, numbers, lists and dicts only
+    parent = module()
+    parent.handoff = handoff
+    parent.receive()
+    for mine, theirs in zip(parent.examples, ran.examples, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert isinstance(mine[key], np.ndarray) and mine[key].dtype == value.dtype
+            np.testing.assert_array_equal(mine[key], value)
+
+
+# --------------------------------------------------------------- predict in bounded memory
+
+
+def test_predict_contact_sheet_holds_thumbnails(tiny, tmp_path: Path) -> None:
+    from cause_lightning.models import build_backbone, build_head
+    from cause_lightning.segmenter import Segmenter
+    from cause_lightning.specs import builtin_head_spec
+    from cause_lightning.visualize import TITLE_HEIGHT
+
+    backbone = build_backbone("tiny_vit")
+    head = build_head(builtin_head_spec("mlp", int(backbone.embed_dim), 8, 0.1)).eval()
+    model = Segmenter(backbone, head, torch.randn(3, 8), resolution=32).save(tmp_path / "s.pt")
+    photos = tmp_path / "photos"
+    save_png(np.full((300, 700, 3), 90, np.uint8), photos / "wide.png")
+    output = tmp_path / "predictions"
+    run(
+        tiny(
+            "stage=predict",
+            f"predict.input={photos}",
+            f"predict.segmenter={model}",
+            f"predict.output_dir={output}",
+        )
+    )
+    sheet = np.asarray(Image.open(output / "contact_sheet.png"))
+    assert sheet.shape[1] < 700  # narrower than the image: not full-size cells
+    from cause_lightning.predict import SHEET_SIDE
+
+    thumb = (round(300 * SHEET_SIDE / 700), SHEET_SIDE)  # aspect kept, longer side bounded
+    assert sheet.shape[:2] == (4 + TITLE_HEIGHT + thumb[0] + 4, 4 + 2 * (thumb[1] + 4))
+    assert np.asarray(Image.open(output / "overlay" / "00000_wide.png")).shape[:2] == (300, 700)

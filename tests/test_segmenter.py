@@ -39,7 +39,7 @@ artifacts = pytest.importorskip("cause_lightning.artifacts", reason="artifacts.p
 
 from cause_lightning.crf import crf_available, denormalize_to_uint8, dense_crf  # noqa: E402
 from cause_lightning.segmenter import Segmenter  # noqa: E402
-from cause_lightning.specs import HeadSpec, ModelSpec  # noqa: E402
+from cause_lightning.specs import ModelSpec, builtin_head_spec  # noqa: E402
 
 RES = 32  # tiny_vit has patch 8: a 4 x 4 grid, 16 TR queries
 NUM_CLASSES = 5
@@ -67,12 +67,12 @@ def backbone() -> torch.nn.Module:
 def _head(head_type: str, dim: int, clusterbook: torch.Tensor, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if head_type == "tr":
-        spec = HeadSpec(
+        spec = builtin_head_spec(
             "tr", dim, REDUCED, 0.1, num_queries=(RES // 8) ** 2, num_concepts=len(clusterbook)
         )
         head = heads.build_head(spec, clusterbook=clusterbook)
     else:
-        head = heads.build_head(HeadSpec("mlp", dim, REDUCED, 0.1))
+        head = heads.build_head(builtin_head_spec("mlp", dim, REDUCED, 0.1))
     return head.eval()
 
 
@@ -172,7 +172,7 @@ def test_stays_in_eval_mode_and_is_deterministic(backbone):
 
 def test_rejects_bad_inputs(backbone):
     seg = _segmenter(backbone, "tr")
-    with pytest.raises(ValueError, match="TR head needs a 32x32"):
+    with pytest.raises(ValueError, match="TRHead needs a 32x32"):
         seg(_images(h=40, w=40))
     with pytest.raises(ValueError, match="multiple of the patch"):
         seg(_images(h=30, w=32))
@@ -188,7 +188,9 @@ def test_rejects_bad_inputs(backbone):
 def test_clusterbook_handling(backbone, tmp_path):
     _, centroids, clusterbook = _parts(backbone, "tr")
     empty = heads.build_head(
-        HeadSpec("tr", backbone.embed_dim, REDUCED, 0.1, num_queries=16, num_concepts=NUM_CONCEPTS)
+        builtin_head_spec(
+            "tr", backbone.embed_dim, REDUCED, 0.1, num_queries=16, num_concepts=NUM_CONCEPTS
+        )
     )
     seg = Segmenter(backbone, empty, centroids, clusterbook=clusterbook, resolution=RES)
     torch.testing.assert_close(seg.head.clusterbook, clusterbook)  # filled, so it runs
@@ -196,7 +198,7 @@ def test_clusterbook_handling(backbone, tmp_path):
     mlp = Segmenter(backbone, _parts(backbone, "mlp")[0], centroids, resolution=RES)
     assert mlp.clusterbook is None
     assert Segmenter.load(mlp.save(tmp_path / "m.pt")).clusterbook is None
-    wide = heads.build_head(HeadSpec("mlp", backbone.embed_dim + 8, REDUCED, 0.1))
+    wide = heads.build_head(builtin_head_spec("mlp", backbone.embed_dim + 8, REDUCED, 0.1))
     with pytest.raises(ValueError, match="D=72"):
         Segmenter(backbone, wide, centroids, resolution=RES)
 
@@ -226,7 +228,7 @@ def test_save_load_round_trip(backbone, head_type, tmp_path):
     assert np.array_equal(loaded.palette, seg.palette)
     assert (loaded.resolution, loaded.flip, loaded.crf, loaded.alpha) == (RES, True, False, 3.0)
     assert loaded.config == {"seed": 0, "nested": {"a": [1, 2]}}
-    assert loaded.head_type == head_type
+    assert loaded.head_spec == seg.head_spec and loaded.head_spec.name == f"{head_type.upper()}Head"
     torch.testing.assert_close(loaded.clusterbook, seg.clusterbook)
     if head_type == "tr":
         torch.testing.assert_close(loaded.head.clusterbook, seg.head.clusterbook)
@@ -244,7 +246,7 @@ def test_file_is_weights_only_loadable(backbone, tmp_path):
     assert record["config"] == {"a": 1, "b": 1, "c": [1, 2]}
     assert record["meta"] == {"path": str(tmp_path), "n": 4}
     spec = ModelSpec.from_dict(record["spec"])
-    assert spec.head == seg.head_spec and spec.head.kind == "tr"
+    assert spec.head == seg.head_spec and spec.head.name == "TRHead"
     assert (spec.num_classes, spec.resolution.test) == (seg.num_classes, seg.resolution)
     assert "clusterbook" in record["head_state"]
     assert spec.backbone.name == "tiny_vit" and spec.backbone.weights is None

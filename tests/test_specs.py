@@ -19,9 +19,14 @@ from cause_lightning.specs import (
     ModelSpec,
     Resolution,
     SpecError,
+    builtin_head_spec,
 )
 
-TR = HeadSpec("tr", 64, 12, 0.25, num_queries=64, num_concepts=16)
+TR_CLASS = "cause_lightning.models.heads.TRHead"
+TR = HeadSpec(
+    TR_CLASS,
+    {"dim": 64, "reduced_dim": 12, "num_queries": 64, "num_concepts": 16, "dropout": 0.25},
+)
 SPEC = ModelSpec(
     backbone=BackboneRef("tiny_vit", None, {"num_heads": 4}, dim=64, patch_size=8),
     num_classes=6,
@@ -45,10 +50,39 @@ def test_build_head_follows_every_spec_field() -> None:
 
 
 def test_unknown_spec_version_names_it() -> None:
-    with pytest.raises(SpecError, match=rf"version 99 .*reads version {SPEC_VERSION}"):
+    with pytest.raises(
+        SpecError, match=rf"version 99 .*reads versions 1, 2 and writes {SPEC_VERSION}"
+    ):
         ModelSpec.from_dict({**SPEC.to_dict(), "version": 99})
     with pytest.raises(SpecError, match=r"unknown fields \['width'\]"):
         HeadSpec.from_dict({**TR.to_dict(), "width": 3})
+
+
+def test_version_one_specs_read_into_the_current_layout() -> None:
+    v1 = {
+        **SPEC.to_dict(),
+        "version": 1,
+        "backbone": {k: v for k, v in SPEC.backbone.to_dict().items() if k != "target"},
+        "head": {
+            "kind": "tr",
+            "dim": 64,
+            "reduced_dim": 12,
+            "dropout": 0.25,
+            "num_queries": 64,
+            "num_concepts": 16,
+        },
+    }
+    assert ModelSpec.from_dict(v1) == SPEC
+    mlp = {"kind": "mlp", "dim": 64, "reduced_dim": 12, "dropout": 0.1}
+    mlp.update(num_queries=None, num_concepts=None)
+    assert HeadSpec.from_dict(mlp).target == "cause_lightning.models.heads.MLPHead"
+
+
+def test_head_specs_hold_plain_values_only() -> None:
+    with pytest.raises(SpecError, match="plain values"):
+        HeadSpec(TR_CLASS, {"clusterbook": torch.zeros(2, 2)})
+    with pytest.raises(SpecError, match="import path"):
+        HeadSpec("", {})
 
 
 def test_flat_meta_of_earlier_files_is_read() -> None:
@@ -67,7 +101,7 @@ def test_flat_meta_of_earlier_files_is_read() -> None:
     }
     spec = ModelSpec.from_meta(legacy)
     # Earlier heads were always built with the default dropout.
-    assert spec.head == HeadSpec("tr", 64, 12, 0.1, num_queries=64, num_concepts=16)
+    assert spec.head == builtin_head_spec("tr", 64, 12, 0.1, num_queries=64, num_concepts=16)
     assert spec.backbone == SPEC.backbone
     with pytest.raises(SpecError, match=r"neither a spec .* keys \['dim'\]"):
         ModelSpec.from_meta({k: v for k, v in legacy.items() if k != "dim"})
@@ -77,7 +111,7 @@ def test_segmenter_file_of_the_earlier_layout_loads(tmp_path: Path) -> None:
     torch.manual_seed(0)
     backbone = build_backbone("tiny_vit")
     clusterbook = torch.randn(16, backbone.embed_dim)
-    head = build_head(HeadSpec("tr", 64, 12, 0.1, num_queries=64, num_concepts=16), clusterbook)
+    head = build_head(builtin_head_spec("tr", 64, 12, num_queries=64, num_concepts=16), clusterbook)
     seg = Segmenter(backbone, head.eval(), torch.randn(6, 12), resolution=64)
     new = segmenter_payload(seg)
     spec = ModelSpec.from_dict(new.pop("spec"))
@@ -116,6 +150,6 @@ def test_stage_three_rebuilds_the_head_with_its_dropout(tiny, tmp_path: Path) ->
     pipeline = Pipeline(tiny("stage=probe", f"head={head}")).setup()
     record = pipeline.load("head", pipeline.head_root / "head.pt")
     rebuilt, _ = pipeline.trained_head(record)
-    assert head_spec(rebuilt).dropout == pytest.approx(0.3)
+    assert head_spec(rebuilt).kwargs["dropout"] == pytest.approx(0.3)
     stored = load_artifact(pipeline.head_root / "head.pt", "head", "head")
     assert ModelSpec.from_meta(stored["meta"]).head == head_spec(rebuilt)

@@ -12,7 +12,7 @@ from cause_lightning.models import LinearProbe, build_head
 from cause_lightning.modules.head import HeadModule
 from cause_lightning.modules.mediator import MediatorModule
 from cause_lightning.modules.probe import ProbeModule
-from cause_lightning.specs import HeadSpec
+from cause_lightning.specs import builtin_head_spec
 from cause_lightning.steps import Pipeline
 
 
@@ -69,10 +69,11 @@ def test_head_optimizer_is_swappable_and_keeps_its_weight_decay(
         "method.head.bank_keep=0.75",
     )
     dim = int(pipeline.backbone.embed_dim)
+    clusterbook = torch.randn(int(pipeline.cfg.method.num_concepts), dim)
     module = pipeline.stage_module(
         "head",
-        clusterbook=torch.randn(int(pipeline.cfg.method.num_concepts), dim),
-        num_queries=int(pipeline.derived.num_queries),
+        head=pipeline.new_head(clusterbook),
+        clusterbook=clusterbook,
         lr=0.01,
         debug_checks=True,
     )
@@ -88,7 +89,7 @@ def test_probe_groups_keep_their_learning_rates_and_spare_the_centroids_weight_d
     tiny: Callable[..., object],
 ) -> None:
     pipeline = _pipeline(tiny, "method.probe.weight_decay=0.5", "head=mlp")
-    spec = HeadSpec("mlp", int(pipeline.backbone.embed_dim), 8, 0.1)
+    spec = builtin_head_spec("mlp", int(pipeline.backbone.embed_dim), 8, 0.1)
     classes = int(pipeline.cfg.data.num_classes)
     module = pipeline.stage_module(
         "probe", head=build_head(spec), linear=LinearProbe(8, classes), lr=0.02, cluster_lr=0.03

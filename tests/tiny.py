@@ -39,7 +39,7 @@ TINY_DATA = [
     "data.module.num_train=8",
     "data.module.num_val=4",
     "data.module.image_size=64",
-    "data.recipe.resolution={train:{tr:64,mlp:64},test:64}",
+    "data.recipe.resolution={train:64,test:64}",
     "method.head.projection_dim=32",
 ]
 TINY_BATCHES = [

@@ -11,31 +11,32 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cause_lightning.config import register_configs, validate
-
-
-def config_dir() -> str:
-    """Absolute path of the Hydra config root (packaged copy first, then the repository's)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    if packaged.is_dir():
-        return str(packaged)
-    repository = Path(__file__).resolve().parents[2] / "conf"
-    if repository.is_dir():
-        return str(repository)
-    raise FileNotFoundError(
-        f"no Hydra config found in {packaged} or {repository}: reinstall cause-lightning"
-    )
-
-
-register_configs()
+from cause_lightning.config.files import config_dir
+from cause_lightning.errors import expected, report
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run the selected stage; returns the summary metric for Hydra sweepers."""
+    """Run the selected stage; returns the summary metric for Hydra sweepers.
+
+    An expected error (:mod:`cause_lightning.errors`) ends the process with its message and a
+    non-zero status, without Hydra's traceback unless ``HYDRA_FULL_ERROR=1``.
+    """
+    try:
+        return _job(cfg)
+    except BaseException as err:
+        known = expected(err)
+        if known is None:
+            raise
+        raise SystemExit(report(known, err)) from None
+
+
+def _job(cfg: DictConfig) -> float | None:
+    from cause_lightning.config import validate
+
     if not _in_multirun():
-        validate(cfg)  # numeric ranges: refused before the heavy imports and any work
-        from cause_lightning.run import run  # heavy imports only once the config is valid
+        validate(cfg)  # every setting is checked before anything is built
+        from cause_lightning.run import run
 
         return run(cfg).get("objective")
     # In a sweep one failing job, an out-of-range setting included, must not stop the others:

@@ -8,24 +8,27 @@ Each stage hands its result to the next through a small file in a deterministic 
 * ``<head>/probe.pt`` — stage ``probe`` (class centroids + linear probe);
 * ``<head>/segmenter.pt`` and ``<head>/metrics.json`` — stage ``eval``.
 
-Files hold tensors and primitives only, so ``torch.load(weights_only=True)`` reads them, and they
-are written to a temporary name and renamed so no reader ever sees half a file. Every artifact
-carries a SHA-256 checksum of its payload, checked when it is read, so a file damaged after it was
-written is refused by name instead of failing later as a strange loss. Written files get the
-ordinary mode of a new file (``0666`` less the umask), so a shared results folder stays readable.
+Files hold tensors and primitives only, so ``torch.load(weights_only=True)`` reads them, and every
+file of the project is written by :func:`atomic_write` (a unique temporary name, flushed, renamed)
+so no reader ever sees half a file and a full disk is reported as such. Every artifact carries a
+SHA-256 checksum of its payload, checked when it is read, so a file damaged after it was written
+is refused by name instead of failing later as a strange loss; an artifact with non-finite values
+is never written. Written files get the ordinary mode of a new file (``0666`` less the umask), so a
+shared results folder stays readable.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import pickle
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cause_lightning.core.files import atomic_write
+from cause_lightning.errors import ExpectedError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -33,24 +36,22 @@ __all__ = [
     "MissingArtifactError",
     "artifact_root",
     "head_dir",
+    "PRODUCER",
     "save_artifact",
     "load_artifact",
-    "write_json_atomic",
-    "atomic_write",
     "payload_checksum",
-    "ensure_writable",
     "describe_load_error",
-    "current_umask",
 ]
 
 FORMAT_VERSION = 1
 
 
-class ArtifactError(RuntimeError):
-    """An artifact exists but is of the wrong kind, version or shape."""
+class ArtifactError(ExpectedError, RuntimeError):
+    """An artifact exists but is of the wrong kind, version or shape, or is not fit to be
+    written (non-finite values)."""
 
 
-class MissingArtifactError(FileNotFoundError):
+class MissingArtifactError(ExpectedError, FileNotFoundError):
     """A stage needs an artifact that an earlier stage has not written yet."""
 
 
@@ -75,68 +76,6 @@ def artifact_root(
 def head_dir(root: str | os.PathLike, head_name: str) -> Path:
     """Per-head sub-directory of an artifact root (``root/<head_name>``)."""
     return Path(root) / head_name
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Write a file through a temporary sibling and an atomic rename.
-
-    Args:
-        path: Destination file.
-        write: Callable receiving the temporary path and writing the content there.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600; the result gets the mode any new file of this process would get.
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def current_umask() -> int:
-    """The process umask (read by setting it and restoring it at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def ensure_writable(directory: str | os.PathLike, setting: str) -> Path:
-    """Create ``directory`` if needed and prove that a file can be written there.
-
-    Called before a stage does any work, so a read-only or misplaced results folder is found in a
-    second rather than after hours of training.
-
-    Args:
-        directory: The folder a stage will write to.
-        setting: The config setting that chooses it, named in the error.
-
-    Returns:
-        The directory.
-
-    Raises:
-        PermissionError: The folder cannot be created or written.
-    """
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise PermissionError(
-            f"cannot write to {directory} ({type(err).__name__}: {err.strerror or err}): nothing "
-            f"was run; make the folder writable or point {setting} at a writable folder"
-        ) from err
-    return directory
 
 
 def payload_checksum(record: dict[str, Any]) -> str:
@@ -168,23 +107,51 @@ def _hash_into(digest: Any, obj: Any) -> None:
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
-def describe_load_error(err: BaseException) -> str:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def describe_load_error(err: BaseException, path: str | os.PathLike) -> str:
     """A short reason why ``torch.load(weights_only=True)`` refused a file.
 
-    Torch's own message for a file holding pickled objects recommends loading it again with
-    ``weights_only=False``, which would run code from the file; that advice is never passed on.
+    Three cases are told apart, from torch's message and the file's first bytes: a file holding
+    pickled Python objects (never loaded: loading them could run code), a file cut short, and a
+    file that ``torch.save`` did not write at all. Torch's advice to load again with
+    ``weights_only=False``, which would run code from the file, is never passed on.
+
+    Args:
+        err: The exception ``torch.load`` raised.
+        path: The file it read.
     """
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+    if "Unsupported global" in str(err):  # the weights-only unpickler met an object type
         return (
-            f"{type(err).__name__}: it holds Python objects other than tensors and plain values, "
-            "which are never loaded because loading them could run code"
+            "it holds Python objects other than tensors and plain values, which are never "
+            "loaded because loading them could run code"
         )
-    return f"{type(err).__name__}: {text[:300]}"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as os_err:
+        return f"{type(os_err).__name__}: {os_err.strerror or os_err}"
+    if size == 0:
+        return "the file is empty"
+    cut_short = isinstance(err, EOFError) or "unexpected EOF" in str(err)
+    if cut_short or (head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path)):
+        return f"the file is cut short ({size} bytes): a copy or a write did not finish"
+    if head.startswith(_NPY_MAGIC):
+        found = "a NumPy array file"
+    elif head.startswith(_ZIP_MAGIC):
+        found = "a zip archive of other content"
+    elif head.startswith(b"\x80"):
+        found = "a pickle that torch.save did not write"
+    else:
+        found = "unrecognised content"
+    return f"it is not a file written by torch.save ({found})"
 
 
 def save_artifact(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -> Path:
-    """Save a stage artifact atomically.
+    """Save a stage artifact atomically, once its values are proven fit for the next stage.
 
     Args:
         path: Destination file (``.pt``).
@@ -193,10 +160,71 @@ def save_artifact(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -
 
     Returns:
         The destination path.
+
+    Raises:
+        ArtifactError: A tensor holds NaN or infinite values, or rows whose float32 norm
+            overflows (a diverged stage); no file is written.
+        DiskFullError: The disk has no room for the file.
     """
     record = {"format_version": FORMAT_VERSION, "kind": kind, **_to_cpu(payload)}
+    for name, tensor in _tensors(record):
+        problem = _unfit(tensor)
+        if problem is not None:
+            cause = (
+                _divergence_advice(PRODUCER[kind])
+                if kind in PRODUCER
+                else "the model it was made from diverged or is damaged"
+            )
+            raise ArtifactError(f"not writing {path}: {kind} tensor {name!r} {problem}, so {cause}")
     record["checksum"] = payload_checksum(record)
-    return atomic_write(path, lambda tmp: torch.save(record, tmp))
+    need = sum(t.nbytes for _, t in _tensors(record))
+    return atomic_write(path, lambda tmp: torch.save(record, tmp), need=need)
+
+
+#: The stage that writes each artifact the training stages hand on.
+PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
+
+
+def _divergence_advice(stage: str) -> str:
+    """What a diverged stage's artifact is refused with: the stage and the settings that tame it
+    (its learning rates and gradient clipping, as the pipeline's schema has them)."""
+    from cause_lightning.config.schema import SCHEMA
+
+    section = SCHEMA["method"][stage]
+    rates = " / ".join(f"method.{stage}.{k}" for k in ("lr", "cluster_lr") if k in section)
+    clip = f" or set method.{stage}.clip (gradient clipping)" if "clip" in section else ""
+    return (
+        f"the result of stage={stage} is unusable (it diverged); lower {rates}{clip}, then run "
+        f"stage={stage} again"
+    )
+
+
+def _tensors(obj: Any, name: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested payload with its key path (``head_state.proj.weight``)."""
+    if isinstance(obj, torch.Tensor):
+        return [(name, obj)]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _tensors(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{name}[{i}]")]
+    return []
+
+
+def _unfit(tensor: torch.Tensor) -> str | None:
+    """Why a floating tensor cannot be handed on (non-finite values, overflowing row norms)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        return f"holds {bad} NaN or infinite values of {tensor.numel()}"
+    # Rows are normalised downstream (cosine similarities): a norm that overflows float32 makes
+    # them zero or NaN there.
+    norms = torch.linalg.vector_norm(tensor.float(), dim=-1)  # rows
+    if not bool(torch.isfinite(norms).all()):
+        return (
+            f"has rows whose norm overflows float32 (largest value {float(tensor.abs().max()):.3g})"
+        )
+    return None
 
 
 def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[str, Any]:
@@ -225,7 +253,7 @@ def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise ArtifactError(
-            f"cannot read {path} ({describe_load_error(err)}); the file is damaged or not a "
+            f"cannot read {path} ({describe_load_error(err, path)}); the file is damaged or not a "
             f"cause_lightning {kind} artifact: re-run `stage={produced_by}`"
         ) from None
     if not isinstance(record, dict) or record.get("kind") != kind:
@@ -248,26 +276,6 @@ def load_artifact(path: str | os.PathLike, kind: str, produced_by: str) -> dict[
             f"re-run `stage={produced_by}` to write it again"
         )
     return record
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text + "\n")
-
-    return atomic_write(path, write)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _to_cpu(obj: Any) -> Any:

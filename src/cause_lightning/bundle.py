@@ -30,14 +30,18 @@ from cause_lightning.models.backbones import (
     get_backbone_spec,
     is_hub_tag,
 )
-from cause_lightning.models.heads import build_head
+from cause_lightning.models.frozen import FrozenBackbone
+from cause_lightning.models.heads import build_head, head_class, head_traits
+from cause_lightning.models.imports import import_class
+from cause_lightning.models.timm_backbone import TIMM_FACTORY, build_timm_backbone
 from cause_lightning.specs import (
+    BACKBONE_FACTORY,
     LEGACY_HEAD_DROPOUT,
     BackboneRef,
-    HeadSpec,
     ModelSpec,
     Resolution,
     SpecError,
+    builtin_head_spec,
 )
 
 __all__ = [
@@ -95,6 +99,9 @@ def derive_backbone_kwargs(backbone: nn.Module) -> dict[str, Any]:
     12-head DINO ViT-S has the same parameter shapes as the 6-head one, so a strict state-dict
     load would not notice the difference.
     """
+    recorded = getattr(backbone, "build_kwargs", None)
+    if recorded:  # built by a factory, which recorded its keywords
+        return dict(recorded)
     arch = getattr(backbone, "arch", None)
     name = getattr(backbone, "name", None)
     if not isinstance(arch, Mapping) or not name:
@@ -128,10 +135,25 @@ def _resolve_weights(
     return stored
 
 
+#: The factories a file may name to rebuild its backbone (a file never names code to run).
+_BACKBONE_FACTORIES = {BACKBONE_FACTORY: build_backbone, TIMM_FACTORY: build_timm_backbone}
+
+
+def _backbone_factory(target: str) -> Any:
+    """The factory a :class:`BackboneRef` names: a known factory or a ``FrozenBackbone`` class."""
+    if target in _BACKBONE_FACTORIES:
+        return _BACKBONE_FACTORIES[target]
+    try:
+        return import_class(target, FrozenBackbone, "backbone class")
+    except (ImportError, TypeError) as err:
+        raise SpecError(f"cannot rebuild the backbone: {err}") from err
+
+
 def _rebuild_backbone(
     ref: BackboneRef, weights: str | None, state: Mapping[str, Tensor] | None
 ) -> nn.Module:
-    backbone = build_backbone(ref.name, weights=weights, **dict(ref.kwargs))
+    factory = _backbone_factory(ref.target)
+    backbone = factory(name=ref.name, weights=weights, **dict(ref.kwargs))
     if state:
         backbone.load_state_dict(dict(state), strict=True)
     return backbone
@@ -151,7 +173,7 @@ def _legacy_bundle(record: Mapping[str, Any]) -> tuple[ModelSpec, Any, Any]:
     """Spec and states of a bundle written before the spec (``backbone`` / ``head`` dicts)."""
     bb, hd = record["backbone"], record["head"]
     kwargs = {"dropout": LEGACY_HEAD_DROPOUT, **hd["kwargs"]}
-    head = HeadSpec(kind=str(hd["type"]), **kwargs)
+    head = builtin_head_spec(str(hd["type"]), **kwargs)
     clusterbook = record.get("clusterbook")
     centroids = record["centroids"]
     spec = ModelSpec(
@@ -192,6 +214,7 @@ def segmenter_payload(segmenter: nn.Module) -> dict[str, Any]:
             kwargs=seg.backbone_kwargs,
             dim=int(getattr(seg.backbone, "embed_dim", 0)),
             patch_size=int(seg.patch_size),
+            target=seg.backbone_target,
         ),
         num_classes=int(seg.num_classes),
         num_concepts=0 if clusterbook is None else int(clusterbook.shape[0]),
@@ -267,6 +290,7 @@ def read_segmenter_file(
         "backbone_name": ref.name,
         "backbone_weights": ref.weights if weights is None else os.fspath(weights),
         "backbone_kwargs": ref.kwargs,
+        "backbone_target": ref.target,
         "clusterbook": record.get("clusterbook"),
         "class_names": record.get("class_names"),
         "palette": None if palette is None else palette.numpy(),
@@ -314,14 +338,14 @@ def read_stage_artifacts(
         raise SpecError(f"{head_path} has a model spec without a head: re-run stage=head")
     cb_path = root / "clusterbook.pt"
     clusterbook = None
-    if spec.head.kind == "tr" or cb_path.is_file():
+    if head_traits(head_class(spec.head.target)).needs_clusterbook or cb_path.is_file():
         clusterbook = load_artifact(cb_path, "clusterbook", produced_by="mediator")["clusterbook"]
 
     head = build_head(spec.head)
     missing, unexpected = head.load_state_dict(head_rec["head_state"], strict=False)
     if unexpected or [m for m in missing if m != "clusterbook"]:
         raise ValueError(
-            f"{head_path} does not fit a {spec.head.kind} head of dim {spec.head.dim}: missing "
+            f"{head_path} does not fit a {spec.head.target} head {spec.head.kwargs}: missing "
             f"{missing}, unexpected {unexpected}"
         )
     if "clusterbook" in missing:
@@ -341,6 +365,7 @@ def read_stage_artifacts(
         "backbone_name": ref.name,
         "backbone_weights": resolved,
         "backbone_kwargs": ref.kwargs,
+        "backbone_target": ref.target,
         "clusterbook": clusterbook,
         "class_names": pmeta.get("class_names") or hmeta.get("class_names"),
         "resolution": int(spec.resolution.test),

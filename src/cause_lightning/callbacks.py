@@ -1,18 +1,22 @@
-"""Lightning callbacks of the project: resume checkpoints, a progress bar with throughput, DDP
-teardown."""
+"""Lightning callbacks of the project: resume checkpoints (also on pre-emption), a progress bar
+with throughput, DDP teardown."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import RichProgressBar
 
-from cause_lightning.artifacts import current_umask
+from cause_lightning.core.files import atomic_write
 from cause_lightning.utils import get_logger
 
 __all__ = ["StageCheckpoint", "ThroughputProgressBar", "DestroyProcessGroup", "weights_finite"]
@@ -30,14 +34,23 @@ def weights_finite(module: torch.nn.Module) -> bool:
 
 
 class StageCheckpoint(pl.Callback):
-    """Keeps one resume checkpoint of a training stage up to date.
+    """Keeps one resume checkpoint of a training stage up to date, and writes it on pre-emption.
 
     The file is rewritten at the end of every training epoch, every ``train_time_interval``
     seconds and, optionally, every ``every_n_train_steps`` optimiser steps, so a killed run
-    loses at most that much work. Each write goes to a temporary name and is renamed over the
-    previous file, so a kill during the write leaves the previous checkpoint intact; the file gets
-    the ordinary mode of a new file (``0666`` less the umask). A state holding non-finite weights
-    is never written: the file on disk is always one a run can continue from.
+    loses at most that much work. Each write goes through
+    :func:`~cause_lightning.core.files.atomic_write`, so a kill during the write leaves the previous
+    checkpoint intact. A state holding non-finite weights is never written: the file on disk is
+    always one a run can continue from.
+
+    **SIGTERM** (pre-emption, a scheduler's time limit) is noted by Lightning's signal handling
+    (``trainer.received_sigterm``); the checkpoint is then written at the end of the running
+    optimiser step, and Lightning stops the loop with ``SIGTERMException``, which the command line
+    turns into a non-zero exit. The scheduler's **warning signal** (the requeue signal of
+    Lightning's ``SLURMEnvironment``, ``SIGUSR1`` by default, e.g. ``#SBATCH
+    --signal=USR1@90``) is passed on as a SIGTERM to this process after Lightning's own handler
+    (which requeues the SLURM job when ``auto_requeue`` is on) has run, so the run stops the same
+    way before the time limit kills it.
 
     Args:
         dirpath: Folder of the checkpoint (the pipeline sets the stage's folder in the artifact
@@ -77,6 +90,7 @@ class StageCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_time = time.monotonic()
+        _forward_as_sigterm(_warning_signal(trainer))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
@@ -87,17 +101,26 @@ class StageCheckpoint(pl.Callback):
             self.train_time_interval is not None
             and time.monotonic() - self._last_time >= self.train_time_interval
         )
-        # Every rank must take the same decision (the write is collective); rank 0's clock rules.
-        if trainer.strategy.broadcast(by_steps or by_time, src=0):
-            self.save(trainer, pl_module)
+        stopping = trainer.received_sigterm  # Lightning stops the loop after this hook
+        # Every rank must take the same decision (the write is collective); rank 0's view rules.
+        if trainer.strategy.broadcast(by_steps or by_time or stopping, src=0):
+            written = self.save(trainer, pl_module)
+            if stopping and written:
+                log.warning(
+                    "SIGTERM received: wrote %s at global step %d; the run stops now, continue "
+                    "it with ckpt_path=last",
+                    self.path,
+                    step,
+                )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer, pl_module)
 
-    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the checkpoint now (all ranks call it; rank 0 writes)."""
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Write the checkpoint now (all ranks call it; rank 0 writes); False when it was not
+        written (a debug run, or non-finite weights)."""
         if trainer.fast_dev_run or trainer.sanity_checking:
-            return
+            return False
         finish_step = getattr(pl_module, "finish_step", None)
         if callable(finish_step):
             finish_step()  # the step's post-optimiser work belongs in the checkpoint
@@ -108,17 +131,59 @@ class StageCheckpoint(pl.Callback):
                 self.path,
                 trainer.global_step,
             )
-            return
+            return False
         path = self.path
-        tmp = path.with_name(f".{path.name}.tmp")
+        # The dump is collective; under DDP only rank 0 writes the file (full state: optimiser,
+        # loops, data position).
         if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimiser, loops, data
-        if trainer.is_global_zero:
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, path)
+            atomic_write(
+                path,
+                lambda tmp: trainer.save_checkpoint(tmp, weights_only=False),
+                need=_checkpoint_bytes(path, trainer, pl_module),
+            )
+        else:
+            trainer.save_checkpoint(path, weights_only=False)
         trainer.strategy.barrier("stage_checkpoint")
         self._last_time = time.monotonic()
+        return True
+
+
+def _checkpoint_bytes(path: Path, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """About how large the checkpoint will be: the previous one, else the tensors it holds."""
+    if path.is_file():
+        return path.stat().st_size
+    tensors = list(pl_module.state_dict().values())
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _warning_signal(trainer: pl.Trainer) -> signal.Signals:
+    """The scheduler's warning signal, as Lightning's SLURM support chooses it."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment) and environment.requeue_signal is not None:
+        return signal.Signals(environment.requeue_signal)
+    return signal.SIGUSR1
+
+
+def _forward_as_sigterm(signum: signal.Signals) -> None:
+    """Make ``signum`` also send SIGTERM to this process, after the handler installed for it.
+
+    Lightning installs its handlers (SIGTERM notice, SLURM requeue) when a fit starts and restores
+    the previous ones when it ends, this one included.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python takes signal handlers in the main thread only (as Lightning does)
+    previous = signal.getsignal(signum)
+
+    def forward(received: int, frame: FrameType | None) -> None:
+        if callable(previous):
+            previous(received, frame)
+        log.warning("received %s: stopping at the end of this step", signal.Signals(received).name)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signum, forward)
 
 
 class ThroughputProgressBar(RichProgressBar):

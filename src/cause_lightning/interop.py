@@ -26,11 +26,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import head_dir, save_artifact
+from cause_lightning.artifacts import describe_load_error, head_dir, save_artifact
 from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
+from cause_lightning.errors import UnreadableFileError
 from cause_lightning.logs import get_logger
 from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead, head_spec
-from cause_lightning.specs import BackboneRef, ModelSpec, Resolution, tr_grid_error
+from cause_lightning.specs import (
+    BACKBONE_FACTORY,
+    BackboneRef,
+    ModelSpec,
+    Resolution,
+    tr_grid_error,
+)
 
 __all__ = ["OfficialBundle", "import_official", "REFERENCE_NUM_CONCEPTS"]
 
@@ -84,6 +91,7 @@ class OfficialBundle:
         backbone: str,
         backbone_weights: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        backbone_target: str = BACKBONE_FACTORY,
         resolution: int = 320,
         class_names: list[str] | None = None,
         head_name: str | None = None,
@@ -99,6 +107,7 @@ class OfficialBundle:
             backbone_weights: Path of the upstream backbone weights, recorded for later stages.
             backbone_kwargs: Extra ``build_backbone`` arguments, e.g. ``{"num_heads": 12}`` for the
                 bug-compatible DINO ViT-S (docs/method.md §2.5).
+            backbone_target: Import path of the backbone factory (``build_backbone`` by default).
             resolution: Test resolution (320; 322 for DINOv2). For TR it is also the train
                 resolution.
             class_names: Optional names of the C classes.
@@ -137,6 +146,7 @@ class OfficialBundle:
                 kwargs=dict(backbone_kwargs or {}),
                 dim=self.dim,
                 patch_size=int(patch_size or 0),
+                target=backbone_target,
             ),
             num_classes=self.num_classes,
             num_concepts=self.num_concepts,
@@ -359,20 +369,21 @@ def _read_pth(path: Path, expected: str) -> dict[str, Tensor]:
         raise FileNotFoundError(f"release file not found: {path} (expected {expected})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as err:  # truncated zips, pickles of other objects and numpy files raise various types
-        raise ValueError(
-            f"cannot read {path} as {expected} ({type(err).__name__}: {err}); the file is "
-            "truncated, corrupted or of another kind; re-download it"
-        ) from err
+    except Exception as err:  # torch raises several types for damaged or foreign files
+        raise UnreadableFileError(
+            f"cannot read {path} as {expected} ({describe_load_error(err, path)}); re-download "
+            "it, or check which file the setting names"
+        ) from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected {expected}")
+        raise UnreadableFileError(f"{path} holds a {type(obj).__name__}, expected {expected}")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(
+        raise UnreadableFileError(
             f"{path} is not a flat dict of tensors (entries {bad[:5]}); expected {expected}"
         )
+    bad = [k for k, v in obj.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise UnreadableFileError(f"{path} contains NaN or Inf values (entries {bad[:5]})")
     return dict(obj)
 
 
@@ -383,24 +394,22 @@ def _read_npy(path: Path) -> np.ndarray:
         raise FileNotFoundError(f"release file not found: {path} (expected {expected})")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (
-        Exception
-    ) as err:  # truncated arrays raise ValueError / EOFError, other formats UnpicklingError
-        raise ValueError(
+    except Exception as err:  # truncated arrays raise ValueError / EOFError, other formats more
+        raise UnreadableFileError(
             f"cannot read {path} as {expected} ({type(err).__name__}: {err}); the file is "
             "truncated, corrupted or of another kind; re-download it"
-        ) from err
+        ) from None
     if not isinstance(arr, np.ndarray):
         # np.load opens zip archives (torch.save files, .npz) lazily; close before reporting.
         desc = type(arr).__name__
         if hasattr(arr, "close"):
             arr.close()
-        raise ValueError(f"{path} holds {desc} (a zip archive), expected {expected}")
+        raise UnreadableFileError(f"{path} holds {desc} (a zip archive), expected {expected}")
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
         desc = f"{arr.dtype} {list(arr.shape)}"
-        raise ValueError(f"{path} holds {desc}, expected {expected}")
+        raise UnreadableFileError(f"{path} holds {desc}, expected {expected}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{path} contains NaN or Inf values")
+        raise UnreadableFileError(f"{path} contains NaN or Inf values")
     return arr
 
 

@@ -6,6 +6,13 @@ image it writes the label PNG (class ids when the Hungarian assignment of the ev
 cluster ids otherwise), the colourised mask and an overlay; optionally a contact sheet (PNG) and an
 HTML page side by side.
 
+Images are streamed: each one's outputs are written and dropped before the next is read, and the
+contact sheet keeps thumbnails only, so memory does not grow with the number of images and scales
+with the largest image by a small factor (``benchmarks/bench_predict_memory.py``).
+
+The output folder may not lie inside the input folder (nor hold any input image): a later run on
+the same input would segment this run's outputs.
+
 An image that cannot be read (a damaged file, a non-image with an image extension) does not stop
 the others: every readable image is segmented, and the unreadable ones are listed with the reason
 at the end. The stage fails only when no image could be read, or with ``predict.strict=true`` when
@@ -20,13 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cause_lightning.artifacts import (
-    MissingArtifactError,
-    artifact_root,
-    ensure_writable,
-    head_dir,
-)
+from cause_lightning.artifacts import MissingArtifactError, artifact_root, head_dir
+from cause_lightning.core.files import ensure_writable
 from cause_lightning.data.datasets import find_images, open_image
+from cause_lightning.errors import ExpectedError, SettingsError
 from cause_lightning.logs import get_logger
 from cause_lightning.precision import apply_stage_precision
 from cause_lightning.visualize import (
@@ -34,22 +38,29 @@ from cause_lightning.visualize import (
     contact_sheet_html,
     overlay,
     save_png,
-    to_rgb_uint8,
+    thumbnail,
 )
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+    from PIL import Image
 
     from cause_lightning.segmenter import Segmenter
 
-__all__ = ["predict_images", "load_segmenter", "UnreadableImagesError"]
+__all__ = [
+    "predict_images",
+    "load_segmenter",
+    "check_output_outside_input",
+    "UnreadableImagesError",
+]
 
 log = get_logger(__name__)
 
 SHEET_ROWS = 32  # images shown on the contact sheet
+SHEET_SIDE = 256  # longest side of an image on the contact sheet, in pixels
 
 
-class UnreadableImagesError(OSError):
+class UnreadableImagesError(ExpectedError, OSError):
     """No input image could be read, or (``predict.strict=true``) some could not."""
 
 
@@ -93,7 +104,11 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
             "glob pattern such as 'photos/**/*.jpg'"
         )
     paths = find_images(cfg.predict.input)
-    output = ensure_writable(Path(cfg.predict.output_dir), "predict.output_dir")
+    output = Path(cfg.predict.output_dir)
+    check_output_outside_input(output, source, paths)
+    # The outputs take at least about as much room as the inputs (PNG is lossless).
+    need = sum(Path(p).stat().st_size for p in paths)
+    ensure_writable(output, "predict.output_dir", need=need)
     segmenter = load_segmenter(cfg)
     if cfg.predict.crf:
         segmenter.crf = True
@@ -101,7 +116,7 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
     apply_stage_precision("predict", on_gpu=device == "cuda")
     segmenter.to(device)
     to_classes = segmenter.assignment is not None
-    rows: list[list[np.ndarray]] = []
+    rows: list[list[np.ndarray]] = []  # thumbnails only
     entries: list[dict[str, Any]] = []
     unreadable: list[tuple[Path, str]] = []
     columns = (
@@ -120,15 +135,12 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
                 unreadable.append((Path(path), f"{type(err).__name__}: {err}"))
                 progress.update(task, advance=1)
                 continue
-            labels = segmenter.predict_image(
-                image, sliding_window=bool(cfg.predict.sliding_window), to_classes=to_classes
-            )
-            colour = segmenter.colorize(labels)
-            picture = to_rgb_uint8(np.asarray(image))
             stem = f"{i:05d}_{Path(path).stem}"
-            save_png(labels.astype(np.uint8), output / "labels" / f"{stem}.png")
-            save_png(colour, output / "colour" / f"{stem}.png")
-            save_png(overlay(picture, colour, 0.5), output / "overlay" / f"{stem}.png")
+            sheet_row = _segment_one(
+                segmenter, image, output, stem, cfg, to_classes, keep=len(rows) < SHEET_ROWS
+            )
+            if sheet_row is not None:
+                rows.append(sheet_row)
             entries.append(
                 {
                     "title": Path(path).name,
@@ -138,8 +150,6 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
                     ],
                 }
             )
-            if len(rows) < SHEET_ROWS:
-                rows.append([picture, colour])
             elapsed = progress.tasks[task].elapsed or 0.0
             progress.update(task, advance=1, rate=f"{(i + 1) / elapsed:.1f}" if elapsed else "-")
     written: dict[str, Any] = {
@@ -172,3 +182,50 @@ def predict_images(cfg: DictConfig) -> dict[str, Any]:
             )
         log.warning("%s", summary)
     return written
+
+
+def _segment_one(
+    segmenter: Segmenter,
+    image: Image.Image,
+    output: Path,
+    stem: str,
+    cfg: DictConfig,
+    to_classes: bool,
+    keep: bool,
+) -> list[np.ndarray] | None:
+    """Segment one image and write its label map, colour mask and overlay.
+
+    Only what the contact sheet needs survives the call (thumbnails, when ``keep``): at full
+    resolution, the picture, the label map (``uint8``) and the colour mask exist once each.
+    """
+    labels = segmenter.predict_image(
+        image, sliding_window=bool(cfg.predict.sliding_window), to_classes=to_classes
+    ).astype(np.uint8)  # H W
+    save_png(labels, output / "labels" / f"{stem}.png")
+    colour = segmenter.colorize(labels)  # H W 3
+    del labels
+    save_png(colour, output / "colour" / f"{stem}.png")
+    picture = np.asarray(image)  # H W 3
+    save_png(overlay(picture, colour, 0.5), output / "overlay" / f"{stem}.png")
+    if not keep:
+        return None
+    return [thumbnail(picture, SHEET_SIDE), thumbnail(colour, SHEET_SIDE, nearest=True)]
+
+
+def check_output_outside_input(output: Path, source: str, paths: list[Path]) -> None:
+    """Refuse an output folder inside the input folder, or one that holds input images.
+
+    Raises:
+        SettingsError: Naming both settings, before any image is segmented.
+    """
+    out = output.expanduser().resolve()
+    folder = Path(source).expanduser()
+    inside = folder.is_dir() and out.is_relative_to(folder.resolve())
+    held = [p for p in paths if Path(p).resolve().is_relative_to(out)]
+    if inside or held:
+        found = f" (it holds {len(held)} of the input images, e.g. {held[0]})" if held else ""
+        raise SettingsError(
+            f"predict.output_dir={output} lies inside predict.input={source}{found}: the next "
+            "run on that input would segment these outputs; nothing was run. Choose an output "
+            "folder outside the input, e.g. predict.output_dir=<input>-predictions"
+        )

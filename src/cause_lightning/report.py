@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cause_lightning.artifacts import write_json_atomic
+from cause_lightning.core.files import write_json_atomic
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import remap_clusters
 from cause_lightning.modules.evaluate import OVERCLUSTER_PREFIX, overcluster_row

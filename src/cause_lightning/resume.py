@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from cause_lightning.artifacts import describe_load_error
+from cause_lightning.errors import CheckpointRefusedError, SettingsError
 from cause_lightning.logs import get_logger
 from cause_lightning.modules.base import CHECKPOINT_KEY
 
@@ -75,10 +76,6 @@ def step_signature(
         "trainer": {k: cfg["trainer"].get(k) for k in RESULT_TRAINER_KEYS},
         "derived": {"resolution": cfg["derived"]["resolution"], step: cfg["derived"][step]},
     }
-    if step == "probe" and method["eval"].get("overcluster"):
-        # The probe stage fits the over-clustering centroids too (absent when off, so
-        # checkpoints written without the setting still resume).
-        sections["method"]["eval.overcluster"] = sorted(method["eval"]["overcluster"])
     if input_kind is not None:
         sections["head"] = {k: v for k, v in cfg["head"].items() if k != "probe_epochs"}
         sections[f"input.{input_kind}"] = input_checksum
@@ -96,14 +93,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint read without running code from it (``weights_only=True``).
 
     Raises:
-        ValueError: The file is unreadable or not a Lightning checkpoint.
+        CheckpointRefusedError: The file is unreadable or not a Lightning checkpoint.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for damaged or foreign files
-        raise ValueError(f"unreadable checkpoint {path} ({describe_load_error(err)})") from None
+        raise CheckpointRefusedError(
+            f"unreadable checkpoint {path} ({describe_load_error(err, path)})"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint")
+        raise CheckpointRefusedError(f"{path} is not a Lightning checkpoint")
     return checkpoint
 
 
@@ -123,7 +122,7 @@ def resume_checkpoint(
         single_stage: Whether the run trains one stage only (an explicit file needs that).
 
     Raises:
-        ValueError: The checkpoint was written by a run of another configuration (the
+        CheckpointRefusedError: The checkpoint was written by a run of another configuration (the
             differing settings are named) or cannot be read.
         FileNotFoundError: An explicit ``ckpt_path`` does not exist.
     """
@@ -140,7 +139,7 @@ def resume_checkpoint(
         log.info("no checkpoint in %s to resume %s from: starting fresh", folder, step)
         return None
     if not single_stage:
-        raise ValueError(
+        raise SettingsError(
             "ckpt_path=<file> needs a single training stage; use ckpt_path=last with stage=all"
         )
     path = Path(requested)
@@ -152,7 +151,7 @@ def resume_checkpoint(
 def _checked(step: str, path: Path, checkpoint: dict[str, Any], current: dict[str, Any]) -> str:
     stored = (checkpoint.get(CHECKPOINT_KEY) or {}).get("signature")
     if not stored:
-        raise ValueError(
+        raise CheckpointRefusedError(
             f"checkpoint {path} carries no record of the configuration that wrote it, so "
             f"resuming from it could silently mix two runs: start stage={step} afresh "
             "(ckpt_path=null)"
@@ -165,7 +164,7 @@ def _checked(step: str, path: Path, checkpoint: dict[str, Any], current: dict[st
             for k in differ[:8]
         )
         more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
-        raise ValueError(
+        raise CheckpointRefusedError(
             f"checkpoint {path} was written by a run of another configuration: {shown}{more}. "
             f"Resume with the same settings, or start stage={step} afresh (ckpt_path=null) "
             "or in another artifact directory (artifact_tag=...)"

@@ -34,8 +34,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ``objective`` (the sweep objective, ``cfg.summary_metric`` when available).
     """
     from cause_lightning.config import validate
+    from cause_lightning.tracking import require_wandb_login
 
     validate(cfg)
+    require_wandb_login(cfg)
     _configure_logging()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     action = cfg.stage.action
@@ -83,7 +85,7 @@ def _write_results(cfg: DictConfig, results: dict[str, Any]) -> None:
     """Save the results of the run in its output directory (rank 0), for sweep summaries."""
     from pathlib import Path
 
-    from cause_lightning.artifacts import write_json_atomic
+    from cause_lightning.core.files import write_json_atomic
     from cause_lightning.utils import is_global_zero
 
     output_dir = cfg.paths.get("output_dir")

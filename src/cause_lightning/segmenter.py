@@ -61,8 +61,8 @@ from cause_lightning.inference import (
 )
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import check_assignment, remap_with_ignore
-from cause_lightning.models.heads import head_spec
-from cause_lightning.specs import tr_grid_error
+from cause_lightning.models.heads import head_spec, head_traits
+from cause_lightning.specs import BACKBONE_FACTORY, tr_grid_error
 from cause_lightning.visualize import colorize as _colorize
 from cause_lightning.visualize import default_palette
 
@@ -98,8 +98,9 @@ class Segmenter(nn.Module):
         backbone_weights: weights reference passed to ``build_backbone`` at load time (a local
             file path, stored absolute, or a hub tag). Default: ``backbone.weights`` if the
             backbone has that attribute, else ``None`` (``filterbank`` / ``tiny_vit``).
-        backbone_kwargs: extra ``build_backbone`` keyword arguments (e.g. ``num_heads=12``).
-            Default: the architecture overrides read from a registry ViT's ``arch``.
+        backbone_kwargs: extra keyword arguments of the backbone factory (e.g. ``num_heads=12``).
+            Default: those the backbone was built with (``build_kwargs``), or the architecture
+            overrides read from a registry ViT's ``arch``.
         clusterbook: stage-1 clusterbook ``[K, D]``. A TR head keeps its own copy as a buffer;
             an unfilled TR head is filled from this one, and for TR heads the default is the
             head's copy.
@@ -116,6 +117,8 @@ class Segmenter(nn.Module):
         meta: free-form metadata (primitives / tensors).
         embed_backbone: store the backbone state in :meth:`save`. ``None`` (default) embeds it only
             when there is no ``backbone_weights`` reference to rebuild it from.
+        backbone_target: import path of the backbone factory (default: the backbone's
+            ``build_target``, ``build_backbone`` for registered names).
 
     Raises:
         ValueError: on inconsistent shapes, a resolution that is not a multiple of the patch, or a
@@ -142,6 +145,7 @@ class Segmenter(nn.Module):
         config: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         embed_backbone: bool | None = None,
+        backbone_target: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -153,27 +157,28 @@ class Segmenter(nn.Module):
                 "backbone_name= (the backbone module has no `name` attribute)"
             )
         self.backbone_weights = weights_reference(backbone, backbone_weights)
+        self.backbone_target = str(
+            backbone_target or getattr(backbone, "build_target", None) or BACKBONE_FACTORY
+        )
         if backbone_kwargs is None:
             backbone_kwargs = derive_backbone_kwargs(backbone)
         self.backbone_kwargs = dict(to_plain(dict(backbone_kwargs)))
         try:
             self.head_spec = head_spec(head)
         except TypeError as err:
-            raise ValueError(
-                f"unsupported head {type(head).__name__}: expected an MLPHead / TRHead"
-            ) from err
-        self.head_type = self.head_spec.kind
+            raise ValueError(f"cannot save this segmenter's head: {err}") from err
+        self.traits = head_traits(head)
 
         centroids = torch.as_tensor(centroids).detach().float()
         if centroids.ndim != 2:
             raise ValueError(f"centroids must be [C, R], got shape {tuple(centroids.shape)}")
-        reduced = self.head_spec.reduced_dim
+        reduced = int(head.reduced_dim)
         if centroids.shape[1] != reduced:
             raise ValueError(
                 f"centroids have R={centroids.shape[1]} columns but the head outputs {reduced} "
                 "channels; use the probe.pt written for this head"
             )
-        dim = self.head_spec.dim
+        dim = int(self.head_spec.kwargs.get("dim", getattr(backbone, "embed_dim", 0)))
         if dim != int(getattr(backbone, "embed_dim", dim)):
             raise ValueError(
                 f"the head was built for D={dim} but the {self.backbone_name} backbone gives "
@@ -181,10 +186,10 @@ class Segmenter(nn.Module):
             )
         self.register_buffer("centroids", centroids.clone())
         cb = None if clusterbook is None else torch.as_tensor(clusterbook).detach().float().clone()
-        if self.head_type == "tr":
+        if self.traits.needs_clusterbook:
             if cb is not None and not getattr(head, "clusterbook_set", True):
                 head.set_clusterbook(cb)  # a TR head cannot run with an empty clusterbook
-            elif cb is None:
+            elif cb is None and isinstance(getattr(head, "clusterbook", None), Tensor):
                 cb = head.clusterbook.detach().float().clone()
         self.register_buffer("clusterbook", cb)
 
@@ -211,8 +216,8 @@ class Segmenter(nn.Module):
                 f"resolution={resolution} must be a positive multiple of the patch size "
                 f"{self.patch_size} (e.g. 320 for /8 and /16, 322 for /14)"
             )
-        if self.head_type == "tr":
-            error = tr_grid_error(int(self.head_spec.num_queries or 0), resolution, self.patch_size)
+        if self.traits.fixed_grid:
+            error = tr_grid_error(int(head.num_queries), resolution, self.patch_size)
             if error:
                 raise ValueError(error)
         self.resolution = resolution
@@ -299,10 +304,11 @@ class Segmenter(nn.Module):
                 f"image size {h}x{w} is not a multiple of the patch size {p}; resize it, or use "
                 "predict_image() which handles any size"
             )
-        if self.head_type == "tr" and (h // p) * (w // p) != self.head_spec.num_queries:
+        if self.traits.fixed_grid and (h // p) * (w // p) != int(self.head.num_queries):
             raise ValueError(
-                f"TR head needs a {self.resolution}x{self.resolution} input (its query count is "
-                f"fixed), got {h}x{w}; use predict_image() to squash-resize any image"
+                f"{self.head_spec.name} needs a {self.resolution}x{self.resolution} input (its "
+                f"query count is fixed), got {h}x{w}; use predict_image() to squash-resize any "
+                "image"
             )
         return images.to(self.device, dtype=self.centroids.dtype)
 
@@ -396,8 +402,8 @@ class Segmenter(nn.Module):
     ) -> tuple[int, int]:
         """Size ``(W, H)`` an image of ``width x height`` is resized to before prediction.
 
-        * TR heads (fixed query count): ``resolution x resolution`` (squash).
-        * MLP heads: shorter side -> ``resolution``, longer side -> ``floor(res * L / s)``
+        * Fixed-grid heads (TR: a fixed query count): ``resolution x resolution`` (squash).
+        * Other heads (MLP): shorter side -> ``resolution``, longer side -> ``floor(res * L / s)``
           (docs/protocol.md §2.2), then each side rounded to the nearest multiple of the patch.
         * ``sliding_window``: shorter side -> ``resolution`` (no snapping; windows are
           ``resolution x resolution``).
@@ -410,7 +416,7 @@ class Segmenter(nn.Module):
         Returns:
             ``(W, H)``.
         """
-        square = self.head_type == "tr"
+        square = self.traits.fixed_grid
         return working_size(width, height, self.resolution, self.patch_size, square, sliding_window)
 
     @torch.inference_mode()
@@ -468,9 +474,9 @@ class Segmenter(nn.Module):
             cos = self.logits(x)  # 1 C h w
         pixels = [np.ascontiguousarray(np.asarray(work, dtype=np.uint8))] if self.crf else None
         labels = self._decide(cos, pixels)[0].cpu().numpy().astype(np.int64)  # h w
-        labels = nearest_resize_labels(labels, height, width)
-        if to_classes:
+        if to_classes:  # per pixel, so at the working size: the full-size map is made once
             labels = self.remap(labels)
+        labels = nearest_resize_labels(labels, height, width)  # H W
         return np.ascontiguousarray(labels)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
@@ -590,6 +596,7 @@ class Segmenter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"backbone={self.backbone_name!r}, head={self.head_type}, classes={self.num_classes}, "
+            f"backbone={self.backbone_name!r}, head={self.head_spec.name}, "
+            f"classes={self.num_classes}, "
             f"resolution={self.resolution}, flip={self.flip}, crf={self.crf}"
         )

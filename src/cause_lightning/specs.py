@@ -2,13 +2,16 @@
 
 A stage artifact (``clusterbook.pt``, ``head.pt``, ``probe.pt``) and a ``segmenter.pt`` bundle store
 a :class:`ModelSpec` under ``meta["spec"]`` as plain values (``to_dict``); every reader rebuilds the
-model from it (``from_dict``) and from nothing else, so a constructor argument added to a head is
-written and read in exactly one place. Provenance (config, git hash, class names) stays in the
+model from it (``from_dict``) and from nothing else. The head and the backbone are recorded as what
+the configuration built them from: the importable ``target`` (a class or factory) and its keyword
+arguments, so a head or backbone declared only in a YAML file (``_target_`` plus arguments) is
+rebuilt exactly, whatever class it is. Provenance (config, git hash, class names) stays in the
 free-form part of ``meta``.
 
-Files written before the spec existed carry the same facts as flat ``meta`` keys (``head_type``,
-``dim``, ``reduced_dim``, ...); :meth:`ModelSpec.from_meta` reads those too. Their heads were
-always built with the head's default dropout, which is what the legacy reader assumes.
+Earlier layouts still load: version 1 specs named the head by kind (``"mlp"`` / ``"tr"``) with a
+fixed set of fields, and files written before the spec existed carry the same facts as flat
+``meta`` keys (``head_type``, ``dim``, ``reduced_dim``, ...); both are read into version 2 specs.
+Their heads were always built with the head's default dropout where none was recorded.
 
 This module depends on the standard library only, so that models, data-free readers and tests can
 all import it.
@@ -21,33 +24,59 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cause_lightning.errors import ExpectedError
+
 __all__ = [
+    "BACKBONE_FACTORY",
     "LEGACY_HEAD_DROPOUT",
+    "LEGACY_HEAD_TARGETS",
     "SPEC_VERSION",
     "BackboneRef",
     "HeadSpec",
     "ModelSpec",
     "Resolution",
     "SpecError",
+    "is_plain",
+    "builtin_head_spec",
     "tr_grid_error",
 ]
 
 #: Version of the :class:`ModelSpec` layout written by this code.
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+#: Versions this code reads (1: heads named by kind).
+READABLE_VERSIONS = (1, 2)
 #: Head dropout of every head built before the spec recorded it (the head's default).
 LEGACY_HEAD_DROPOUT = 0.1
-HEAD_KINDS = ("mlp", "tr")
+#: The classes behind the head kinds of version-1 specs and flat legacy metadata.
+LEGACY_HEAD_TARGETS = {
+    "mlp": "cause_lightning.models.heads.MLPHead",
+    "tr": "cause_lightning.models.heads.TRHead",
+}
+#: The factory of the registered backbones (``build_backbone(name, weights, **kwargs)``).
+BACKBONE_FACTORY = "cause_lightning.models.build_backbone"
 
 
-class SpecError(ValueError):
+class SpecError(ExpectedError, ValueError):
     """A stored spec is missing, malformed or of a version this code cannot read."""
 
 
-def tr_grid_error(num_queries: int, resolution: int, patch_size: int) -> str | None:
-    """Why a TR head cannot run at a resolution, or ``None`` when it can.
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is made of ``None``, booleans, numbers, strings, lists and string-keyed
+    dicts only: what a spec may hold (``torch.load(weights_only=True)`` reads it back)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
 
-    A TR head has one position query per training token, so the test grid must have exactly
-    ``num_queries`` tokens.
+
+def tr_grid_error(num_queries: int, resolution: int, patch_size: int) -> str | None:
+    """Why a fixed-grid head cannot run at a resolution, or ``None`` when it can.
+
+    A fixed-grid head (the TR head) has one position query per training token, so the grid must
+    have exactly ``num_queries`` tokens.
 
     Args:
         num_queries: Q, the head's query count.
@@ -67,71 +96,72 @@ def tr_grid_error(num_queries: int, resolution: int, patch_size: int) -> str | N
         else "the query count is not a square grid: check that the head belongs to this backbone"
     )
     return (
-        f"the TR head has {num_queries} position queries (one per training token) but "
+        f"the head has {num_queries} position queries (one per training token) but "
         f"resolution {resolution} with patch {patch_size} gives {tokens} tokens; {hint}"
     )
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """Every constructor argument of a segmentation head.
+    """How to rebuild a segmentation head: ``target(**kwargs)``.
 
     Args:
-        kind: ``"mlp"`` or ``"tr"``.
-        dim: Backbone width D.
-        reduced_dim: Output width R.
-        dropout: Head dropout probability (TR: also the decoder's dropouts).
-        num_queries: TR only: Q, tokens per image at the train resolution.
-        num_concepts: TR only: K, rows of the clusterbook buffer.
+        target: Import path of the head class (``"cause_lightning.models.TRHead"``, or any
+            importable ``nn.Module`` class).
+        kwargs: Its constructor arguments as plain values, ``dim`` (the backbone width) included.
+            Tensors the pipeline hands a head at run time (the TR clusterbook) are not part of the
+            spec: the head keeps them in its state dict.
+
+    Raises:
+        SpecError: On an empty target or arguments that are not plain values.
     """
 
-    kind: str
-    dim: int
-    reduced_dim: int
-    dropout: float
-    num_queries: int | None = None
-    num_concepts: int | None = None
+    target: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in HEAD_KINDS:
-            raise SpecError(f"head kind {self.kind!r} is not one of {HEAD_KINDS}")
-        if self.kind == "tr" and (not self.num_queries or not self.num_concepts):
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise SpecError(f"a head spec needs the head's import path, got {self.target!r}")
+        if not isinstance(self.kwargs, Mapping) or not is_plain(dict(self.kwargs)):
             raise SpecError(
-                f"a TR head spec needs num_queries and num_concepts, got {self.num_queries!r} "
-                f"and {self.num_concepts!r}"
+                f"head {self.target} arguments must be plain values (numbers, strings, lists, "
+                f"dicts), got {self.kwargs!r}"
             )
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
 
-    def kwargs(self) -> dict[str, Any]:
-        """Constructor keywords of the head class besides ``dim``."""
-        kw: dict[str, Any] = {"reduced_dim": self.reduced_dim, "dropout": self.dropout}
-        if self.kind == "tr":
-            kw.update(num_queries=self.num_queries, num_concepts=self.num_concepts)
-        return kw
+    @property
+    def name(self) -> str:
+        """The class name (last part of the target)."""
+        return self.target.rsplit(".", 1)[-1]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (``torch.load(weights_only=True)``-safe)."""
-        return dataclasses.asdict(self)
+        return {"target": self.target, "kwargs": dict(self.kwargs)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HeadSpec:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`; also reads a version-1 head (``kind``, ``dim``, ...).
 
         Raises:
             SpecError: On missing or unknown fields.
         """
+        if "kind" in data:
+            return _legacy_head(data)
         return _construct(cls, data, "head spec")
 
 
 @dataclass(frozen=True)
 class BackboneRef:
-    """How to rebuild a frozen backbone with ``build_backbone``.
+    """How to rebuild a frozen backbone: ``target(name=name, weights=weights, **kwargs)``.
 
     Args:
-        name: Registry name.
+        name: The backbone's label (a registry name, or the timm model name of a
+            ``backbone=timm`` run): what artifacts, logs and reports call it.
         weights: Weights reference (a local file or a hub tag); ``None`` for weight-free backbones.
-        kwargs: Further ``build_backbone`` keywords that change the architecture.
+        kwargs: Further keyword arguments of the factory (architecture overrides, the timm model).
         dim: Feature width D.
         patch_size: Patch size p.
+        target: Import path of the factory (:data:`BACKBONE_FACTORY` for registered backbones).
     """
 
     name: str
@@ -139,6 +169,7 @@ class BackboneRef:
     kwargs: dict[str, Any] = field(default_factory=dict)
     dim: int = 0
     patch_size: int = 0
+    target: str = BACKBONE_FACTORY
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values."""
@@ -146,7 +177,7 @@ class BackboneRef:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BackboneRef:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict` (a version-1 reference has no ``target``).
 
         Raises:
             SpecError: On missing or unknown fields.
@@ -199,16 +230,17 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`; version-1 specs are read into the current layout.
 
         Raises:
             SpecError: On an unknown version or missing fields.
         """
         version = data.get("version")
-        if version != SPEC_VERSION:
+        if version not in READABLE_VERSIONS:
             raise SpecError(
-                f"model spec version {version!r} is not readable by this code (it reads version "
-                f"{SPEC_VERSION}); re-create the file with this version"
+                f"model spec version {version!r} is not readable by this code (it reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} and writes {SPEC_VERSION}); re-create "
+                "the file with this version"
             )
         head = data.get("head")
         return cls(
@@ -245,6 +277,46 @@ def _construct(cls: type, data: Mapping[str, Any], what: str) -> Any:
         raise SpecError(f"{what} {dict(data)!r} is incomplete: {err}") from err
 
 
+def builtin_head_spec(
+    kind: str,
+    dim: int,
+    reduced_dim: int,
+    dropout: float = LEGACY_HEAD_DROPOUT,
+    num_queries: int | None = None,
+    num_concepts: int | None = None,
+) -> HeadSpec:
+    """The spec of a built-in head by its kind (``mlp`` / ``tr``), as earlier layouts named them.
+
+    Raises:
+        SpecError: On another kind, or a TR head without its query and concept counts.
+    """
+    kind = str(kind).lower()
+    if kind not in LEGACY_HEAD_TARGETS:
+        raise SpecError(f"head kind {kind!r} is not one of {sorted(LEGACY_HEAD_TARGETS)}")
+    kwargs: dict[str, Any] = {"dim": int(dim), "reduced_dim": int(reduced_dim)}
+    kwargs["dropout"] = float(dropout)
+    if kind == "tr":
+        if not num_queries or not num_concepts:
+            raise SpecError(
+                f"a TR head spec needs num_queries and num_concepts, got {num_queries!r} and "
+                f"{num_concepts!r}"
+            )
+        kwargs.update(num_queries=int(num_queries), num_concepts=int(num_concepts))
+    return HeadSpec(LEGACY_HEAD_TARGETS[kind], kwargs)
+
+
+def _legacy_head(data: Mapping[str, Any]) -> HeadSpec:
+    """A version-1 head dict (``kind``, ``dim``, ``reduced_dim``, ``dropout``, TR counts)."""
+    known = {"kind", "dim", "reduced_dim", "dropout", "num_queries", "num_concepts"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"head spec has unknown fields {unknown}; known: {sorted(known)}")
+    missing = sorted({"kind", "dim", "reduced_dim", "dropout"} - set(data))
+    if missing:
+        raise SpecError(f"head spec {dict(data)!r} is incomplete: missing {missing}")
+    return builtin_head_spec(**dict(data))
+
+
 def _from_legacy_meta(meta: Mapping[str, Any]) -> ModelSpec:
     """The spec of a file written before ``meta["spec"]`` existed (flat keys, no dropout)."""
     required = ("backbone", "dim", "num_classes", "resolution")
@@ -260,11 +332,10 @@ def _from_legacy_meta(meta: Mapping[str, Any]) -> ModelSpec:
     head = None
     if meta.get("head_type"):
         kind = str(meta["head_type"]).lower()
-        head = HeadSpec(
-            kind=kind,
+        head = builtin_head_spec(
+            kind,
             dim=int(meta["dim"]),
             reduced_dim=int(meta["reduced_dim"]),
-            dropout=LEGACY_HEAD_DROPOUT,
             num_queries=int(meta["num_queries"]) if kind == "tr" else None,
             num_concepts=int(meta["num_concepts"]) if kind == "tr" else None,
         )

@@ -23,18 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning import __version__
 from cause_lightning.artifacts import (
+    PRODUCER,
     ArtifactError,
     artifact_root,
-    ensure_writable,
     head_dir,
     load_artifact,
     save_artifact,
 )
 from cause_lightning.callbacks import StageCheckpoint
-from cause_lightning.config import check_overcluster, derive, to_plain
+from cause_lightning.config import derive, to_plain
+from cause_lightning.core.bounds import check_overcluster
+from cause_lightning.core.files import ensure_writable
 from cause_lightning.crf import stage_crf_runner
 from cause_lightning.logs import get_logger, is_global_zero
 from cause_lightning.models import LinearProbe, build_head, head_spec
+from cause_lightning.models.heads import head_arguments, head_class, head_traits
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.precision import apply_stage_precision, float32_warning
 from cause_lightning.resume import finite_advice, resume_checkpoint, step_signature
@@ -48,7 +51,6 @@ __all__ = ["Pipeline", "STEPS"]
 log = get_logger(__name__)
 
 STEPS = ("mediator", "head", "probe", "eval")
-PRODUCER = {"clusterbook": "mediator", "head": "head", "probe": "probe"}
 # The artifact a training step reads: its checksum is part of the step's configuration.
 STEP_INPUT = {"head": "clusterbook", "probe": "head"}
 
@@ -171,6 +173,7 @@ class Pipeline:
                 kwargs=self.backbone_kwargs(),
                 dim=int(backbone.embed_dim),
                 patch_size=int(backbone.patch_size),
+                target=str(cfg.backbone._target_),
             ),
             num_classes=int(cfg.data.num_classes),
             num_concepts=int(cfg.method.num_concepts if num_concepts is None else num_concepts),
@@ -335,10 +338,8 @@ class Pipeline:
         found = {"backbone": spec.backbone.name, "dim": spec.backbone.dim}
         expected = {"backbone": self.cfg.backbone.name, "dim": int(self.backbone.embed_dim)}
         if kind != "clusterbook":
-            found.update(num_classes=spec.num_classes, head_type=spec.head and spec.head.kind)
-            expected.update(
-                num_classes=int(self.cfg.data.num_classes), head_type=self.cfg.head.name
-            )
+            found.update(num_classes=spec.num_classes, head=spec.head and spec.head.target)
+            expected.update(num_classes=int(self.cfg.data.num_classes), head=self.head_target())
         for key, value in expected.items():
             if found[key] != value:
                 raise ArtifactError(
@@ -362,6 +363,29 @@ class Pipeline:
             )
         return record
 
+    def head_target(self) -> str:
+        """Import path of the class ``head.module`` names (as artifacts record it)."""
+        cls = head_class(str(self.cfg.head.module._target_))
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def new_head(self, clusterbook: torch.Tensor) -> torch.nn.Module:
+        """The student head of stage 2, built from ``head.module`` (its ``_target_`` and
+        arguments) plus what its traits ask of the pipeline (docs/architecture.md, a head)."""
+        node = self.cfg.head.module
+        target = str(node._target_)
+        cls = head_class(target)
+        arguments = {k: v for k, v in to_plain(node).items() if not k.startswith("_")}
+        arguments.update(
+            head_arguments(
+                cls,
+                dim=int(self.backbone.embed_dim),
+                num_queries=int(self.derived.num_queries),
+                num_concepts=int(clusterbook.shape[0]),
+            )
+        )
+        book = clusterbook if head_traits(cls).needs_clusterbook else None
+        return build_head(HeadSpec(target, arguments), book)
+
     def clusterbook(self) -> torch.Tensor:
         record = self.load("clusterbook", self.root / "clusterbook.pt")
         clusterbook = record["clusterbook"]
@@ -383,7 +407,7 @@ class Pipeline:
             raise ArtifactError("the artifact's model spec has no head: re-run stage=head")
         head = build_head(spec.head)
         head.load_state_dict(record["head_state"])
-        linear = LinearProbe(spec.head.reduced_dim, spec.num_classes)
+        linear = LinearProbe(head.reduced_dim, spec.num_classes)
         linear.load_state_dict(record["linear_state"])
         return head, linear
 
@@ -459,8 +483,8 @@ class Pipeline:
         clusterbook = self.clusterbook()
         module = self.stage_module(
             "head",
+            head=self.new_head(clusterbook),
             clusterbook=clusterbook,
-            num_queries=int(self.derived.num_queries),
             lr=self.derived.head.lr,
             debug_checks=self.debug_checks,
         )
@@ -487,7 +511,6 @@ class Pipeline:
             linear=linear,
             lr=self.derived.probe.lr,
             cluster_lr=self.derived.probe.cluster_lr,
-            overcluster=self.overcluster_counts(),
         )
         trainer = self.trainer("probe", max_epochs=stage.epochs)
         self.log_scaling("probe", trainer)

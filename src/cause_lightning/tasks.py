@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cause_lightning.artifacts import atomic_write
+from cause_lightning.core.files import atomic_write
 from cause_lightning.logs import get_logger
 from cause_lightning.specs import tr_grid_error
 
@@ -95,14 +95,14 @@ def import_release(cfg: DictConfig) -> dict[str, Any]:
     if error:
         # The TR position queries fix the token grid: eval would fail on the first batch.
         raise ValueError(
-            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test and "
-            "data.recipe.resolution.train.tr to it)"
+            f"release for data={cfg.data.name}: {error} (set data.recipe.resolution.test to it)"
         )
     paths = bundle.save(
         pipeline.root,
         backbone=cfg.backbone.name,
         backbone_weights=cfg.backbone.weights,
         backbone_kwargs=pipeline.backbone_kwargs(),
+        backbone_target=str(cfg.backbone._target_),
         resolution=resolution,
         class_names=_class_names(cfg),
         head_name=cfg.head.name,

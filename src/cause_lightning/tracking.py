@@ -20,13 +20,17 @@ argument (rule P3).
 from __future__ import annotations
 
 import json
+import netrc
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from omegaconf import DictConfig
 
+from cause_lightning.errors import SettingsError
 from cause_lightning.logs import get_logger
 
 if TYPE_CHECKING:
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
 __all__ = [
+    "require_wandb_login",
     "step_loggers",
     "ARTIFACT_KINDS",
     "confusion_image",
@@ -116,6 +121,41 @@ def step_loggers(cfg: DictConfig, step: str) -> list[Any]:
             }
         loggers.append(instantiate_logger(node, **overrides))
     return loggers
+
+
+def require_wandb_login(cfg: DictConfig) -> None:
+    """Refuse a W&B logger in online mode when no API key can be found, before any work.
+
+    W&B would ask for a key at its ``Enter your choice:`` prompt and wait there for ever (or fail
+    after training has started where no terminal is attached). A key is found where W&B looks:
+    ``WANDB_API_KEY`` (or ``WANDB_IDENTITY_TOKEN_FILE``) or the ``.netrc`` entry ``wandb login``
+    writes for the W&B host.
+
+    Raises:
+        SettingsError: Saying how to log in or to log offline.
+    """
+    targets = [str(n.get("_target_", "")) for n in (cfg.get("logger") or {}).values()]
+    if not any("WandbLogger" in t for t in targets):
+        return
+    if os.environ.get("WANDB_MODE", "online") not in ("online", "run"):
+        return  # offline, disabled (rule P3: the mode is the environment's)
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    import wandb
+
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url).hostname
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        entry = None
+    if entry and entry[2]:
+        return
+    raise SettingsError(
+        f"logger=wandb logs online (WANDB_MODE={os.environ.get('WANDB_MODE', 'unset')}) but no "
+        f"W&B API key was found (no WANDB_API_KEY, no .netrc entry for {host}): nothing was run. "
+        "Run `wandb login` once, or set WANDB_API_KEY, or log offline with WANDB_MODE=offline "
+        "(and `wandb sync` the run folder later)"
+    )
 
 
 def wandb_loggers(trainer: pl.Trainer | None) -> list[WandbLogger]:

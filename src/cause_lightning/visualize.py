@@ -1,27 +1,27 @@
 """Visualisation helpers for segmentation outputs (docs/architecture.md, ``stage=predict`` outputs).
 
-Colour maps for cluster / class ids, image overlays, side-by-side contact sheets
+Colour maps for cluster / class ids, image overlays, thumbnails, side-by-side contact sheets
 (image | prediction | ground truth per row), a small HTML index of the written PNGs, and an
 atomic PNG writer. Everything works on numpy arrays (``uint8 [H, W, 3]`` images, integer
-``[H, W]`` label maps with ``ignore_index`` = 255) and PIL; no torch.
+``[H, W]`` label maps with ``ignore_index`` = 255) and PIL. The per-pixel functions work in bands
+of rows, so their temporaries stay a few megabytes whatever the image size: a photo of 36
+megapixels costs its output and little more.
 """
 
 from __future__ import annotations
 
 import colorsys
 import html
-import io
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cause_lightning.artifacts import current_umask
 from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.core.files import atomic_write
 from cause_lightning.logs import get_logger
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "voc_palette",
     "overlay",
     "save_png",
+    "thumbnail",
     "to_rgb_uint8",
 ]
 
@@ -40,6 +41,9 @@ log = get_logger(__name__)
 
 #: Height in pixels of the text strip drawn above each contact-sheet row that has a title.
 TITLE_HEIGHT = 14
+
+# Pixels per band of rows in the per-pixel functions (float and index temporaries of ~10 MB).
+_BAND_PIXELS = 1 << 20
 
 _GOLDEN = 0.618033988749895
 # Saturation / value levels cycled through so that hues that come round again stay apart.
@@ -133,24 +137,35 @@ def colorize(
         raise ValueError(f"colorize expects a [H, W] label map, got shape {labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         raise ValueError(f"colorize expects integer labels, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64, copy=False)
-    valid = (labels != ignore_index) & (labels >= 0)
+    top = -1  # the largest drawn id
+    for rows in _bands(*labels.shape):
+        band = labels[rows].astype(np.int64)
+        band = band[(band != ignore_index) & (band >= 0)]
+        if band.size:
+            top = max(top, int(band.max()))
     if palette is None:
-        top = int(labels[valid].max()) + 1 if valid.any() else 0
-        palette = default_palette(top)
+        palette = default_palette(top + 1)
     palette = np.asarray(palette, dtype=np.uint8)
     if palette.ndim != 2 or palette.shape[1] != 3:
         raise ValueError(f"palette must have shape [n, 3], got {palette.shape}")
+    if top >= len(palette):
+        raise ValueError(
+            f"label id {top} is outside the palette of {len(palette)} colours; pass a larger "
+            f"palette, e.g. default_palette({top + 1})"
+        )
     out = np.zeros((*labels.shape, 3), dtype=np.uint8)
-    if valid.any():
-        top = int(labels[valid].max())
-        if top >= len(palette):
-            raise ValueError(
-                f"label id {top} is outside the palette of {len(palette)} colours; pass a larger "
-                f"palette, e.g. default_palette({top + 1})"
-            )
-        out[valid] = palette[labels[valid]]
+    for rows in _bands(*labels.shape):
+        band = labels[rows].astype(np.int64)
+        valid = (band != ignore_index) & (band >= 0)
+        out[rows][valid] = palette[band[valid]]
     return out
+
+
+def _bands(height: int, width: int) -> Iterator[slice]:
+    """Slices of rows covering ``height`` rows of ``width`` pixels, about ``_BAND_PIXELS`` each."""
+    step = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        yield slice(top, min(top + step, height))
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
@@ -220,14 +235,36 @@ def overlay(
             f"overlay: image {img.shape[:2]} and colour map {col.shape[:2]} differ in size; "
             "resize the prediction to the image first"
         )
-    mixed = (1.0 - alpha) * img.astype(np.float32) + alpha * col.astype(np.float32)
-    out = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-    if ignore_mask is not None:
-        mask = np.asarray(ignore_mask, dtype=bool)
-        if mask.shape != img.shape[:2]:
-            raise ValueError(f"overlay: ignore_mask {mask.shape} != image {img.shape[:2]}")
-        out[mask] = img[mask]
+    mask = None if ignore_mask is None else np.asarray(ignore_mask, dtype=bool)
+    if mask is not None and mask.shape != img.shape[:2]:
+        raise ValueError(f"overlay: ignore_mask {mask.shape} != image {img.shape[:2]}")
+    out = np.empty_like(img)
+    for rows in _bands(*img.shape[:2]):
+        mixed = (1.0 - alpha) * img[rows].astype(np.float32) + alpha * col[rows].astype(np.float32)
+        out[rows] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        if mask is not None:
+            out[rows][mask[rows]] = img[rows][mask[rows]]
     return out
+
+
+def thumbnail(array: np.ndarray, side: int, nearest: bool = False) -> np.ndarray:
+    """A copy of an image shrunk (aspect kept) so that its longer side is at most ``side``.
+
+    Args:
+        array: Image (see :func:`to_rgb_uint8`).
+        side: Longest side of the result in pixels (>= 1); smaller images are copied unchanged.
+        nearest: Sample the nearest pixel (colour masks keep their exact colours) instead of
+            filtering (photographs).
+
+    Returns:
+        ``np.uint8`` array ``[h, w, 3]`` with ``max(h, w) <= side``.
+    """
+    if side < 1:
+        raise ValueError(f"thumbnail: side must be >= 1, got {side}")
+    picture = Image.fromarray(to_rgb_uint8(array))
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
+    picture.thumbnail((side, side), resample)
+    return np.asarray(picture, dtype=np.uint8).copy()
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -301,21 +338,6 @@ def contact_sheet(
     return sheet
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp creates 0600; others sharing the output folder must be able to read it.
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write an array as PNG atomically (temporary file in the same folder, then rename).
 
@@ -355,10 +377,8 @@ def save_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
             f"save_png: unsupported array shape {a.shape} / dtype {a.dtype}; expected uint8 "
             "[H, W, 3|4] or an integer [H, W] map"
         )
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
-    return path
+    # Encoded straight into the file: no second copy of the picture in memory.
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def contact_sheet_html(
@@ -411,5 +431,5 @@ def contact_sheet_html(
             cells.append(f'<td><a href="{src}"><img src="{src}" alt="{src}"></a></td>')
         lines.append(f"<tr><th>{name}</th>{''.join(cells)}</tr>")
     lines += ["</table>", "</body></html>", ""]
-    _atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
-    return path
+    text = "\n".join(lines)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

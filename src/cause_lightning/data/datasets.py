@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from cause_lightning.data.transforms import SegTransform, ensure_rgb, to_tensor_normalized
+from cause_lightning.errors import ExpectedError
 from cause_lightning.logs import get_logger
 
 __all__ = [
@@ -50,7 +51,7 @@ _RESAMPLE = {
 }
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(ExpectedError, ValueError):
     """An image or mask file exists but cannot be decoded (truncated, not an image, empty)."""
 
 

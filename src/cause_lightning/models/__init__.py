@@ -3,6 +3,7 @@
 from cause_lightning.models.backbones import FrozenBackbone, build_backbone, list_backbones
 from cause_lightning.models.bank import ConceptBank
 from cause_lightning.models.heads import (
+    HeadTraits,
     LinearProbe,
     MLPHead,
     ProjectionHead,
@@ -10,12 +11,15 @@ from cause_lightning.models.heads import (
     build_head,
     ema_update,
     head_spec,
+    head_traits,
 )
 from cause_lightning.models.probes import ClusterProbe
+from cause_lightning.models.timm_backbone import build_timm_backbone
 
 __all__ = [
     "FrozenBackbone",
     "build_backbone",
+    "build_timm_backbone",
     "list_backbones",
     "MLPHead",
     "TRHead",
@@ -23,7 +27,9 @@ __all__ = [
     "LinearProbe",
     "ClusterProbe",
     "ConceptBank",
+    "HeadTraits",
     "build_head",
     "ema_update",
     "head_spec",
+    "head_traits",
 ]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cause_lightning.errors import ExpectedError
+
 __all__ = [
     "CHECKPOINT_FORMATS",
     "CONTAINER_FAMILY",
@@ -17,7 +19,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExpectedError, ValueError):
     """A weights file cannot be read, belongs to another model, or does not fit the backbone."""
 
 

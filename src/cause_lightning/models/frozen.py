@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cause_lightning.specs import BACKBONE_FACTORY
+
 __all__ = ["BackboneSpec", "FrozenBackbone"]
 
 
@@ -34,8 +36,9 @@ class FrozenBackbone(nn.Module):
         embed_dim: Feature width D.
         patch_size: Patch size p.
         num_prefix_tokens: Class and register tokens of the token sequence.
-        build_kwargs: Keyword overrides given to ``build_backbone`` (without ``weights`` and
-            ``device``), so that ``build_backbone(name, weights, **build_kwargs)`` rebuilds it.
+        build_kwargs: Keyword overrides given to the factory (without ``weights`` and
+            ``device``), so that ``factory(name, weights, **build_kwargs)`` rebuilds it.
+        build_target: Import path of that factory (``build_backbone`` for the registry).
     """
 
     def __init__(self, name: str, embed_dim: int, patch_size: int, num_prefix_tokens: int = 0):
@@ -45,6 +48,7 @@ class FrozenBackbone(nn.Module):
         self.patch_size = int(patch_size)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.build_kwargs: dict[str, Any] = {}
+        self.build_target: str = BACKBONE_FACTORY
 
     def freeze(self) -> FrozenBackbone:
         """Disable gradients on every parameter and switch to eval mode.

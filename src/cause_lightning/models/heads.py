@@ -13,11 +13,29 @@ Parameter names follow the reference release (``f1``, ``f2.0``, ``f2.2``; ``quer
 Dropout follows the module's training mode by default. Every head ``forward`` also takes
 ``dropout=True/False`` to force it on or off regardless of the mode: stage 3 keeps a frozen head
 whose dropout is a stage option (docs/method.md §6.3), not a side effect of ``train()``/``eval()``.
+
+**The head contract.** Any ``nn.Module`` class can be a head, named by ``_target_`` in
+``conf/head/<name>.yaml`` with its arguments. The class takes the backbone width ``dim`` as a
+keyword, exposes ``reduced_dim`` (its output width R) and maps ``[B, D, h, w]`` to
+``[B, R, h, w]``. What it needs from the pipeline it declares with class attributes
+(:class:`HeadTraits`), each ``False`` unless set:
+
+* ``per_token``: each output position depends on its own token only, so stage 2 may feed just the
+  grid-sampled tokens (a ``[B, D, N, 1]`` strip) instead of the whole patch grid (the MLP head);
+* ``needs_clusterbook``: the constructor takes ``num_concepts`` (K) and ``clusterbook`` (the
+  stage-1 ``[K, D]`` rows, or ``None`` when rebuilt from a state dict that holds them);
+* ``fixed_grid``: the constructor takes ``num_queries`` (tokens per image at the train resolution)
+  and the head runs only on grids of that many tokens, so it trains at the test resolution and
+  single images are squashed to a square (the TR head; it exposes ``num_queries``).
+
+A head that declares nothing gets the safe behaviour: the whole patch grid, no clusterbook, any
+resolution. :func:`build_head` builds a head from a :class:`~cause_lightning.specs.HeadSpec`
+(import path + arguments) and records the spec on it, which is what artifacts store and rebuild.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +43,12 @@ from torch import Tensor, nn
 
 from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
 from cause_lightning.logs import get_logger
+from cause_lightning.models.imports import import_class
 from cause_lightning.ops import nearest_concept
 from cause_lightning.specs import HeadSpec
 
 __all__ = [
-    "HEAD_TYPES",
+    "HeadTraits",
     "LinearProbe",
     "MLPHead",
     "ProjectionHead",
@@ -37,7 +56,11 @@ __all__ = [
     "TRHead",
     "build_head",
     "ema_update",
+    "head_arguments",
+    "head_class",
     "head_spec",
+    "head_traits",
+    "remember_arguments",
 ]
 
 log = get_logger(__name__)
@@ -91,7 +114,8 @@ class MLPHead(nn.Module):
         f2: ``Sequential(Conv1x1 D -> D, ReLU, Conv1x1 D -> R)``.
     """
 
-    head_type: ClassVar[str] = "mlp"
+    #: 1x1 convolutions only: sampled tokens give the same outputs as the full grid.
+    per_token: ClassVar[bool] = True
 
     def __init__(self, dim: int, reduced_dim: int = 90, dropout: float = 0.1) -> None:
         super().__init__()
@@ -106,6 +130,7 @@ class MLPHead(nn.Module):
         self.f1, self.f2 = _projection_block(dim, reduced_dim)
         # Holds only p; kept as a module so that the printed structure shows the dropout.
         self.dropout = nn.Dropout(dropout)
+        remember_arguments(self, dim=dim, reduced_dim=reduced_dim, dropout=float(dropout))
 
     def forward(self, features: Tensor, dropout: bool | None = None) -> Tensor:
         """Project a feature grid to the reduced space.
@@ -227,7 +252,10 @@ class TRHead(nn.Module):
         ValueError: On a missing / non-positive ``num_queries`` or a clusterbook of the wrong shape.
     """
 
-    head_type: ClassVar[str] = "tr"
+    #: Queries are the nearest clusterbook rows of the tokens.
+    needs_clusterbook: ClassVar[bool] = True
+    #: One position query per training token: the grid size is fixed.
+    fixed_grid: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -266,6 +294,14 @@ class TRHead(nn.Module):
         self._clusterbook_set = False
         if clusterbook is not None:
             self.set_clusterbook(clusterbook)
+        remember_arguments(
+            self,
+            dim=dim,
+            reduced_dim=reduced_dim,
+            num_queries=self.num_queries,
+            num_concepts=self.num_concepts,
+            dropout=float(dropout),
+        )
 
     @torch.no_grad()
     def set_clusterbook(self, clusterbook: Tensor) -> None:
@@ -401,54 +437,148 @@ class LinearProbe(nn.Module):
         return self.f(x)
 
 
-HEAD_TYPES: dict[str, type[nn.Module]] = {"mlp": MLPHead, "tr": TRHead}
+class HeadTraits(NamedTuple):
+    """What a head class needs from the pipeline (the head contract of this module's docstring).
+
+    Attributes:
+        per_token: Stage 2 may feed sampled tokens instead of the whole grid.
+        needs_clusterbook: The constructor takes ``num_concepts`` and ``clusterbook``.
+        fixed_grid: The constructor takes ``num_queries``; the grid size is fixed.
+    """
+
+    per_token: bool = False
+    needs_clusterbook: bool = False
+    fixed_grid: bool = False
 
 
-def build_head(spec: HeadSpec, clusterbook: Tensor | None = None) -> MLPHead | TRHead:
+def head_traits(head: type | nn.Module) -> HeadTraits:
+    """The traits a head class (or instance) declares; ``False`` for everything it does not.
+
+    Args:
+        head: A head class or module.
+
+    Returns:
+        Its :class:`HeadTraits`.
+    """
+    cls = head if isinstance(head, type) else type(head)
+    return HeadTraits(*(bool(getattr(cls, name, False)) for name in HeadTraits._fields))
+
+
+def head_class(target: str) -> type[nn.Module]:
+    """Import the head class named by ``target`` (``"package.module.Class"``).
+
+    Only ``nn.Module`` classes are accepted: an artifact names its head class, and loading it
+    must never call anything else.
+
+    Raises:
+        ImportError: When the class cannot be imported (the message says what to put on the path).
+        TypeError: When ``target`` names something that is not an ``nn.Module`` class.
+    """
+    return import_class(target, nn.Module, "head class")
+
+
+def head_arguments(
+    head: type | nn.Module,
+    dim: int,
+    num_queries: int | None = None,
+    num_concepts: int | None = None,
+) -> dict[str, Any]:
+    """The constructor arguments the pipeline gives a head class, by its traits.
+
+    Args:
+        head: The head class (or a module of it).
+        dim: Backbone width D (every head).
+        num_queries: Tokens per image at the train resolution (``fixed_grid`` heads).
+        num_concepts: K, rows of the clusterbook (``needs_clusterbook`` heads).
+
+    Returns:
+        ``{"dim": D}`` plus what the traits ask for.
+
+    Raises:
+        ValueError: When a trait asks for a value that was not given.
+    """
+    traits = head_traits(head)
+    kwargs: dict[str, Any] = {"dim": int(dim)}
+    for wanted, key, value in (
+        (traits.fixed_grid, "num_queries", num_queries),
+        (traits.needs_clusterbook, "num_concepts", num_concepts),
+    ):
+        if not wanted:
+            continue
+        if value is None:
+            raise ValueError(f"{getattr(head, '__name__', type(head).__name__)} needs {key}")
+        kwargs[key] = int(value)
+    return kwargs
+
+
+def remember_arguments(head: nn.Module, **kwargs: Any) -> None:
+    """Record on ``head`` the spec that rebuilds it: its class and these constructor arguments.
+
+    Heads built with :func:`build_head` are recorded by it; a head class that may be constructed
+    by hand (as :class:`MLPHead` and :class:`TRHead` are) calls this at the end of its
+    constructor with its resolved arguments, so that :func:`head_spec` works for it too.
+
+    Args:
+        head: The head being constructed.
+        **kwargs: Its constructor arguments as plain values (tensors excluded).
+    """
+    cls = type(head)
+    head.build_spec = HeadSpec(f"{cls.__module__}.{cls.__qualname__}", kwargs)
+
+
+def build_head(spec: HeadSpec, clusterbook: Tensor | None = None) -> nn.Module:
     """Build the segmentation head a :class:`~cause_lightning.specs.HeadSpec` describes.
 
     Args:
-        spec: Head kind and every constructor argument (dropout included).
-        clusterbook: TR only: optional ``[K, D]`` clusterbook to copy into the buffer.
+        spec: Head class (import path) and its constructor arguments.
+        clusterbook: ``[K, D]`` rows for a ``needs_clusterbook`` head (``None`` when the state
+            dict loaded afterwards holds them).
 
     Returns:
-        The head module.
+        The head module, with ``build_spec`` set to ``spec``.
 
     Raises:
-        ValueError: On a clusterbook passed for an MLP head.
+        ImportError: When the head class cannot be imported.
+        TypeError: When ``spec`` names no head class, or the class does not expose ``reduced_dim``.
+        ValueError: On a clusterbook passed to a head that takes none.
     """
-    if spec.kind != "tr" and clusterbook is not None:
-        raise ValueError("an MLP head takes no clusterbook")
-    extra = {"clusterbook": clusterbook} if clusterbook is not None else {}
-    return HEAD_TYPES[spec.kind](spec.dim, **spec.kwargs(), **extra)
+    cls = head_class(spec.target)
+    extra: dict[str, Any] = {}
+    if clusterbook is not None:
+        if not head_traits(cls).needs_clusterbook:
+            raise ValueError(f"{cls.__name__} takes no clusterbook (needs_clusterbook is not set)")
+        extra["clusterbook"] = clusterbook
+    head = cls(**spec.kwargs, **extra)
+    if not isinstance(getattr(head, "reduced_dim", None), int):
+        raise TypeError(
+            f"{spec.target} must expose `reduced_dim`, the number of channels its forward returns "
+            "(the head contract of cause_lightning.models.heads)"
+        )
+    head.build_spec = HeadSpec(f"{cls.__module__}.{cls.__qualname__}", spec.kwargs)
+    return head
 
 
 def head_spec(head: nn.Module) -> HeadSpec:
     """The :class:`~cause_lightning.specs.HeadSpec` that rebuilds ``head`` (``build_head``).
 
     Args:
-        head: An ``MLPHead`` or ``TRHead``.
+        head: A head built by :func:`build_head`, or by a class that records its arguments
+            (:func:`remember_arguments`).
 
     Returns:
-        Its kind and constructor arguments, read from the module.
+        Its class and constructor arguments.
 
     Raises:
-        TypeError: For any other module.
+        TypeError: For a head that recorded neither.
     """
-    if isinstance(head, TRHead):
-        return HeadSpec(
-            kind="tr",
-            dim=head.dim,
-            reduced_dim=head.reduced_dim,
-            dropout=float(head.head_dropout.p),
-            num_queries=head.num_queries,
-            num_concepts=head.num_concepts,
-        )
-    if isinstance(head, MLPHead):
-        return HeadSpec(
-            kind="mlp", dim=head.dim, reduced_dim=head.reduced_dim, dropout=float(head.dropout.p)
-        )
-    raise TypeError(f"expected an MLPHead or a TRHead, got {type(head).__name__}")
+    spec = getattr(head, "build_spec", None)
+    if isinstance(spec, HeadSpec):
+        return spec
+    raise TypeError(
+        f"{type(head).__name__} does not record how it was built: build it with "
+        "cause_lightning.models.build_head(HeadSpec(target, kwargs)), or call "
+        "cause_lightning.models.heads.remember_arguments(self, ...) at the end of its constructor"
+    )
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.data.transforms import normalize_uint8
+from cause_lightning.errors import ExpectedError
 from cause_lightning.inference import deterministic_backward, upsample_to
 from cause_lightning.ops import grid_sample_index
 
@@ -117,7 +118,7 @@ def restore_random_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(states["cuda"]))
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ExpectedError, FloatingPointError):
     """A training loss became NaN or infinite; the step was not applied."""
 
 
@@ -361,7 +362,7 @@ def linear_probe_loss(
         over a device-side count so that no value is read back. Under deterministic algorithms
         (``trainer.deterministic=true``) the upsampling is a matrix product and the sum is taken
         over per-pixel losses: CUDA's bilinear backward and summed ``nll_loss2d`` are
-        nondeterministic (docs/performance.md §9).
+        nondeterministic (docs/performance.md §10).
     """
     deterministic = deterministic_backward(logits)
     logits = upsample_to(logits, tuple(labels.shape[-2:]))  # B C H W

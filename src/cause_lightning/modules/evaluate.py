@@ -31,13 +31,15 @@ import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cause_lightning.baselines import spherical_kmeans
+from cause_lightning.core.bounds import COUNT, NON_NEGATIVE_INT, POSITIVE, SEED
+from cause_lightning.core.files import atomic_write
 from cause_lightning.inference import (
     cosine_argmax,
     cosine_logits,
@@ -97,6 +99,8 @@ class _PendingCRF:
 class EvalModule(StageModule):
     """Test-loop module producing every reported number of a trained CAUSE model.
 
+    Every setting comes from ``method.eval`` (conf/method/cause.yaml); none has a default here.
+
     Args:
         backbone: Frozen backbone.
         head: Teacher head (eval mode).
@@ -128,19 +132,19 @@ class EvalModule(StageModule):
         head: nn.Module,
         centroids: torch.Tensor,
         linear: LinearProbe,
-        num_classes: int,
-        alpha: float = 3.0,
-        variants: tuple[str, ...] | list[str] = VARIANTS,
-        crf_runner: Any = None,
-        linear_crf: bool = True,
+        num_classes: Annotated[int, COUNT],
+        alpha: Annotated[float, POSITIVE],
+        variants: tuple[str, ...] | list[str],
+        crf_runner: Any,
+        linear_crf: bool,
+        baselines: bool,
+        kmeans_iters: Annotated[int, COUNT],
+        kmeans_restarts: Annotated[int, COUNT],
+        kmeans_max_tokens: Annotated[int, COUNT],
+        save_images: Annotated[int, NON_NEGATIVE_INT],
+        overcluster: dict[int, torch.Tensor] | None,
+        seed: Annotated[int, SEED],
         crf_in_flight: int | None = None,
-        baselines: bool = True,
-        kmeans_iters: int = 30,
-        kmeans_restarts: int = 10,
-        kmeans_max_tokens: int = 200_000,
-        save_images: int = 16,
-        overcluster: dict[int, torch.Tensor] | None = None,
-        seed: int = 0,
     ) -> None:
         super().__init__(backbone, seed=seed)
         unknown = sorted(set(variants) - set(VARIANTS))
@@ -451,7 +455,8 @@ class EvalModule(StageModule):
         if self.crf_runner is not None:
             self.crf_runner.close()  # a spawned process must not exit with a live pool
         if self.handoff is not None and self.trainer.is_global_zero:
-            torch.save(self.outcome(), self.handoff)
+            outcome = self.outcome()
+            atomic_write(self.handoff, lambda tmp: torch.save(outcome, tmp))
 
     def _finish_metrics(self, metrics: dict[str, Any]) -> None:
         for name, metric in metrics.items():
@@ -470,10 +475,14 @@ class EvalModule(StageModule):
 
     # ------------------------------------------------------------------ hand-off
     def outcome(self) -> dict[str, Any]:
-        """What the report and the k-means pass need from a test run (plain, picklable)."""
+        """What the report and the k-means pass need from a test run, as plain content (tensors,
+        numbers, strings, lists and dicts) that ``torch.load(weights_only=True)`` reads."""
         return {
             "results": dict(self.results),
-            "examples": list(self.examples),
+            "examples": [
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in example.items()}
+                for example in self.examples
+            ],
             "kmeans_centroids": {k: v.cpu() for k, v in self.kmeans_centroids.items()},
         }
 
@@ -485,8 +494,10 @@ class EvalModule(StageModule):
         if self.handoff is None or not self.handoff.is_file():
             return
         if not self._ran_here:
-            state = torch.load(self.handoff, weights_only=False)  # written by this run's rank 0
+            state = torch.load(self.handoff, weights_only=True)
             self.results = state["results"]
-            self.examples = state["examples"]
+            self.examples = [
+                {k: v.numpy() for k, v in example.items()} for example in state["examples"]
+            ]
             self.kmeans_centroids = state["kmeans_centroids"]
         self.handoff.unlink()

@@ -16,8 +16,7 @@ result equals one process on the global batch (docs/scaling.md).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from cause_lightning.core.bounds import COUNT, FRACTION, POSITIVE, SEED, SIMILARITY
 from cause_lightning.models import ConceptBank, LinearProbe, ProjectionHead, ema_update
+from cause_lightning.models.heads import head_traits
 from cause_lightning.modules.base import (
     BANK_STREAM,
     OptimizerFactory,
@@ -59,15 +60,17 @@ def supervised_metrics(num_classes: int, prefix: str) -> MetricCollection:
 class HeadModule(StageModule):
     """Student/teacher head with concept-wise contrastive loss and a detached linear probe.
 
+    Every hyper-parameter comes from ``method.head`` (conf/method/cause.yaml); none has a default
+    here, so a module built from Python gets exactly the values a run of the command line gets.
+
     Args:
         backbone: Frozen backbone (``embed_dim``, ``patch_size``).
-        head_factory: Partial of ``MLPHead`` / ``TRHead`` taking ``dim`` (and, for TR,
-            ``num_queries`` and ``clusterbook``).
+        head: The student head, built by the pipeline from ``conf/head`` (``build_head``); the
+            teacher starts as a copy. Its traits say what it is fed (``per_token`` heads get the
+            grid-sampled tokens, every other head the whole patch grid).
         clusterbook: Stage-1 clusterbook ``[K, D]`` (frozen).
         num_classes: C, classes of the linear probe.
-        head_type: ``"mlp"`` or ``"tr"``.
-        num_queries: TR query count ``(train_res / patch)**2``.
-        lr: Learning rate (absolute).
+        lr: Learning rate (absolute; the pipeline's effective value).
         window: Grid-sampling window.
         ema_decay: Teacher EMA decay.
         projection_dim: P, width of the projection head.
@@ -85,8 +88,7 @@ class HeadModule(StageModule):
             a value back from the device, so the step then also gives the loss only the bank's
             used slots). Off: the step never waits for the device, and the loss is checked at the
             end of each epoch and before each checkpoint.
-        optimizer: Optimiser factory (``method.head.optimizer``, which holds the weight decay;
-            default Adam).
+        optimizer: Optimiser factory (``method.head.optimizer``, which holds the weight decay).
         scheduler: Per-epoch schedule factory (None = constant lr, the reference).
         seed: Seed of the per-step grid sampling and bank subset draws.
     """
@@ -94,30 +96,28 @@ class HeadModule(StageModule):
     def __init__(
         self,
         backbone: nn.Module,
-        head_factory: Callable[..., nn.Module],
+        head: nn.Module,
         clusterbook: torch.Tensor,
-        num_classes: int,
-        head_type: str,
-        num_queries: int | None = None,
-        lr: float = 4e-3,
-        window: int = 4,
-        ema_decay: float = 0.99,
-        projection_dim: int = 2048,
-        temperature: float = 0.07,
-        pos_thresh: float = 0.3,
-        neg_thresh: float = 0.1,
-        bank_capacity: int = 100,
-        bank_keep: float = 0.5,
-        sync_bank: bool = False,
-        contrastive_memory_mb: int = 1024,
-        debug_checks: bool = True,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        seed: int = 0,
+        num_classes: Annotated[int, COUNT],
+        lr: float,
+        window: Annotated[int, COUNT],
+        ema_decay: Annotated[float, FRACTION],
+        projection_dim: Annotated[int, COUNT],
+        temperature: Annotated[float, POSITIVE],
+        pos_thresh: Annotated[float, SIMILARITY],
+        neg_thresh: Annotated[float, SIMILARITY],
+        bank_capacity: Annotated[int, COUNT],
+        bank_keep: Annotated[float, FRACTION],
+        sync_bank: bool,
+        contrastive_memory_mb: Annotated[int, COUNT],
+        debug_checks: bool,
+        optimizer: OptimizerFactory | None,
+        scheduler: SchedulerFactory | None,
+        seed: Annotated[int, SEED],
     ) -> None:
         super().__init__(backbone, seed=seed, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(
-            ignore=["backbone", "head_factory", "clusterbook", "optimizer", "scheduler"]
+            ignore=["backbone", "head", "clusterbook", "optimizer", "scheduler"]
         )
         dim = int(backbone.embed_dim)
         if clusterbook.ndim != 2 or clusterbook.shape[1] != dim:
@@ -126,11 +126,8 @@ class HeadModule(StageModule):
                 "it was trained for another backbone; re-run stage=mediator"
             )
         self.register_buffer("clusterbook", clusterbook.detach().float().clone())
-        self.head_type = head_type
-        kwargs: dict[str, Any] = {"dim": dim}
-        if head_type == "tr":
-            kwargs.update(num_queries=num_queries, clusterbook=self.clusterbook)
-        self.head = head_factory(**kwargs)
+        self.traits = head_traits(head)
+        self.head = head
         self.projection = ProjectionHead(self.head.reduced_dim, projection_dim)
         # The teacher starts as a copy of the student and is only moved by the EMA.
         self.head_ema = copy.deepcopy(self.head).requires_grad_(False)
@@ -151,25 +148,25 @@ class HeadModule(StageModule):
         """Sampled tokens, student and teacher projections, and the teacher's full grid."""
         window = self.hparams.window
         check = bool(self.hparams.debug_checks)
-        if self.head_type == "tr":
-            # Attention mixes tokens, so the heads run on the full grid and are sampled after.
-            with torch.no_grad():
-                teacher = self.head_ema(features)  # B R h w
-                teacher_proj = self.projection_ema(teacher)  # B P h w
-            student_proj = self.projection(self.head(features))  # B P h w
-            index = self.grid_index(features, window, batch_idx)  # B N
-            tokens, _ = grid_sample_tokens(features, window, index, validate=check)  # B N D
-            student_tok, _ = grid_sample_tokens(student_proj, window, index, validate=check)
-            teacher_tok, _ = grid_sample_tokens(teacher_proj, window, index, validate=check)
-            return tokens, student_tok, teacher_tok, teacher
-        # MLP heads are per token: sampling first is equal and much cheaper (method.md §5.4).
         index = self.grid_index(features, window, batch_idx)  # B N
         tokens, _ = grid_sample_tokens(features, window, index, validate=check)  # B N D
-        grid = tokens.transpose(1, 2).unsqueeze(-1)  # B D N 1
-        student_tok = self.projection(self.head(grid)).squeeze(-1).transpose(1, 2)  # B N P
+        if self.traits.per_token:
+            # Each output depends on its own token only: sampling first is equal and much cheaper
+            # (method.md §5.4).
+            strip = tokens.transpose(1, 2).unsqueeze(-1)  # B D N 1
+            student_tok = self.projection(self.head(strip)).squeeze(-1).transpose(1, 2)  # B N P
+            with torch.no_grad():
+                teacher_tok = self.projection_ema(self.head_ema(strip)).squeeze(-1).transpose(1, 2)
+                teacher = self.head_ema(features)  # B R h w, separate full-grid pass for the probe
+            return tokens, student_tok, teacher_tok, teacher
+        # Any other head may mix positions (attention, convolutions): it sees the whole grid and
+        # its outputs are sampled after.
         with torch.no_grad():
-            teacher_tok = self.projection_ema(self.head_ema(grid)).squeeze(-1).transpose(1, 2)
-            teacher = self.head_ema(features)  # B R h w, separate full-grid pass for the probe
+            teacher = self.head_ema(features)  # B R h w
+            teacher_proj = self.projection_ema(teacher)  # B P h w
+        student_proj = self.projection(self.head(features))  # B P h w
+        student_tok, _ = grid_sample_tokens(student_proj, window, index, validate=check)  # B N P
+        teacher_tok, _ = grid_sample_tokens(teacher_proj, window, index, validate=check)
         return tokens, student_tok, teacher_tok, teacher
 
     def _matmul_dtype(self) -> torch.dtype | None:

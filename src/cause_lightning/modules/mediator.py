@@ -7,11 +7,12 @@ of one process on the global batch (docs/scaling.md).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from cause_lightning.core.bounds import COUNT, OPTIONAL_COUNT, POSITIVE, SEED
 from cause_lightning.modules.base import OptimizerFactory, SchedulerFactory, StageModule
 from cause_lightning.ops import grid_sample_tokens, modularity_loss
 
@@ -21,6 +22,9 @@ __all__ = ["MediatorModule"]
 class MediatorModule(StageModule):
     """Trains the clusterbook ``[K, D]`` on grid-sampled frozen backbone tokens.
 
+    Every hyper-parameter comes from ``method.mediator`` (conf/method/cause.yaml); none has a
+    default here.
+
     Args:
         backbone: Frozen backbone with attribute ``embed_dim``.
         num_concepts: K, number of concepts (2048 in the reference).
@@ -28,7 +32,7 @@ class MediatorModule(StageModule):
         temperature: Modularity temperature tau.
         window: Grid-sampling window.
         chunk_size: Concepts per chunk of the max-product (None = automatic).
-        optimizer: Optimiser factory (``method.mediator.optimizer``; default Adam).
+        optimizer: Optimiser factory (``method.mediator.optimizer``; None = Adam).
         scheduler: Per-epoch schedule factory (``method.mediator.scheduler``; None = constant).
         seed: Seed of the per-step grid sampling.
     """
@@ -36,14 +40,14 @@ class MediatorModule(StageModule):
     def __init__(
         self,
         backbone: nn.Module,
-        num_concepts: int = 2048,
-        lr: float = 4e-3,
-        temperature: float = 0.1,
-        window: int = 4,
-        chunk_size: int | None = None,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        seed: int = 0,
+        num_concepts: Annotated[int, COUNT],
+        lr: float,
+        temperature: Annotated[float, POSITIVE],
+        window: Annotated[int, COUNT],
+        chunk_size: Annotated[int | None, OPTIONAL_COUNT],
+        optimizer: OptimizerFactory | None,
+        scheduler: SchedulerFactory | None,
+        seed: Annotated[int, SEED],
     ) -> None:
         super().__init__(backbone, seed=seed, optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])

@@ -17,13 +17,19 @@ and have their own Adam state, so the C-centroid probe is the same with or witho
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from cause_lightning.baselines import spherical_kmeans_plus_plus
-from cause_lightning.config import PROBE_INITS, check_overcluster
+from cause_lightning.core.bounds import (
+    COUNT,
+    OPTIONAL_POSITIVE,
+    POSITIVE,
+    SEED,
+    check_overcluster,
+)
 from cause_lightning.inference import cosine_argmax
 from cause_lightning.logs import get_logger
 from cause_lightning.metrics import UnsupervisedSegmentationMetrics
@@ -40,9 +46,12 @@ from cause_lightning.modules.base import (
 from cause_lightning.modules.head import supervised_metrics
 from cause_lightning.ops import grid_sample_index, grid_sample_tokens, modularity_loss
 
-__all__ = ["ProbeModule", "restart_losses", "restart_objectives", "sample_split"]
+__all__ = ["ProbeInit", "ProbeModule", "restart_losses", "restart_objectives", "sample_split"]
 
 log = get_logger(__name__)
+
+#: Where the centroids start (method.md §6.1): uniform(±1/C), or k-means++ seeds on head tokens.
+ProbeInit = Literal["reference", "kmeans++"]
 
 # Keys of the INIT_STREAM draws: the grid offsets of the two fixed samples, then one per restart,
 # then the over-clustering sets' starts (keyed further by their cluster count).
@@ -112,6 +121,9 @@ def sample_split(num_images: int, per_purpose: int, seed: int) -> tuple[list[int
 class ProbeModule(StageModule):
     """Fits the class centroids ``[C, R]`` and the linear probe on a frozen teacher head.
 
+    Every hyper-parameter comes from ``method.probe`` (conf/method/cause.yaml); none has a default
+    here.
+
     Args:
         backbone: Frozen backbone.
         head: The stage-2 teacher head (loaded).
@@ -145,26 +157,26 @@ class ProbeModule(StageModule):
         backbone: nn.Module,
         head: nn.Module,
         linear: LinearProbe,
-        num_classes: int,
-        lr: float = 4e-3,
-        cluster_lr: float = 4e-3,
-        temperature: float = 0.1,
-        window: int = 4,
-        clip: float | None = None,
-        head_dropout: bool = True,
-        reference_leak: bool = False,
-        init: str = "reference",
-        restarts: int = 1,
-        sample_images: int = 64,
-        sample_batch_size: int = 16,
-        overcluster: list[int] | tuple[int, ...] = (),
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
-        seed: int = 0,
+        num_classes: Annotated[int, COUNT],
+        lr: float,
+        cluster_lr: float,
+        temperature: Annotated[float, POSITIVE],
+        window: Annotated[int, COUNT],
+        clip: Annotated[float | None, OPTIONAL_POSITIVE],
+        head_dropout: bool,
+        reference_leak: bool,
+        init: ProbeInit,
+        restarts: Annotated[int, COUNT],
+        sample_images: Annotated[int, COUNT],
+        sample_batch_size: Annotated[int, COUNT],
+        overcluster: list[int] | tuple[int, ...],
+        optimizer: OptimizerFactory | None,
+        scheduler: SchedulerFactory | None,
+        seed: Annotated[int, SEED],
     ) -> None:
         overcluster = check_overcluster(list(overcluster), num_classes)
-        if init not in PROBE_INITS:
-            raise ValueError(f"method.probe.init={init!r}: expected one of {PROBE_INITS}")
+        if init not in get_args(ProbeInit):
+            raise ValueError(f"method.probe.init={init!r}: expected one of {get_args(ProbeInit)}")
         if restarts < 1 or sample_images < 1:
             raise ValueError(
                 f"method.probe.restarts={restarts} and method.probe.sample_images={sample_images} "

@@ -13,6 +13,7 @@ from typing import Any
 
 from cause_lightning.data.crops.codec import LABEL_ENCODING
 from cause_lightning.data.crops.recipes import CropRecipe
+from cause_lightning.errors import ExpectedError
 
 __all__ = [
     "CROP_TOOL_VERSION",
@@ -66,7 +67,7 @@ def list_sha256(entries: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-class CropCacheMismatchError(ValueError):
+class CropCacheMismatchError(ExpectedError, ValueError):
     """A crop cache exists but its manifest describes different crops than the ones requested."""
 
 
