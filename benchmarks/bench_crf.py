@@ -1,25 +1,33 @@
-"""Micro-benchmark of the DenseCRF post-processing (docs/method.md §7.3): serial vs process pool.
+"""Micro-benchmark of the DenseCRF post-processing (docs/method.md §7.3): serial vs process pool,
+separate CRFs vs one lattice per image, synthetic pictures vs real photos.
 
 Times :func:`cause_lightning.crf.dense_crf` on one image and :class:`cause_lightning.crf.CRFRunner`
 on a batch, serially and with a small worker pool, at the evaluation resolution (320x320, 27
 COCO-Stuff classes by default). The logits mimic the evaluation pipeline: a coarse score grid
 (one value per 8x8 patch) upsampled bilinearly, scaled like ``3 * cos``, then log-softmax.
 
+``--lattice`` times what the evaluation spends per image, serially: ``--crfs`` CRFs (the cluster
+probe's ``crf`` and ``flip_crf`` and the linear probe's ``crf``) as separate ``dense_crf`` calls,
+against :func:`cause_lightning.crf.dense_crfs`, which builds the image's pairwise lattice once. One
+row per picture: two synthetic ones (``smooth``: a 10x10 grid of random colours upsampled, the
+former ``benchmarks/gpu.sh`` picture; ``noise``: every pixel random) and the photos scikit-image
+ships (``PHOTOS``, centre-cropped and resized to the evaluation size). The two variants alternate
+within each repeat, so both see the same load; the ratio is the figure to read on a shared
+machine. :func:`real_photo_crf_seconds` gives other benchmarks the per-image figure on the photos.
+
 ``--eval`` times the evaluation loop's use instead: evaluated images per second spent on the CRF,
-``--crfs`` CRFs per image (two for the cluster probe, one more for the linear probe unless
-``method.eval.linear_crf=false``), ``--batch`` images per submission, for
+``--crfs`` CRFs per image, ``--batch`` images per submission, for
 
-* the former default (``crf_workers: 0``): serial in the loop's process, probabilities returned
-  and the argmax taken afterwards;
+* the former default (``crf_workers: 0``): serial in the loop's process, one CRF per call,
+  probabilities returned and the argmax taken afterwards;
 * the default now (``crf_workers: null``): a pool sized from this process's cores (or
-  ``--workers``), batches submitted without waiting (``CRFRunner.submit``) and label maps returned.
-
-The per-image time of one CRF it prints estimates a dataset's evaluation time (images x CRFs per
-image x seconds / workers; docs/performance.md).
+  ``--workers``), batches submitted without waiting (``CRFRunner.submit``), each image with all its
+  unaries on one lattice, label maps returned.
 
 Usage::
 
     python benchmarks/bench_crf.py --size 320 --classes 27 --batch 4 --workers 2
+    python benchmarks/bench_crf.py --lattice --repeats 5
     python benchmarks/bench_crf.py --eval --images 8 --batch 4
 """
 
@@ -35,39 +43,144 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cause_lightning.crf import CRFRunner, crf_available, dense_crf
+from cause_lightning.crf import CRFRunner, crf_available, default_crf_workers, dense_crf, dense_crfs
 from cause_lightning.utils import cores_per_rank
 
+# Photos that ship with scikit-image (no download); coins is grey, replicated to RGB.
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins")
+SYNTHETIC = ("smooth", "noise")
+CRFS_PER_IMAGE = 3  # cluster crf, cluster flip_crf, linear crf
 
-def _image(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    if kind == "astronaut":
+
+def picture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 ``[size, size, 3]`` picture: a scikit-image photo or a synthetic one.
+
+    Args:
+        kind: One of ``PHOTOS`` or ``SYNTHETIC``.
+        size: Side in pixels.
+        rng: Draws of the synthetic pictures.
+    """
+    if kind in PHOTOS:
         from skimage import data
+        from skimage.color import gray2rgb
         from skimage.transform import resize
 
-        photo = data.astronaut()  # 512 x 512 RGB, ships with scikit-image
-        resized = resize(photo, (size, size), order=1, anti_aliasing=True, preserve_range=True)
-        return np.ascontiguousarray(resized.astype(np.uint8))
+        photo = getattr(data, kind)()
+        photo = gray2rgb(photo) if photo.ndim == 2 else photo[..., :3]
+        height, width = photo.shape[:2]
+        side = min(height, width)  # the centred square, as a square crop of the data sets
+        top, left = (height - side) // 2, (width - side) // 2
+        square = photo[top : top + side, left : left + side]
+        resized = resize(square, (size, size), order=1, anti_aliasing=True, preserve_range=True)
+        return np.ascontiguousarray(resized.round().astype(np.uint8))
+    if kind == "smooth":  # photo-like smooth regions
+        coarse = torch.from_numpy(rng.integers(0, 256, (1, 3, 10, 10)).astype(np.float32))
+        smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        return np.ascontiguousarray(smooth[0].permute(1, 2, 0).round().to(torch.uint8).numpy())
     if kind == "noise":  # worst case for the bilateral lattice: every pixel a new colour
         return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    raise ValueError(f"unknown image kind {kind!r}; use 'astronaut' or 'noise'.")
+    raise ValueError(f"unknown picture {kind!r}; use one of {PHOTOS + SYNTHETIC}.")
 
 
-def _logits(classes: int, size: int, seed: int) -> np.ndarray:
+def eval_logits(classes: int, size: int, seed: int) -> np.ndarray:
+    """Scores as the evaluation makes them: a coarse grid upsampled, ``3 * cos``, log-softmax.
+
+    Args:
+        classes: C.
+        size: Side in pixels (the grid has one cell per 8x8 patch).
+        seed: Seed of the grid.
+
+    Returns:
+        float32 ``[C, size, size]``.
+    """
     g = torch.Generator().manual_seed(seed)
     cos = torch.rand(1, classes, size // 8, size // 8, generator=g) * 2 - 1  # 1 C h w
     up = F.interpolate(cos, size=(size, size), mode="bilinear", align_corners=False)
     return torch.log_softmax(3.0 * up[0], 0).numpy()  # C H W
 
 
+def lattice_rows(
+    kinds: tuple[str, ...],
+    size: int = 320,
+    classes: int = 27,
+    iterations: int = 10,
+    crfs: int = CRFS_PER_IMAGE,
+    repeats: int = 3,
+) -> list[dict[str, float | str]]:
+    """Per-image seconds of ``crfs`` separate CRFs and of ``crfs`` CRFs on one lattice, serially.
+
+    The two alternate within each repeat (the same load for both); medians over the repeats of
+    the wall time and of this process's CPU time (on a shared machine the CPU time is the better
+    estimate of what a process with a core of its own takes).
+
+    Args:
+        kinds: Pictures (``PHOTOS`` / ``SYNTHETIC``).
+        size: Side in pixels.
+        classes: C.
+        iterations: Mean-field iterations.
+        crfs: Unaries per image.
+        repeats: Timed repeats per picture.
+
+    Returns:
+        One dict per picture: ``picture``, ``separate_s``, ``shared_s`` (wall) and
+        ``separate_cpu_s``, ``shared_cpu_s``.
+    """
+    rng = np.random.default_rng(0)
+    unaries = [eval_logits(classes, size, seed) for seed in range(crfs)]
+    warm = picture("noise", 16, np.random.default_rng(1))
+    dense_crf(warm, eval_logits(classes, 16, 0), 1)  # the import and first call, untimed
+    rows = []
+    for kind in kinds:
+        image = picture(kind, size, rng)
+        variants: dict[str, Callable[[], object]] = {
+            "separate": lambda: [dense_crf(image, u, iterations) for u in unaries],  # noqa: B023
+            "shared": lambda: dense_crfs(image, unaries, iterations),  # noqa: B023
+        }
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                times[name].append(_timed(fn))
+        row: dict[str, float | str] = {"picture": kind}
+        for name, pairs in times.items():
+            row[f"{name}_s"] = statistics.median(wall for wall, _ in pairs)
+            row[f"{name}_cpu_s"] = statistics.median(cpu for _, cpu in pairs)
+        rows.append(row)
+    return rows
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds of one call (the CPU time of this process only)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def real_photo_crf_seconds(
+    size: int = 320,
+    classes: int = 27,
+    iterations: int = 10,
+    crfs: int = CRFS_PER_IMAGE,
+    repeats: int = 1,
+) -> float:
+    """One process's seconds per evaluated image on the CRF: ``crfs`` CRFs on one lattice.
+
+    The mean over ``PHOTOS`` of each photo's median (:func:`lattice_rows`' ``shared_s``).
+
+    Args:
+        size: Side in pixels.
+        classes: C.
+        iterations: Mean-field iterations.
+        crfs: Unaries per image (the evaluation's three by default).
+        repeats: Timed repeats per photo.
+    """
+    rows = lattice_rows(PHOTOS, size, classes, iterations, crfs, repeats)
+    return statistics.fmean(float(row["shared_s"]) for row in rows)
+
+
 def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Median wall time and median CPU time of this process (pool workers' CPU not included)."""
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+    pairs = [_timed(fn) for _ in range(repeats)]
+    return statistics.median(w for w, _ in pairs), statistics.median(c for _, c in pairs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,26 +199,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="pool size (default 2; --eval: auto)"
     )
+    parser.add_argument("--lattice", action="store_true", help="separate CRFs vs one lattice")
     parser.add_argument("--eval", action="store_true", help="time the evaluation loop's CRF")
     parser.add_argument("--images", type=int, default=16, help="--eval: evaluated images timed")
-    parser.add_argument("--crfs", type=int, default=3, help="--eval: CRFs per image")
+    parser.add_argument("--crfs", type=int, default=CRFS_PER_IMAGE, help="CRFs per image")
     parser.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    parser.add_argument("--image", default="astronaut", choices=["astronaut", "noise"])
+    parser.add_argument("--image", default="astronaut", choices=[*PHOTOS, *SYNTHETIC])
     parser.add_argument("--start-method", default=None, help="forkserver (default) or spawn")
     args = parser.parse_args(argv)
     if not crf_available():
         raise SystemExit('pydensecrf is missing: pip install "cause-lightning[crf]"')
 
+    if args.lattice:
+        _lattice_table(args)
+        return
     if args.eval:
         _eval_throughput(args)
         return
     args.workers = 2 if args.workers is None else args.workers
     rng = np.random.default_rng(0)
-    image = _image(args.image, args.size, rng)
+    image = picture(args.image, args.size, rng)
     n = args.batch
     images = [image] * n
-    logits = [_logits(args.classes, args.size, seed) for seed in range(n)]
+    logits = [eval_logits(args.classes, args.size, seed) for seed in range(n)]
 
     rows: list[tuple[str, float, float, float]] = []
     one, one_cpu = _median_time(lambda: dense_crf(image, logits[0], args.iterations), args.repeats)
@@ -125,11 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     rows.append((f"pool start + 1 image ({method})", t_first, t_first, cpu_first))
     rows.append((f"runner pool of {args.workers}, {n} images", t_pool, t_pool / n, cpu_pool / n))
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"DenseCRF {args.size}x{args.size}, C={args.classes}, {args.iterations} iterations, "
-        f"image={args.image}, median of {args.repeats}; {os.cpu_count()} CPUs, "
-        f"1-min load average {load:.2f}"
+        f"image={args.image}, median of {args.repeats}; {_machine()}"
     )
     print(f"{'case':<36} {'wall s':>8} {'wall/img':>9} {'parent cpu/img':>15}")
     for name, total, per_image, cpu in rows:
@@ -137,36 +252,71 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pool speed-up over serial (wall): {t_serial / t_pool:.2f}x")
 
 
+def _machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} CPUs, 1-min load average {load:.2f}"
+
+
+def _lattice_table(args: argparse.Namespace) -> None:
+    rows = lattice_rows(
+        (*SYNTHETIC, *PHOTOS), args.size, args.classes, args.iterations, args.crfs, args.repeats
+    )
+    photos = [r for r in rows if r["picture"] in PHOTOS]
+    mean: dict[str, float | str] = {"picture": "photos, mean"}
+    for key in ("separate_s", "shared_s", "separate_cpu_s", "shared_cpu_s"):
+        mean[key] = statistics.fmean(float(r[key]) for r in photos)
+    print(
+        f"DenseCRF {args.size}x{args.size}, C={args.classes}, {args.iterations} iterations, "
+        f"{args.crfs} CRFs per image, one process, median of {args.repeats}; {_machine()}"
+    )
+    print(
+        f"{'picture':<22} {'separate':>9} {'one lattice':>12} {'ratio':>6}   "
+        f"{'separate':>9} {'one lattice':>12} {'ratio':>6}"
+    )
+    print(f"{'(seconds per image)':<22} {'wall':>9} {'wall':>12} {'':>6}   {'cpu':>9} {'cpu':>12}")
+    for row in (*rows, mean):
+        kind = str(row["picture"])
+        label = kind if row is mean else f"{kind} ({'photo' if kind in PHOTOS else 'synthetic'})"
+        cells = []
+        for suffix in ("_s", "_cpu_s"):
+            separate, shared = float(row[f"separate{suffix}"]), float(row[f"shared{suffix}"])
+            cells.append(f"{separate:>9.3f} {shared:>12.3f} {shared / separate:>6.3f}")
+        print(f"{label:<22} {'   '.join(cells)}")
+
+
 def _eval_throughput(args: argparse.Namespace) -> None:
-    picture = _image(args.image, args.size, np.random.default_rng(0))
-    unary = [_logits(args.classes, args.size, seed) for seed in range(args.batch)]
+    image = picture(args.image, args.size, np.random.default_rng(0))
+    unaries = [eval_logits(args.classes, args.size, seed) for seed in range(args.crfs)]
     batches = args.images // args.batch
-    jobs = [[picture] * args.batch] * (batches * args.crfs)  # one submission per batch and CRF
 
     serial = CRFRunner(num_workers=0, iterations=args.iterations)
     start = time.perf_counter()
-    for pictures in jobs:
-        torch.from_numpy(np.stack(serial(pictures, unary))).argmax(1)
+    for _ in range(batches):
+        for unary in unaries:  # one submission per batch and CRF, as formerly
+            torch.from_numpy(np.stack(serial([image] * args.batch, [unary] * args.batch))).argmax(1)
     t_serial = time.perf_counter() - start
 
-    workers = args.workers if args.workers is not None else max(1, cores_per_rank() - 1)
+    workers = args.workers if args.workers is not None else default_crf_workers()
     with CRFRunner(num_workers=workers, iterations=args.iterations) as pool:
-        pool.collect(pool.submit([picture], unary[:1]))  # start the workers before timing
+        pool.collect(pool.submit([image], unaries[:1]))  # start the workers before timing
         start = time.perf_counter()
-        futures = [pool.submit(pictures, unary, argmax=True) for pictures in jobs]
+        # One submission per batch, each image with all its unaries (the evaluation now).
+        futures = [
+            pool.submit([image] * args.batch, [unaries] * args.batch, argmax=True)
+            for _ in range(batches)
+        ]
         for batch_futures in futures:
             pool.collect(batch_futures)
         t_pool = time.perf_counter() - start
 
     images = batches * args.batch
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"DenseCRF {args.size}x{args.size}, C={args.classes}, {args.crfs} CRFs per image, "
-        f"{images} images; {cores_per_rank()} usable cores, 1-min load {load:.2f}"
+        f"{images} images, image={args.image}; {cores_per_rank()} usable cores; {_machine()}"
     )
-    print(f"serial (former default):   {images / t_serial:6.3f} images/s")
-    print(f"pool of {workers} (default now):  {images / t_pool:6.3f} images/s")
-    print(f"one CRF: {t_serial / (images * args.crfs):.3f} s per image (one core)")
+    print(f"serial, separate CRFs (former default):   {images / t_serial:6.3f} images/s")
+    print(f"pool of {workers}, one lattice (default now):  {images / t_pool:6.3f} images/s")
+    print(f"one CRF, separate: {t_serial / (images * args.crfs):.3f} s per image (one core)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Run through ``benchmarks/gpu.sh``. Every line starts with its section:
   loop by :class:`step_timer.StepTimer`: step time, its ratio to the backbone forward on the same
   batches, FLOPs and achieved TFLOP/s, validation, checkpoint write, start-up;
 * ``[eval]``: the evaluation's forward pass and k-means pass per image (a real ``stage=eval``
-  without its CRF variants), and one DenseCRF call on one CPU process (``bench_crf.py``);
+  without its CRF variants), and one image's DenseCRFs on one lattice on one CPU process, on
+  scikit-image's photos (``bench_crf.real_photo_crf_seconds``);
 * ``[projection]``: the wall time of the preset's and the default's full schedule, evaluation
   included, from those figures, with the arithmetic;
 * ``[features]``: bf16 feature extraction, eager and ``torch.compile``.
@@ -366,23 +367,18 @@ def report_eval(run: Run) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def crf_seconds(size: int, classes: int, iterations: int) -> float | None:
-    """Seconds of one DenseCRF call on one CPU process (``None`` without pydensecrf).
+def crf_image_seconds(size: int, classes: int, iterations: int, calls: int) -> float | None:
+    """One CPU process's seconds per evaluated image on the CRF (``None`` without pydensecrf or
+    without CRF variants):
+    its ``calls`` CRFs on one lattice, as the evaluation runs them, on the photos scikit-image
+    ships (``bench_crf.real_photo_crf_seconds``)."""
+    from cause_lightning.crf import crf_available
 
-    The single use of ``benchmarks/bench_crf.py``: its real photo (scikit-image's astronaut) and
-    its evaluation-like scores; switch the figure here when that script gives another.
-    """
-    from cause_lightning.crf import crf_available, dense_crf
-
-    if not crf_available():
+    if not crf_available() or calls == 0:
         return None
     import bench_crf
 
-    image = bench_crf._image("astronaut", size, np.random.default_rng(0))
-    logits = bench_crf._logits(classes, size, 0)
-    dense_crf(image, logits, iterations)  # first call: allocations
-    seconds, _ = bench_crf._median_time(lambda: dense_crf(image, logits, iterations), 3)
-    return seconds
+    return bench_crf.real_photo_crf_seconds(size, classes, iterations, crfs=calls)
 
 
 def crf_calls_per_image(eval_cfg: DictConfig) -> int:
@@ -472,15 +468,15 @@ def project(
     line = f"forward pass {val_images:,} x {forward_image * 1e3:.2f} ms + {forward_fixed:.1f} s"
     busy = forward
     if crf is not None and crf_workers:
-        calls = crf_calls_per_image(eval_cfg)
-        crf_total = val_images * calls * crf / crf_workers
+        crf_total = val_images * crf / crf_workers
         line += (
-            f"; CRF {val_images:,} x {calls} x {crf:.3f} s / {crf_workers} processes = "
+            f"; CRF {val_images:,} x {crf:.3f} s ({crf_calls_per_image(eval_cfg)} CRFs per "
+            f"image on one lattice, real photos) / {crf_workers} processes = "
             f"{_duration(crf_total)}, beside it"
         )
         busy = max(forward, crf_total)  # the loop goes on while the pool refines earlier batches
     else:
-        line += "; no CRF (pydensecrf missing)"
+        line += "; no CRF (no CRF variant, or pydensecrf missing)"
     seconds = busy
     if eval_cfg.baselines and len(evaluation.record["test"]) > 1:
         kmeans_image, kmeans_fixed = evaluation.test_pass(1)
@@ -612,15 +608,18 @@ def stages(sizes: Sizes, device: torch.device, work: Path) -> bool:
         traceback.print_exc()
         return False
     eval_cfg = preset.method.eval
-    crf = crf_seconds(sizes.crf_size, int(preset.data.num_classes), int(eval_cfg.crf_iterations))
+    calls = crf_calls_per_image(eval_cfg)
+    crf = crf_image_seconds(
+        sizes.crf_size, int(preset.data.num_classes), int(eval_cfg.crf_iterations), calls
+    )
     workers = crf_processes(eval_cfg)
     if crf is None:
-        print("[eval] DenseCRF: pydensecrf missing, CRF left out of the projection", flush=True)
+        print("[eval] DenseCRF: not run (no CRF variant, or pydensecrf missing)", flush=True)
     else:
         print(
             f"[eval] DenseCRF {sizes.crf_size}px, {int(preset.data.num_classes)} classes, "
-            f"{int(eval_cfg.crf_iterations)} iterations, real photo (bench_crf.py), one CPU "
-            f"process: {crf:.3f} s per call, {crf_calls_per_image(eval_cfg)} calls per image; "
+            f"{int(eval_cfg.crf_iterations)} iterations, {calls} CRFs per image on one lattice, "
+            f"real photos (bench_crf.py), one CPU process: {crf:.3f} s per image; "
             f"CRF processes of a one-GPU evaluation on this machine: {workers}",
             flush=True,
         )

@@ -16,8 +16,10 @@ from cause_lightning import crf  # noqa: E402
 from cause_lightning.crf import (  # noqa: E402
     CRFRunner,
     crf_available,
+    default_crf_workers,
     denormalize_to_uint8,
     dense_crf,
+    dense_crfs,
 )
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -164,6 +166,76 @@ def test_runner_serial_and_pool_agree(start_method: str | None) -> None:
         np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(again[0], serial[0])
     assert CRFRunner(2)([], []) == []
+
+
+def _photo_and_maps(count: int = 4, classes: int = 6) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A real photo (scikit-image's cat, every 8th pixel) and score maps of two kinds: per-pixel
+    noise, and the evaluation's kind (a coarse grid upsampled, 3 x cosine, log-softmax)."""
+    from skimage import data
+
+    photo = np.ascontiguousarray(data.chelsea()[::8, ::8])  # 38 57 3
+    height, width = photo.shape[:2]
+    g = torch.Generator().manual_seed(7)
+    maps = []
+    for i in range(count):
+        if i % 2:
+            maps.append(torch.randn(classes, height, width, generator=g).numpy())
+            continue
+        cos = torch.rand(1, classes, height // 8 + 1, width // 8 + 1, generator=g) * 2 - 1
+        up = F.interpolate(cos, size=(height, width), mode="bilinear", align_corners=False)
+        maps.append(torch.log_softmax(3.0 * up[0], 0).numpy())
+    return photo, maps
+
+
+def test_one_lattice_gives_the_results_of_separate_calls() -> None:
+    photo, maps = _photo_and_maps()
+    scene, logits, _ = _two_region_scene(size=24, num_classes=6, seed=4)
+    for image, unaries in ((photo, maps), (scene, [logits, logits[::-1].copy(), -logits])):
+        separate = [dense_crf(image, u) for u in unaries]
+        shared = dense_crfs(image, unaries)
+        for a, b in zip(separate, shared, strict=True):
+            np.testing.assert_array_equal(a, b)  # bit for bit, not just the labels
+        np.testing.assert_array_equal(np.stack(dense_crfs(image, np.stack(unaries))), separate)
+    labels = [m.argmax(0) for m in separate]
+    assert any((a != b).any() for a, b in zip(labels, labels[1:]))  # distinct results
+
+
+def test_runner_refines_several_maps_per_image_serially_and_in_a_pool() -> None:
+    photo, maps = _photo_and_maps()
+    scene, logits, _ = _two_region_scene(size=24, num_classes=6, seed=5)
+    images = [photo, scene, photo]
+    entries = [maps[:3], np.stack([logits, -logits]), torch.from_numpy(maps[3])]
+    expected = [
+        np.stack([dense_crf(photo, m).argmax(0) for m in maps[:3]]),  # 3 H W
+        np.stack([dense_crf(scene, m).argmax(0) for m in (logits, -logits)]),  # 2 H W
+        dense_crf(photo, maps[3]).argmax(0),  # one map: H W, as before
+    ]
+    with CRFRunner(num_workers=2, timeout=60.0) as pool:
+        pooled = pool(images, entries, argmax=True)
+    for runner_out in (CRFRunner(num_workers=0)(images, entries, argmax=True), pooled):
+        for got, want in zip(runner_out, expected, strict=True):
+            assert got.dtype == np.uint8
+            np.testing.assert_array_equal(got, want)
+    probabilities = CRFRunner()([scene], [[logits, -logits]])[0]
+    assert probabilities.shape == (2, *logits.shape)
+    np.testing.assert_array_equal(probabilities[1], dense_crf(scene, -logits))
+
+
+def test_several_maps_of_one_image_are_checked_before_any_work() -> None:
+    image, logits, _ = _two_region_scene(size=8, num_classes=3)
+    with pytest.raises(ValueError, match="class count"):
+        CRFRunner(num_workers=2).submit([image], [[logits, logits[:2]]])
+    with pytest.raises(ValueError, match="no score map"):
+        CRFRunner().submit([image], [[]])
+    with pytest.raises(ValueError, match="class count"):
+        dense_crfs(image, [logits, logits[:2]])
+
+
+def test_default_workers_leave_one_core_to_the_loop() -> None:
+    from cause_lightning.utils import cores_per_rank
+
+    assert default_crf_workers() == max(1, cores_per_rank() - 1)
+    assert default_crf_workers(10_000) == 1
 
 
 def test_runner_validates_arguments() -> None:

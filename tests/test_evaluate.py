@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cause_lightning.config import stage_module
-from cause_lightning.crf import CRFRunner, crf_available
+from cause_lightning.crf import CRFRunner, crf_available, dense_crf
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule
 from cause_lightning.specs import builtin_head_spec
@@ -85,6 +85,39 @@ def test_background_crf_pool_scores_like_the_serial_crf() -> None:
         assert set(ex_pooled) == {"image", "label", "raw", "flip", "crf", "flip_crf"}
         for key in ex_serial:
             np.testing.assert_array_equal(ex_serial[key], ex_pooled[key])
+
+
+class RecordingRunner(CRFRunner):
+    """The serial runner, keeping what each submission handed over."""
+
+    def __init__(self) -> None:
+        super().__init__(num_workers=0, iterations=2)
+        self.submissions: list[tuple[list[np.ndarray], list[list[np.ndarray]]]] = []
+
+    def submit(self, images, logits, argmax=False):  # type: ignore[no-untyped-def]
+        self.submissions.append((list(images), [list(maps) for maps in logits]))
+        return super().submit(images, logits, argmax=argmax)
+
+
+@pytest.mark.skipif(not crf_available(), reason="needs pydensecrf")
+def test_each_image_crosses_once_and_scores_as_separate_crfs() -> None:
+    runner = RecordingRunner()
+    eval_module = module(runner)
+    evaluate(eval_module, batches())
+    assert len(runner.submissions) == 3  # one per batch, not one per CRF row
+    confusions = {row: torch.zeros(C, C, dtype=torch.long) for row in ("crf", "flip_crf", "lin")}
+    for (images, per_image), batch in zip(runner.submissions, batches(), strict=True):
+        assert len(images) == 2 and all(len(maps) == 3 for maps in per_image)
+        for image, maps, labels in zip(images, per_image, batch["label"].long(), strict=True):
+            for row, unary in zip(confusions, maps, strict=True):  # crf, flip_crf, linear
+                separate = torch.from_numpy(dense_crf(image, unary, iterations=2).argmax(0))
+                flat = labels.flatten() * C + separate.flatten()
+                confusions[row] += torch.bincount(flat, minlength=C * C).view(C, C)
+    for variant in ("crf", "flip_crf"):
+        assert torch.equal(eval_module.cluster_metrics[variant].confusion, confusions[variant])
+    linear = eval_module.linear_metrics["crf"]["mIoU"].confmat  # torchmetrics: [target, pred]
+    assert torch.equal(linear, confusions["lin"])
+    assert (confusions["crf"] != confusions["flip_crf"]).any()
 
 
 def test_linear_crf_can_be_switched_off() -> None:

@@ -12,6 +12,11 @@ imported lazily. :class:`CRFRunner` runs images serially or in a process pool wi
 accelerator busy with the next batches while the pool works, and returns label maps rather than
 probabilities when only the argmax is needed.
 
+The pairwise terms depend on the picture only, so :func:`dense_crfs` builds them (two
+permutohedral lattices, the costly part of a CRF's set-up) once per image and runs mean-field
+inference for each of the image's score maps: the evaluation refines ``crf``, ``flip_crf`` and the
+linear probe's ``crf`` of one image on one lattice, with results identical to separate calls.
+
 This module imports only numpy at import time, so pool workers start without loading torch.
 """
 
@@ -38,8 +43,10 @@ __all__ = [
     "IMAGENET_STD",
     "CRFRunner",
     "crf_available",
+    "default_crf_workers",
     "stage_crf_runner",
     "dense_crf",
+    "dense_crfs",
     "denormalize_to_uint8",
 ]
 
@@ -136,6 +143,20 @@ def _check_logits(logits: Any) -> np.ndarray:
     return array
 
 
+def _check_maps(logits: Any) -> list[np.ndarray]:
+    """Several ``[C, H, W]`` score maps of one image, at least one, all with the same ``C``."""
+    maps = [_check_logits(lg) for lg in logits]
+    if not maps:
+        raise ValueError("no score map given for an image; pass at least one [C, H, W] map.")
+    classes = sorted({m.shape[0] for m in maps})
+    if len(classes) > 1:
+        raise ValueError(
+            f"the score maps of one image must share their class count, got C in {classes}; "
+            "refine maps of different class counts in separate calls."
+        )
+    return maps
+
+
 def dense_crf(
     image: np.ndarray,
     logits: np.ndarray | torch.Tensor,
@@ -164,6 +185,38 @@ def dense_crf(
         TypeError: if an input has the wrong type or dtype.
         ValueError: if an input has the wrong shape or value.
     """
+    return dense_crfs(image, [logits], iterations, channel_order)[0]
+
+
+def dense_crfs(
+    image: np.ndarray,
+    logits: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor,
+    iterations: int = 10,
+    channel_order: Literal["rgb", "bgr"] = "rgb",
+) -> list[np.ndarray]:
+    """:func:`dense_crf` of several score maps of one image, on one set of pairwise terms.
+
+    The Gaussian and bilateral terms (pydensecrf's permutohedral lattices) depend on the picture
+    only; they are built once and each map gets its own mean-field inference. pydensecrf's
+    inference starts from the unary set last and leaves the pairwise terms unchanged, so every
+    result equals the :func:`dense_crf` call of its map.
+
+    Args:
+        image: uint8 ``[H, W, 3]`` image, e.g. from :func:`denormalize_to_uint8`.
+        logits: ``U`` score maps ``[C, H, W]`` (a sequence, or one ``[U, C, H, W]`` array or
+            tensor), all with the same ``C``; each as in :func:`dense_crf`.
+        iterations: mean-field iterations.
+        channel_order: channel order of ``image``: ``"rgb"`` (default) or ``"bgr"``.
+
+    Returns:
+        ``U`` float32 ``[C, H, W]`` probability maps, in input order.
+
+    Raises:
+        RuntimeError: if ``pydensecrf`` is not installed (names the install command).
+        TypeError: if an input has the wrong type or dtype.
+        ValueError: if an input has the wrong shape or value, no map is given, or the maps differ
+            in class count.
+    """
     dcrf, crf_utils = _import_pydensecrf()
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
         raise TypeError(f"iterations must be an int, got {type(iterations).__name__}.")
@@ -172,17 +225,12 @@ def dense_crf(
     if channel_order not in ("rgb", "bgr"):
         raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}.")
     image = _check_image(image)
+    maps = _check_maps(logits)
     bgr = np.ascontiguousarray(image[..., ::-1]) if channel_order == "rgb" else image  # H W 3
-    scores = _check_logits(logits).astype(np.float32)  # copy: softmax works in place
     height, width = image.shape[:2]
-    num_classes = scores.shape[0]
-    if scores.shape[1:] != (height, width):
-        scores = _resize_bilinear(scores, (height, width))
-    probs = _softmax(scores)  # C H W
+    num_classes = maps[0].shape[0]
 
     crf = dcrf.DenseCRF2D(width, height, num_classes)
-    unary = np.ascontiguousarray(crf_utils.unary_from_softmax(probs))  # C (H*W), -log p clipped
-    crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=CRF_PARAMS["gaussian_sxy"], compat=CRF_PARAMS["gaussian_compat"])
     crf.addPairwiseBilateral(
         sxy=CRF_PARAMS["bilateral_sxy"],
@@ -190,8 +238,16 @@ def dense_crf(
         rgbim=bgr,
         compat=CRF_PARAMS["bilateral_compat"],
     )
-    q = crf.inference(int(iterations))
-    return np.asarray(q, dtype=np.float32).reshape(num_classes, height, width)
+    results = []
+    for scores in maps:
+        scores = scores.astype(np.float32)  # copy: softmax works in place
+        if scores.shape[1:] != (height, width):
+            scores = _resize_bilinear(scores, (height, width))
+        probs = _softmax(scores)  # C H W
+        crf.setUnaryEnergy(np.ascontiguousarray(crf_utils.unary_from_softmax(probs)))  # C (H*W)
+        q = crf.inference(int(iterations))
+        results.append(np.asarray(q, dtype=np.float32).reshape(num_classes, height, width))
+    return results
 
 
 def denormalize_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -221,18 +277,30 @@ def denormalize_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(1, 2, 0))
 
 
+def _check_image_maps(entry: Any) -> tuple[list[np.ndarray], bool]:
+    """One image's score maps as a list, and whether the entry was a single ``[C, H, W]`` map."""
+    if isinstance(entry, (list, tuple)):
+        return _check_maps(entry), False
+    array = _as_numpy(entry, "logits")
+    if array.ndim == 4:
+        return _check_maps(array), False
+    return [_check_logits(array)], True
+
+
 def _crf_task(
     image: np.ndarray,
-    logits: np.ndarray,
+    maps: list[np.ndarray],
+    single: bool,
     iterations: int,
     channel_order: Literal["rgb", "bgr"],
     argmax: bool = False,
 ) -> np.ndarray:
-    probabilities = dense_crf(image, logits, iterations, channel_order)  # C H W
-    if not argmax:
-        return probabilities
-    # The label map is C times smaller than the probabilities: only it crosses back to the parent.
-    return probabilities.argmax(0).astype(np.uint8 if probabilities.shape[0] <= 256 else np.int64)
+    probabilities = dense_crfs(image, maps, iterations, channel_order)  # U x [C H W]
+    if argmax:
+        # A label map is C times smaller than the probabilities: only it crosses back to the parent.
+        dtype = np.uint8 if probabilities[0].shape[0] <= 256 else np.int64
+        probabilities = [p.argmax(0).astype(dtype) for p in probabilities]
+    return probabilities[0] if single else np.stack(probabilities)
 
 
 def _default_start_method() -> str:
@@ -297,19 +365,22 @@ class CRFRunner:
     def __call__(
         self,
         images: Sequence[np.ndarray],
-        logits: Sequence[np.ndarray | torch.Tensor],
+        logits: Sequence[Any],
         argmax: bool = False,
     ) -> list[np.ndarray]:
-        """Run the CRF on each (image, logits) pair and wait for the results.
+        """Run the CRF on each image with its score map(s) and wait for the results.
 
         Args:
             images: uint8 ``[H, W, 3]`` arrays.
-            logits: ``[C, H, W]`` scores (numpy or torch), one per image.
+            logits: Per image, one ``[C, H, W]`` score map (numpy or torch), or several: a
+                sequence of ``[C, H, W]`` maps or one ``[U, C, H, W]`` array, refined on the
+                image's one set of pairwise terms (:func:`dense_crfs`).
             argmax: Return label maps ``[H, W]`` (uint8 up to 256 classes, else int64) instead of
                 probabilities.
 
         Returns:
-            float32 ``[C, H, W]`` probabilities (or ``[H, W]`` labels), in input order.
+            Per image, in input order: float32 ``[C, H, W]`` probabilities (or ``[H, W]`` labels)
+            for a single map, ``[U, C, H, W]`` (or ``[U, H, W]``) for several.
 
         Raises:
             ValueError: if the two lists differ in length.
@@ -321,17 +392,18 @@ class CRFRunner:
     def submit(
         self,
         images: Sequence[np.ndarray],
-        logits: Sequence[np.ndarray | torch.Tensor],
+        logits: Sequence[Any],
         argmax: bool = False,
     ) -> list[cf.Future]:
-        """Start the CRF of each (image, logits) pair and return without waiting.
+        """Start the CRF of each image with its score map(s) and return without waiting.
 
         With a pool the work runs in the workers while the caller goes on (e.g. with the next
-        batch on the accelerator); without one it runs here, before this returns.
+        batch on the accelerator); without one it runs here, before this returns. Each image
+        crosses to a worker once, with all its maps.
 
         Args:
             images: uint8 ``[H, W, 3]`` arrays.
-            logits: ``[C, H, W]`` scores (numpy or torch), one per image.
+            logits: Per image, one score map or several (see :meth:`__call__`).
             argmax: Return label maps instead of probabilities (see :meth:`__call__`).
 
         Returns:
@@ -345,20 +417,18 @@ class CRFRunner:
             raise ValueError(f"got {len(images)} images but {len(logits)} logit maps.")
         _import_pydensecrf()  # fail fast in the parent with the install hint
         # Validate (and move off the GPU) in the parent so errors name the caller's problem.
-        pairs = [(_check_image(im), _check_logits(lg)) for im, lg in zip(images, logits)]
+        tasks = [(_check_image(im), *_check_image_maps(lg)) for im, lg in zip(images, logits)]
+        settings = (self.iterations, self.channel_order, argmax)
         if self.num_workers == 0:
             futures = []
-            for im, lg in pairs:
+            for task in tasks:
                 future: cf.Future = cf.Future()
-                future.set_result(_crf_task(im, lg, self.iterations, self.channel_order, argmax))
+                future.set_result(_crf_task(*task, *settings))
                 futures.append(future)
             return futures
         executor = self._pool()
         try:
-            return [
-                executor.submit(_crf_task, im, lg, self.iterations, self.channel_order, argmax)
-                for im, lg in pairs
-            ]
+            return [executor.submit(_crf_task, *task, *settings) for task in tasks]
         except cf.process.BrokenProcessPool as err:
             self._kill_pool()
             raise RuntimeError(_BROKEN_POOL) from err
@@ -455,6 +525,18 @@ class CRFRunner:
                 pass
 
 
+def default_crf_workers(local_processes: int = 1) -> int:
+    """CRF worker processes of one rank when ``method.eval.crf_workers`` is null: the rank's CPU
+    cores less one for the loop itself (at least one).
+
+    Args:
+        local_processes: Processes of the run on this node (they share its cores).
+    """
+    from cause_lightning.utils import cores_per_rank
+
+    return max(1, cores_per_rank(local_processes) - 1)
+
+
 def stage_crf_runner(eval_cfg: Any, local_processes: int) -> CRFRunner | None:
     """The eval stage's CRF pool from ``method.eval``, or None when no variant refines or
     pydensecrf is missing (the CRF variants are then skipped with a warning).
@@ -472,11 +554,9 @@ def stage_crf_runner(eval_cfg: Any, local_processes: int) -> CRFRunner | None:
             '(pip install "cause-lightning[crf]" to report the published protocol)'
         )
         return None
-    from cause_lightning.utils import cores_per_rank
-
     workers = eval_cfg.crf_workers
-    if workers is None:  # the cores of this process, less one for the loop itself
-        workers = max(1, cores_per_rank(local_processes) - 1)
+    if workers is None:
+        workers = default_crf_workers(local_processes)
     return CRFRunner(
         num_workers=int(workers),
         timeout=float(eval_cfg.crf_timeout),

@@ -15,6 +15,11 @@ from a saved segmenter. The CRF itself stays with the caller: the evaluation sub
 a process pool and collects them later, the segmenter waits for them.
 
 No Lightning here: the functions take tensors (and an encoder callable) and return tensors.
+
+Under ``torch.use_deterministic_algorithms(True)`` (``trainer.deterministic=true``), where CUDA has
+no deterministic backward for ``F.interpolate(mode="bilinear")``, :func:`upsample_to` computes a
+tensor that needs a gradient as two interpolation-matrix products (:func:`bilinear_matmul`), whose
+backward is plain matmuls; every other call, the default path included, is ``F.interpolate``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from cause_lightning.data.transforms import normalize_uint8
 __all__ = [
     "COSINE_CHUNK_ELEMENTS",
     "at_least_float32",
+    "bilinear_matmul",
+    "deterministic_backward",
     "cosine_argmax",
     "cosine_logits",
     "crf_labels",
@@ -47,11 +54,75 @@ __all__ = [
 COSINE_CHUNK_ELEMENTS = 1 << 28
 
 
+def deterministic_backward(tensor: Tensor) -> bool:
+    """Whether ``tensor`` needs a gradient while deterministic algorithms are required.
+
+    Then its backward must avoid the kernels PyTorch flags as nondeterministic on CUDA (bilinear
+    upsampling, summed ``nll_loss2d``); in every other case the default kernels run.
+    """
+    return (
+        torch.is_grad_enabled()
+        and tensor.requires_grad
+        and torch.are_deterministic_algorithms_enabled()
+    )
+
+
 def upsample_to(features: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling ``[B,C,h,w] -> [B,C,H,W]`` (align_corners=False, as the reference)."""
+    """Bilinear upsampling ``[B,C,h,w] -> [B,C,H,W]`` (align_corners=False, as the reference).
+
+    ``F.interpolate``, except for a tensor that needs a gradient under deterministic algorithms
+    (:func:`deterministic_backward`): :func:`bilinear_matmul` then, the same map with a
+    deterministic backward.
+    """
     if tuple(features.shape[-2:]) == tuple(size):
         return features
+    if deterministic_backward(features):
+        return bilinear_matmul(features, size)
     return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+
+
+def _interpolation_matrix(
+    out_size: int, in_size: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``[out, in]`` weights of 1-D linear interpolation with align_corners=False.
+
+    PyTorch's rule: source ``max((o + 0.5) * in / out - 0.5, 0)``, its floor and the next index
+    (clamped to the last), weighted by the fractional part; computed in float64.
+    """
+    source = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
+    source = source.clamp_min(0.0)  # out
+    low = source.floor().long().clamp_max(in_size - 1)  # out
+    high = (low + 1).clamp_max(in_size - 1)  # out
+    frac = (source - low).clamp(0.0, 1.0)  # out
+    rows = torch.arange(out_size)
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)  # out in
+    weights.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)  # at the last index both add up
+    return weights.to(device=device, dtype=dtype)
+
+
+def bilinear_matmul(features: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resizing (align_corners=False) as ``Wh @ X @ Ww^T``, with a deterministic backward.
+
+    Bilinear interpolation is separable: each output row mixes two input rows and each output
+    column two input columns, so it is the product with one ``[H, h]`` and one ``[W, w]`` matrix.
+    It equals ``F.interpolate(features, size, mode="bilinear", align_corners=False)`` up to
+    rounding, for up- and down-sampling; its backward is two matmuls, which need no atomic adds.
+    Computed in at least float32 with autocast off (like :func:`upsampled_logits`).
+
+    Args:
+        features: ``[B, C, h, w]``.
+        size: Output size ``(H, W)``.
+
+    Returns:
+        ``[B, C, H, W]``, float32 (float64 for float64 features).
+    """
+    dtype = at_least_float32(features)
+    height, width = size
+    rows = _interpolation_matrix(height, features.shape[-2], dtype, features.device)  # H h
+    cols = _interpolation_matrix(width, features.shape[-1], dtype, features.device)  # W w
+    with torch.autocast(features.device.type, enabled=False):
+        return rows @ (features.to(dtype) @ cols.T)  # B C H W
 
 
 def at_least_float32(tensor: Tensor) -> torch.dtype:

@@ -15,7 +15,7 @@ Nothing changes on the CPU: these settings would alter CPU results (and tests) f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,6 +59,10 @@ def apply_stage_precision(stage: str, on_gpu: bool) -> StagePrecision | None:
     if not on_gpu:
         return None
     settings = STAGE_PRECISION[stage]
+    if torch.are_deterministic_algorithms_enabled():
+        # Autotuning times the candidate kernels anew in every run and may keep another one,
+        # which deterministic algorithms (trainer.deterministic=true) must not allow.
+        settings = replace(settings, cudnn_benchmark=False)
     torch.set_float32_matmul_precision(settings.matmul)
     torch.backends.cudnn.allow_tf32 = settings.cudnn_tf32
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark

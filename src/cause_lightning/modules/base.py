@@ -30,7 +30,7 @@ from torchmetrics import Metric
 from cause_lightning.constants import IGNORE_INDEX
 from cause_lightning.data.transforms import normalize_uint8
 from cause_lightning.errors import ExpectedError
-from cause_lightning.inference import upsample_to
+from cause_lightning.inference import deterministic_backward, upsample_to
 from cause_lightning.ops import grid_sample_index
 
 __all__ = [
@@ -359,10 +359,18 @@ def linear_probe_loss(
 
     Returns:
         Scalar mean cross-entropy over labelled pixels (0 when a batch has none), formed as a sum
-        over a device-side count so that no value is read back.
+        over a device-side count so that no value is read back. Under deterministic algorithms
+        (``trainer.deterministic=true``) the upsampling is a matrix product and the sum is taken
+        over per-pixel losses: CUDA's bilinear backward and summed ``nll_loss2d`` are
+        nondeterministic (docs/performance.md §10).
     """
+    deterministic = deterministic_backward(logits)
     logits = upsample_to(logits, tuple(labels.shape[-2:]))  # B C H W
     target = torch.where((labels >= 0) & (labels < num_classes), labels, ignore_index)
     labelled = (target != ignore_index).sum()
-    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    if deterministic:
+        pixels = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+        total = pixels.sum()  # B H W -> scalar, ignored pixels are 0
+    else:
+        total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
     return total / labelled.clamp_min(1).to(total.dtype)

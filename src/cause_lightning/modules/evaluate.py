@@ -15,8 +15,10 @@ under rows ``overcluster_k<k>/cluster/<variant>`` and ``overcluster_k<k>/baselin
 
 The CRF runs on the CPU, off the accelerator's critical path: each batch's unaries are handed to
 the :class:`~cause_lightning.crf.CRFRunner` pool, which returns label maps (the argmax is taken in
-the workers), and the loop goes on with the next batches while the pool works. The metrics are
-updated as results come back (confusion counts do not depend on the order).
+the workers), and the loop goes on with the next batches while the pool works. An image's unaries
+(``crf``, ``flip_crf``, the linear probe's ``crf``) travel to a worker together with the picture
+once, and are refined on one set of pairwise terms. The metrics are updated as results come back
+(confusion counts do not depend on the order).
 
 Under a spawning DDP strategy (``ddp_spawn``) the loop runs in child processes: global rank 0
 writes what the report needs (metrics, examples, k-means centroids) to :attr:`EvalModule.handoff`
@@ -75,13 +77,22 @@ def overcluster_row(num_clusters: int) -> str:
 
 
 @dataclass
-class _PendingCRF:
-    """CRF label maps of one batch and one row, still being computed by the pool."""
+class _CRFRow:
+    """One CRF-refined row of a batch: its metric, its unaries and the cluster variant (None for
+    the linear probe) whose examples wait for its maps."""
 
     metric: Any
+    unaries: np.ndarray  # B C H W
+    variant: str | None = None
+
+
+@dataclass
+class _PendingCRF:
+    """CRF label maps of one batch, every CRF row at once, still being computed by the pool."""
+
+    rows: list[_CRFRow]  # in the order of each image's maps
     labels: torch.Tensor  # B H W, on the module's device
-    futures: list[Future]
-    variant: str | None = None  # cluster variant whose examples wait for these maps
+    futures: list[Future]  # one per image: its maps [U H W], U = len(rows)
     examples: list[int | None] = field(default_factory=list)  # example slot per image
 
 
@@ -100,8 +111,9 @@ class EvalModule(StageModule):
         variants: Cluster-probe variants to compute (subset of ``VARIANTS``).
         crf_runner: ``crf.CRFRunner`` or None when CRF variants are not requested.
         linear_crf: Also refine the linear probe with the CRF (a third CRF per image).
-        crf_in_flight: CRF images submitted but not collected before the loop waits for the
-            oldest batch (bounds host memory; default: four per pool worker, at least 8).
+        crf_in_flight: CRFs (one image, one unary each) submitted but not collected before the
+            loop waits for the oldest batch (bounds host memory; default: four per pool worker,
+            at least 8).
         baselines: Also compute the k-means and majority baselines.
         kmeans_iters: Lloyd iterations of the k-means baselines.
         kmeans_restarts: k-means++ seedings of the baselines; the best objective is kept.
@@ -253,13 +265,13 @@ class EvalModule(StageModule):
         if any(v.startswith("flip") for v in self.variants):
             grids["flip"] = grid_features(self._encode, images, flip=True, plain=segment)
         slots = self._example_slots(pixels, labels)
+        crf_rows: list[_CRFRow] = []
         for variant in self.variants:
             grid = grids["flip" if variant.startswith("flip") else ""]
             cosine = cosine_logits(grid, self.centroids, size)  # B C H W
             metric = self.cluster_metrics[variant]
             if variant.endswith("crf"):
-                unaries = crf_unaries(cosine, self.alpha)
-                self._submit_crf(metric, pixels, unaries, labels, variant, slots)
+                crf_rows.append(_CRFRow(metric, crf_unaries(cosine, self.alpha), variant))
                 continue
             prediction = cosine.argmax(1)  # B H W
             metric.update(prediction, labels)
@@ -268,8 +280,9 @@ class EvalModule(StageModule):
         linear_logits = upsampled_logits(self.linear(segment), size)  # B C H W
         self.linear_metrics["raw"].update(linear_logits.argmax(1), labels)
         if "crf" in self.linear_metrics:
-            unaries = crf_unaries(linear_logits)
-            self._submit_crf(self.linear_metrics["crf"], pixels, unaries, labels)
+            crf_rows.append(_CRFRow(self.linear_metrics["crf"], crf_unaries(linear_logits)))
+        if crf_rows:
+            self._submit_crf(crf_rows, pixels, labels, slots)
         self._drain(wait=False)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -297,33 +310,34 @@ class EvalModule(StageModule):
     # ------------------------------------------------------------------ CRF in the background
     def _submit_crf(
         self,
-        metric: Any,
+        rows: list[_CRFRow],
         pixels: np.ndarray,
-        unaries: np.ndarray,
         labels: torch.Tensor,
-        variant: str | None = None,
-        slots: list[int | None] | None = None,
+        slots: list[int | None],
     ) -> None:
-        futures = self.crf_runner.submit(list(pixels), list(unaries), argmax=True)
-        self._pending.append(_PendingCRF(metric, labels, futures, variant, list(slots or [])))
+        """Hand each image of the batch to the pool once, with its unary of every CRF row."""
+        per_image = [[row.unaries[i] for row in rows] for i in range(len(pixels))]  # B x U x C H W
+        futures = self.crf_runner.submit(list(pixels), per_image, argmax=True)
+        self._pending.append(_PendingCRF(rows, labels, futures, list(slots)))
         self._drain(wait=False)
 
     def _drain(self, wait: bool) -> None:
-        """Score finished CRF batches in submission order; block while too many are in flight
-        (or on everything when ``wait``)."""
+        """Score finished CRF batches in submission order; block while too many CRFs are in
+        flight (or on everything when ``wait``)."""
         while self._pending:
-            in_flight = sum(len(p.futures) for p in self._pending)
+            in_flight = sum(len(p.futures) * len(p.rows) for p in self._pending)
             oldest = self._pending[0]
             if not (
                 wait or in_flight > self.crf_in_flight or all(f.done() for f in oldest.futures)
             ):
                 return
-            maps = self.crf_runner.collect(oldest.futures)
+            maps = self.crf_runner.collect(oldest.futures)  # B x [U H W]
             self._pending.pop(0)
-            prediction = crf_labels(maps, oldest.labels.device)
-            oldest.metric.update(prediction, oldest.labels)
-            if oldest.variant is not None:
-                self._fill_examples(oldest.examples, oldest.variant, prediction)
+            for u, row in enumerate(oldest.rows):
+                prediction = crf_labels([m[u] for m in maps], oldest.labels.device)  # B H W
+                row.metric.update(prediction, oldest.labels)
+                if row.variant is not None:
+                    self._fill_examples(oldest.examples, row.variant, prediction)
 
     # ------------------------------------------------------------------ examples
     def _example_slots(self, pixels: np.ndarray, labels: torch.Tensor) -> list[int | None]:

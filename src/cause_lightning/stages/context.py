@@ -139,13 +139,14 @@ class RunContext:
         return self._found[stage]
 
     def made(self, stage: str) -> Entry | None:
-        """The artifact :meth:`target` names, when a run with these very settings (limits
-        included) finished it, or the labelled release import that stands in for it."""
+        """The artifact in the directory :meth:`target` names, when a run with these very
+        settings finished it, or the labelled release import that stands in for it."""
         found = self.find(stage)
-        if found is None or self.store.root not in found.path.parents:
-            return None
-        if found.imported or found.settings == normalised(self.settings(stage)):
+        if found is not None and found.imported:
             return found
+        entry = self.store.entry(self.target(stage))
+        if entry is not None and entry.settings == normalised(self.settings(stage)):
+            return entry
         return None
 
     def require(self, stage: str) -> Entry:
