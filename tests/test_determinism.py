@@ -148,7 +148,9 @@ def _two_runs(tiny, tmp_path: Path, *trainer: str) -> None:
         assert f"-{tag}-" in Path(results["artifacts/clusterbook"]).parent.name  # trained again
         records.append(
             {
-                "clusterbook": load_artifact(results["artifacts/clusterbook"], "clusterbook", "mediator"),
+                "clusterbook": load_artifact(
+                    results["artifacts/clusterbook"], "clusterbook", "mediator"
+                ),
                 "head": load_artifact(results["artifacts/head"], "head", "head"),
                 "probe": load_artifact(results["artifacts/probe"], "probe", "probe"),
                 "metrics": {k: v for k, v in results.items() if k.startswith("test/")},
