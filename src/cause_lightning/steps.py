@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cause_lightning import __version__
 from cause_lightning.artifacts import (
@@ -71,11 +71,14 @@ class Pipeline:
         """Build the backbone, derive the values that need it, write ``config_resolved.yaml``.
 
         The first thing every caller does (``run`` does it itself); later calls do nothing.
-        ``cfg.derived`` (resolutions, TR query count, effective learning rates) exists from here on.
+        ``cfg.derived`` (resolutions, TR query count, effective learning rates, debug checks)
+        exists from here on.
         """
         if self._backbone is None:
             backbone = instantiate(self.cfg.backbone)
             derive(self.cfg, int(backbone.patch_size), self.world_size)
+            with open_dict(self.cfg):  # the stage modules read it (method.<step>.module)
+                self.cfg.derived.debug_checks = self.debug_checks
             self._backbone = backbone
             if is_global_zero():
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -462,7 +465,6 @@ class Pipeline:
             clusterbook=clusterbook,
             num_queries=int(self.derived.num_queries),
             lr=self.derived.head.lr,
-            debug_checks=self.debug_checks,
         )
         trainer = self.trainer("head", max_epochs=stage.epochs, clip=stage.clip)
         self.log_scaling("head", trainer)

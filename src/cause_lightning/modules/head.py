@@ -146,17 +146,19 @@ class HeadModule(StageModule):
         self._pending_bank: tuple[torch.Tensor, torch.Tensor, torch.Generator] | None = None
 
     def _student_teacher(
-        self, features: torch.Tensor, batch_idx: int
+        self, features: torch.Tensor, batch_idx: int, concepts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sampled tokens, student and teacher projections, and the teacher's full grid."""
+        """Sampled tokens, student and teacher projections, and the teacher's full grid
+        (``concepts``: the TR heads' nearest concepts of the grid, ``None`` to let each head
+        compute them)."""
         window = self.hparams.window
         check = bool(self.hparams.debug_checks)
         if self.head_type == "tr":
             # Attention mixes tokens, so the heads run on the full grid and are sampled after.
             with torch.no_grad():
-                teacher = self.head_ema(features)  # B R h w
+                teacher = self.head_ema(features, concepts=concepts)  # B R h w
                 teacher_proj = self.projection_ema(teacher)  # B P h w
-            student_proj = self.projection(self.head(features))  # B P h w
+            student_proj = self.projection(self.head(features, concepts=concepts))  # B P h w
             index = self.grid_index(features, window, batch_idx)  # B N
             tokens, _ = grid_sample_tokens(features, window, index, validate=check)  # B N D
             student_tok, _ = grid_sample_tokens(student_proj, window, index, validate=check)
@@ -178,9 +180,37 @@ class HeadModule(StageModule):
         precision = str(self._trainer.precision) if self._trainer is not None else ""
         return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
 
+    def _step_concepts(
+        self, features: torch.Tensor, batch_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_student_teacher` and the nearest concept of every sampled token, found once.
+
+        A TR step looks up the concepts of the whole grid once for the student and the teacher
+        head; those of the sampled tokens are the same values at the sampled positions. An MLP
+        step looks up those of the sampled tokens. The loss and the bank take these.
+
+        Returns:
+            ``(tokens, concepts [B, N], student, teacher tokens, teacher grid)``.
+        """
+        if self.head_type != "tr":
+            tokens, student_tok, teacher_tok, teacher = self._student_teacher(features, batch_idx)
+            concepts = nearest_concept(tokens, self.clusterbook)  # B N
+            return tokens, concepts, student_tok, teacher_tok, teacher
+        batch, _, height, width = features.shape
+        grid = nearest_concept(features.flatten(2).transpose(1, 2), self.clusterbook)  # B hw
+        tokens, student_tok, teacher_tok, teacher = self._student_teacher(features, batch_idx, grid)
+        window = self.hparams.window
+        index = self.grid_index(features, window, batch_idx)  # B N: the draw of _student_teacher
+        concepts, _ = grid_sample_tokens(
+            grid.view(batch, 1, height, width), window, index, validate=False
+        )  # B N 1
+        return tokens, concepts.squeeze(-1), student_tok, teacher_tok, teacher
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
-        tokens, student_tok, teacher_tok, teacher = self._student_teacher(features, batch_idx)
+        tokens, concepts, student_tok, teacher_tok, teacher = self._step_concepts(
+            features, batch_idx
+        )
         world, rank = self.world()
         synced = bool(self.hparams.sync_bank) and world > 1
         anchor_index = None
@@ -188,6 +218,7 @@ class HeadModule(StageModule):
             # Candidates and bank entries of the global batch; the anchors stay local.
             anchor_index = self.global_rows(tokens.shape[0])  # B
             tokens = self.gather_global(tokens)  # (B W) N D
+            concepts = self.gather_global(concepts)  # (B W) N
             teacher_tok = self.gather_global(teacher_tok)  # (B W) N P
         # A synced bank (and one process) draws its subset identically on every rank; separate
         # per-process banks (reference) draw independently.
@@ -214,6 +245,7 @@ class HeadModule(StageModule):
             bank_valid=bank_valid,
             memory_bytes=int(self.hparams.contrastive_memory_mb) << 20,
             validate=check,
+            concepts=concepts,
         )
         loss_front = contrastive_mean(terms, bank_valid)
         loss_linear = linear_probe_loss(
@@ -225,13 +257,12 @@ class HeadModule(StageModule):
         else:
             self.defer_finite_check(loss)
         with torch.no_grad():
-            concepts = nearest_concept(tokens, self.clusterbook)  # B N (global batch if synced)
             # Stored normalised, in the dtype of the loss's product: the bank is used as it is.
             entries = F.normalize(teacher_tok.detach().flatten(0, 1).float(), dim=-1)  # BN P
             entries = entries.to(product or torch.float32)
         self._pending_bank = (concepts.flatten(), entries, generator)
         batch_size = student_tok.shape[0]
-        self.log("train/loss_front", loss_front, prog_bar=True, batch_size=batch_size)
+        self.log_progress("train/loss_front", loss_front, batch_size=batch_size)
         self.log("train/loss_linear", loss_linear, batch_size=batch_size)
         self.log("train/empty_pos_terms", empty.sum().float(), batch_size=batch_size)
         self.log("train/bank_size", self.bank.count.sum().float(), batch_size=batch_size)
