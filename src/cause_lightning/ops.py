@@ -406,7 +406,7 @@ def _pair_bytes(compute: torch.dtype, product: torch.dtype) -> int:
 
 
 def _pair_terms(
-    values: Tensor,
+    logits: Tensor,
     negative_positive: Tensor,
     in_denominator: Tensor,
     scale: Tensor,
@@ -414,10 +414,10 @@ def _pair_terms(
 ) -> tuple[Tensor, Tensor]:
     """Loss sum and positive count of each anchor row of a block; its gradient weights in place.
 
-    With ``l_ij = values_ij · scale_j``, ``p_ij`` the softmax of row ``i`` over its denominator set
-    and ``n_i`` its positive count, the row's ``Σ_{j ∈ pos} L_ij = n_i · log_den_i - Σ_{j ∈ pos}
-    l_ij`` and ``∂/∂(values_ij) = (n_i · p_ij - [j ∈ pos]) · scale_j``. A row without positives
-    contributes exactly 0 (its denominator may even be empty).
+    With the logits ``l_ij = (a_i · c_j) · scale_j``, ``p_ij`` the softmax of row ``i`` over its
+    denominator set and ``n_i`` its positive count, the row's ``Σ_{j ∈ pos} L_ij = n_i ·
+    log_den_i - Σ_{j ∈ pos} l_ij`` and ``∂/∂(a_i · c_j) = (n_i · p_ij - [j ∈ pos]) · scale_j``. A
+    row without positives contributes exactly 0 (its denominator may even be empty).
 
     Each step is one pass over the block, in place and in one dtype wherever it can be (a CPU
     casts a mixed-dtype operand through a full-size copy): the positives come as ``-[j ∈ pos]``
@@ -425,18 +425,18 @@ def _pair_terms(
     gradient weights.
 
     Args:
-        values: Products ``[r, C]`` of anchor rows with the candidates, in the compute dtype;
+        logits: ``l_ij`` ``[r, C]`` of anchor rows and candidates, in the compute dtype;
             overwritten.
         negative_positive: ``-[j ∈ pos]`` ``[r, C]`` in the compute dtype; overwritten with the
             gradient weights when ``weights``.
         in_denominator: Bool ``[r, C]``: ``j ∈ pos ∪ neg``.
-        scale: ``[C]`` factor of each candidate (``1 / (τ ||c_j||)``, 0 for an unused slot).
+        scale: ``[C]`` factor of each candidate in the logits (``1 / (τ ||c_j||)``, 0 for an
+            unused slot).
         weights: Whether to form the gradient weights.
 
     Returns:
         ``(loss_sum [r], count [r] long)``.
     """
-    logits = values.mul_(scale)  # r C: l_ij
     # A sum of 0/1 in floating point: exact while a row has fewer than 2**24 candidates.
     counted = -negative_positive.sum(dim=1)  # r: n_i
     linear = -torch.einsum("ij,ij->i", logits, negative_positive)  # r: Σ_{j ∈ pos} l_ij
@@ -501,9 +501,10 @@ class _ContrastiveTerm(torch.autograd.Function):
                 negative_positive[pair] = 0
                 in_denominator[pair] = False
             products = anchors[start:stop].to(product) @ candidates.T  # r C
-            values = products if product == compute else products.to(compute)
+            # The logits in the compute dtype: in place, or in the pass that widens a half product.
+            logits = products.mul_(scale) if product == compute else products * scale  # r C
             loss_sum[start:stop], count[start:stop] = _pair_terms(
-                values, negative_positive, in_denominator, scale, need_grad
+                logits, negative_positive, in_denominator, scale, need_grad
             )
             if grad is not None:
                 # In half precision the products' buffer takes the weights (no further copy).
@@ -511,7 +512,7 @@ class _ContrastiveTerm(torch.autograd.Function):
                     negative_positive if product == compute else products.copy_(negative_positive)
                 )
                 grad[start:stop] = (weights @ candidates).to(compute)  # r P
-            del products, values, negative_positive, in_denominator
+            del products, logits, negative_positive, in_denominator
 
         if grad is not None:
             ctx.save_for_backward(grad)
