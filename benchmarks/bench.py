@@ -177,6 +177,7 @@ class Setup:
             num_classes=self.args.classes,
             lr=4e-3,
             cluster_lr=4e-3,
+            debug_checks=False,
         ).to(self.device)
 
 
@@ -328,7 +329,9 @@ def bench_bank(s: Setup, bank_size: int, backbone_s: float) -> dict[str, Any]:
 
 def bench_stages(s: Setup, backbone_s: float, bank_size: int) -> list[dict[str, Any]]:
     rows = []
-    mediator = stage_module("mediator", s.backbone, num_concepts=s.args.concepts, lr=4e-3)
+    mediator = stage_module(
+        "mediator", s.backbone, num_concepts=s.args.concepts, lr=4e-3, debug_checks=False
+    )
     mediator = mediator.to(s.device)
     head_tr = s.head_module("tr", bank_size)
     probe = s.probe_module()

@@ -136,13 +136,14 @@ def test_each_stage_module_built_from_python_with_the_yaml_values_equals_the_cli
     clusterbook = torch.randn(int(run_context.cfg.method.num_concepts), backbone.embed_dim)
     head = new_head(run_context, clusterbook)
     runtime = {
-        "mediator": {"lr": 0.01},
+        "mediator": {"lr": 0.01, "debug_checks": True},
         "head": {"head": head, "clusterbook": clusterbook, "lr": 0.01, "debug_checks": True},
         "probe": {
             "head": head,
             "linear": LinearProbe(head.reduced_dim, 6),
             "lr": 0.01,
             "cluster_lr": 0.02,
+            "debug_checks": True,
         },
         "eval": {
             "head": head,

@@ -7,7 +7,9 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cause_lightning.models.heads import (
     LinearProbe,
@@ -20,6 +22,7 @@ from cause_lightning.models.heads import (
     head_traits,
 )
 from cause_lightning.models.probes import ClusterProbe
+from cause_lightning.ops import nearest_concept
 from cause_lightning.specs import SpecError, builtin_head_spec
 
 D, R, K = 32, 90, 64
@@ -279,6 +282,96 @@ def test_tr_queries_are_raw_nearest_concepts() -> None:
     book[~unused] = book[~unused] * 2.0
     other.set_clusterbook(book)
     assert not torch.allclose(other(feats), head(feats), atol=1e-4)
+
+
+def _mha_reference(head: TRHead, feats: torch.Tensor) -> torch.Tensor:
+    """The TR forward with ``nn.MultiheadAttention``'s own functional attention (eval mode)."""
+    layer = head.tr
+
+    def attend(attn: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        args = (attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias)
+        out, _ = F.multi_head_attention_forward(
+            q, k, v, *args, None, None, False, 0.0, attn.out_proj.weight, attn.out_proj.bias,
+            training=False, need_weights=False,
+        )  # fmt: skip
+        return out
+
+    b, d, h, w = feats.shape
+    tokens = feats.flatten(2).transpose(1, 2)
+    t0 = head.clusterbook[nearest_concept(tokens, head.clusterbook)].transpose(0, 1)  # L B D
+    mem, pos = tokens.transpose(0, 1), head.query_pos[:, None]
+    t1 = layer.norm1(t0 + attend(layer.self_attn, t0 + pos, t0 + pos, t0))
+    t2 = layer.norm2(t1 + attend(layer.multihead_attn, t1 + pos, mem, mem))
+    t3 = t2 + layer.linear2(F.relu(layer.linear1(t2)))
+    grid = (mem + layer.norm3(t3)).permute(1, 2, 0).reshape(b, d, h, w)
+    return layer.f1(grid) + layer.f2(grid)
+
+
+def test_tr_attention_equals_multihead_attention_forward_float64() -> None:
+    head = _make_tr().double().eval()
+    with torch.no_grad():  # non-trivial biases and norms
+        for parameter in head.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    feats = (_feats(3) * 2).double().requires_grad_(True)
+    ours = head(feats)
+    grads = torch.autograd.grad(ours.square().sum(), [feats, *head.parameters()])
+    ref = _mha_reference(head, feats)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [feats, *head.parameters()])
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+class _Ops(TorchDispatchMode):
+    """Records ``(op name, dtype of the first tensor argument)`` of every aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.seen.append((str(func), None if first is None else first.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_tr_attention_is_plain_products_with_a_float32_softmax() -> None:
+    head = _make_tr().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
+        out = head(_feats())
+    assert torch.isfinite(out).all()
+    names = [name for name, _ in ops.seen]
+    assert not [n for n in names if "scaled_dot_product" in n or "attention" in n]
+    softmax = [dtype for name, dtype in ops.seen if name.startswith("aten._softmax")]
+    assert len(softmax) == 2 and all(d == torch.float32 for d in softmax)  # of the two attentions
+    bmm = [dtype for name, dtype in ops.seen if name.startswith(("aten.bmm", "aten.mm"))]
+    assert torch.bfloat16 in bmm  # the products themselves follow autocast
+
+
+def test_tr_attention_dropout_follows_the_dropout_switch() -> None:
+    head = _make_tr()
+    for module in (head.head_dropout, head.tr.dropout, head.tr.dropout1, head.tr.dropout2):
+        module.p = 0.0
+    head.tr.dropout3.p = 0.0
+    x = _feats()
+    head.eval()
+    torch.testing.assert_close(head(x), head(x, dropout=False), rtol=0, atol=0)
+    assert not torch.allclose(head(x, dropout=True), head(x))  # attention dropout alone
+    head.tr.self_attn.dropout = head.tr.multihead_attn.dropout = 0.0
+    torch.testing.assert_close(head(x, dropout=True), head(x), rtol=0, atol=0)
+
+
+def test_tr_takes_the_nearest_concepts_of_its_caller() -> None:
+    head = _make_tr().eval()
+    x = _feats()
+    concepts = nearest_concept(x.flatten(2).transpose(1, 2), head.clusterbook)
+    with _Ops() as ops:
+        given = head(x, concepts=concepts)
+    assert not [name for name, _ in ops.seen if name.startswith("aten.argmax")]
+    torch.testing.assert_close(given, head(x), rtol=0, atol=0)
+    assert not torch.allclose(head(x, concepts=torch.zeros_like(concepts)), given)
+    with pytest.raises(ValueError, match=r"concepts must be \[B, h\*w\]"):
+        head(x, concepts=concepts[:, :3])
 
 
 # ----------------------------------------------------------------------------------------- dropout

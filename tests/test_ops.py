@@ -731,6 +731,11 @@ def _inputs(case: dict[str, Tensor | None], student: Tensor) -> tuple[Any, ...]:
     return tokens, student, teacher, book, bank, concepts
 
 
+# Bytes per [anchor, candidate] pair of a float64 block: the product, the negated positive
+# indicator and the denominator mask.
+_PAIR_BYTES = 8 + 8 + 1
+
+
 @pytest.mark.parametrize("rows_per_block", [1, 2, 5])
 def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
     case = _random_case(5, 3, 6, 8, dim=3, proj=5, bank_size=40)
@@ -742,9 +747,8 @@ def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
         return terms.detach(), empty, student.grad  # type: ignore[return-value]
 
     whole = run(1 << 30)
-    # float64 logits + a bool mask: 9 bytes per [row, candidate] element of the 40-entry bank.
     with MaxNumel() as probe:
-        blocked = run(rows_per_block * 40 * 9)
+        blocked = run(rows_per_block * 40 * _PAIR_BYTES)
     assert any("exp" in op for op in probe.ops)
     assert probe.max_numel < 18 * 40  # never all anchors x all bank entries at once
     torch.testing.assert_close(blocked[0], whole[0], rtol=1e-12, atol=1e-14)
@@ -752,13 +756,41 @@ def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
     torch.testing.assert_close(blocked[2], whole[2], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    ("rows", "candidates", "pair_bytes", "budget", "expected"),
+    [
+        (1600, 204_800, 9, 1 << 30, 534),  # float32 on a CPU, full bank: 3 blocks, not 582+582+436
+        (1600, 204_800, 11, 1 << 30, 400),  # bf16 products under AMP: 4 blocks of 400
+        (1600, 20_480, 9, 1 << 30, 1600),  # one block whenever the budget allows it
+        (18, 40, 17, 2 * 40 * 17, 2),
+        (18, 18, 17, 5 * 18 * 17, 5),  # at most 5 rows: 4 blocks, balanced to 5, 5, 5, 3
+        (7, 10, 1, 1, 1),  # a budget below one row still makes progress
+    ],
+)
+def test_contrastive_blocks_are_as_large_as_the_budget_allows_and_balanced(
+    rows: int, candidates: int, pair_bytes: int, budget: int, expected: int
+) -> None:
+    got = ops._block_rows(rows, candidates, pair_bytes, budget)
+    assert got == expected
+    assert got * candidates * pair_bytes <= max(budget, candidates * pair_bytes)
+    blocks = -(-rows // got)
+    assert blocks == -(-rows // max(1, min(rows, budget // (candidates * pair_bytes))))
+    assert rows - (blocks - 1) * got > 0  # the last block is not empty
+
+
+def test_contrastive_pair_bytes_count_the_block_working_set() -> None:
+    assert ops._pair_bytes(torch.float32, torch.float32) == 9
+    assert ops._pair_bytes(torch.float32, torch.bfloat16) == 11
+    assert ops._pair_bytes(torch.float64, torch.float64) == _PAIR_BYTES
+
+
 def test_contrastive_gradient_formed_in_forward_never_recomputed() -> None:
     """Each block's product runs once forward and once for the gradient, never again."""
     case = _random_case(5, 3, 6, 8, dim=3, proj=5, bank_size=40)
 
     def loss_of(student: Tensor) -> Tensor:
-        # 2 rows per bank block: 9 blocks
-        return concept_contrastive_loss(*_inputs(case, student), memory_bytes=2 * 40 * 9)
+        # 2 rows per bank block: 9 blocks; 4 rows per in-batch block: 5 blocks (18 candidates)
+        return concept_contrastive_loss(*_inputs(case, student), memory_bytes=2 * 40 * _PAIR_BYTES)
 
     student = case["student"].clone().requires_grad_(True)  # type: ignore[union-attr]
     with CountOps("aten.mm") as forward:
@@ -769,7 +801,34 @@ def test_contrastive_gradient_formed_in_forward_never_recomputed() -> None:
     with torch.no_grad(), CountOps("aten.mm") as no_grad:
         loss_of(case["student"])  # type: ignore[arg-type]
     # With a gradient: the logit and the gradient product of every block; without: logits only.
-    assert forward.count - no_grad.count == 9 + 5  # 9 bank blocks, 5 in-batch blocks (4 rows)
+    assert forward.count - no_grad.count == 9 + 5
+
+
+def test_contrastive_takes_known_concepts_instead_of_computing_them() -> None:
+    case = _random_case(2, 3, 5, 7, dim=3, proj=5, bank_size=9)
+    tokens, book = case["tokens"], case["clusterbook"]
+    assert tokens is not None and book is not None
+
+    def run(**kw: Any) -> tuple[Tensor, Tensor]:
+        student = case["student"].clone().requires_grad_(True)  # type: ignore[union-attr]
+        terms, _ = concept_contrastive_terms(*_inputs(case, student), **kw)
+        terms.mean().backward()
+        return terms.detach(), student.grad  # type: ignore[return-value]
+
+    computed = run()
+    known = nearest_concept(tokens, book).int()
+    with CountOps("aten.argmax") as lookups:
+        given = run(concepts=known)
+    assert lookups.count == 0  # no nearest-concept search of its own
+    assert torch.equal(given[0], computed[0]) and torch.equal(given[1], computed[1])
+    other = run(concepts=torch.zeros(tokens.shape[:2], dtype=torch.long))  # all one concept
+    assert not torch.equal(other[0], computed[0])
+    with pytest.raises(ValueError, match=r"concepts must be \[G, N\]"):
+        run(concepts=torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        run(concepts=torch.zeros(tokens.shape[:2]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 7\)"):
+        run(concepts=torch.full(tokens.shape[:2], 7))
 
 
 def test_contrastive_float32_and_autocast() -> None:

@@ -81,6 +81,7 @@ def _probe(overcluster: list[int], init: str = "reference") -> ProbeModule:
         init=init,
         restarts=3,
         overcluster=overcluster,
+        debug_checks=True,
     )
 
 
@@ -170,9 +171,9 @@ def test_too_few_tokens_for_the_k_cluster_baselines_name_the_settings() -> None:
 def test_overcluster_rows_under_ddp_equal_one_process(tiny) -> None:
     for stage in ("mediator", "head"):
         run(tiny(f"stage={stage}", "head=mlp"))
-    counts = "method.eval.overcluster=[12]"
-    run(tiny("stage=probe", "head=mlp", "method.probe.restarts=2", counts))
-    evaluate = ("stage=eval", "head=mlp", "method.eval.variants=[raw,flip]", counts)
+    counts = ("method.eval.overcluster=[12]", "method.probe.restarts=2")
+    run(tiny("stage=probe", "head=mlp", *counts))
+    evaluate = ("stage=eval", "head=mlp", "method.eval.variants=[raw,flip]", *counts)
     fp32 = "trainer.precision=32-true"  # the same arithmetic in both runs
     single = run(tiny(*evaluate, fp32))
     ddp = run(

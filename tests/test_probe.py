@@ -85,6 +85,7 @@ def _module(restarts: int, num_classes: int = 4) -> ProbeModule:
         num_classes=num_classes,
         init="reference",
         restarts=restarts,
+        debug_checks=True,
     )
 
 
@@ -220,7 +221,7 @@ def test_kmeans_seeding_is_the_same_on_every_ddp_process(tiny, tmp_path: Path) -
     rank0, rank1 = starting_centroids("ddp", *ddp)
     (single,) = starting_centroids("single")
     (again,) = starting_centroids("again")
-    (other_seed,) = starting_centroids("other_seed", "seed=1")
+    (other_seed,) = starting_centroids("other_seed", "method.probe.module.seed=1")
     assert single.shape == (4, 6, 90)  # 4 restarts x 6 clusters x R
     assert torch.equal(rank0, rank1) and torch.equal(rank0, single)
     assert torch.equal(single, again)  # deterministic per seed

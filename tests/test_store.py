@@ -83,6 +83,9 @@ def test_a_missing_input_names_the_stage_and_how_the_closest_one_differs(tiny) -
     run(tiny("stage=mediator"))
     with pytest.raises(MissingArtifactError, match=r"stage=mediator.*method\.num_concepts"):
         run(tiny("stage=head", "method.num_concepts=16"))
+    with pytest.raises(MissingArtifactError, match=r"differs: seed: 0 there, 3 now$") as refused:
+        run(tiny("stage=head", "seed=3"))
+    assert "module.seed" not in str(refused.value)  # a setting is named once
 
 
 def test_the_segmenter_predicts_with_the_head_the_evaluation_scored_under_the_leak(tiny) -> None:

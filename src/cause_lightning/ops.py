@@ -50,11 +50,6 @@ _MODULARITY_CHUNK_ELEMENTS = 1 << 23
 # sets its own, `method.head.contrastive_memory_mb`).
 DEFAULT_CONTRASTIVE_MEMORY_BYTES = 1 << 30
 
-# Elements of the temporaries of one slice of columns inside a contrastive block.
-_SLICE_ELEMENTS = 1 << 22
-
-# Kinds of an (anchor, candidate) pair in the contrastive loss.
-_IGNORED, _NEGATIVE, _POSITIVE = 0, 1, 2
 
 # Element budget of one [rows, K] similarity block in `nearest_concept`.
 _NEAREST_CHUNK_ELEMENTS = 1 << 24
@@ -388,16 +383,73 @@ def modularity_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _block_rows(num_rows: int, num_candidates: int, bytes_per_element: int, budget: int) -> int:
-    """Anchor rows per block: a block's ``[rows, candidates]`` working set fits ``budget``."""
-    per_row = max(1, num_candidates * bytes_per_element)
-    return max(1, min(num_rows, budget // per_row))
+def _block_rows(num_rows: int, num_candidates: int, bytes_per_pair: int, budget: int) -> int:
+    """Anchor rows per block of the contrastive products: as few blocks as ``budget`` allows.
+
+    A block's working set is ``rows x candidates x bytes_per_pair``. Larger blocks are faster
+    (fewer passes of every element-wise step, the candidates read fewer times; docs/performance.md
+    §3), so the only reason to split is memory; the rows are then spread evenly over the blocks,
+    so that no block is a small remainder.
+    """
+    per_row = max(1, num_candidates * bytes_per_pair)
+    cap = max(1, min(num_rows, budget // per_row))
+    blocks = -(-num_rows // cap)
+    return -(-num_rows // blocks)
 
 
-def _column_slices(rows: int, columns: int) -> list[slice]:
-    """Column slices of a ``[rows, columns]`` block whose temporaries stay small."""
-    step = max(1, _SLICE_ELEMENTS // max(1, rows))
-    return [slice(start, start + step) for start in range(0, columns, step)]
+def _pair_bytes(compute: torch.dtype, product: torch.dtype) -> int:
+    """Bytes per ``[anchor, candidate]`` pair of a block: the product, its compute-dtype copy when
+    the product is in half precision, the negated positive indicator (compute dtype, then the
+    gradient weights) and the denominator mask (bool)."""
+    copy = 0 if product == compute else compute.itemsize
+    return product.itemsize + copy + compute.itemsize + 1
+
+
+def _pair_terms(
+    logits: Tensor,
+    negative_positive: Tensor,
+    in_denominator: Tensor,
+    scale: Tensor,
+    weights: bool,
+) -> tuple[Tensor, Tensor]:
+    """Loss sum and positive count of each anchor row of a block; its gradient weights in place.
+
+    With the logits ``l_ij = (a_i · c_j) · scale_j``, ``p_ij`` the softmax of row ``i`` over its
+    denominator set and ``n_i`` its positive count, the row's ``Σ_{j ∈ pos} L_ij = n_i ·
+    log_den_i - Σ_{j ∈ pos} l_ij`` and ``∂/∂(a_i · c_j) = (n_i · p_ij - [j ∈ pos]) · scale_j``. A
+    row without positives contributes exactly 0 (its denominator may even be empty).
+
+    Each step is one pass over the block, in place and in one dtype wherever it can be (a CPU
+    casts a mixed-dtype operand through a full-size copy): the positives come as ``-[j ∈ pos]``
+    in the compute dtype, whose row sum is ``-n_i`` and which one multiply-add turns into the
+    gradient weights.
+
+    Args:
+        logits: ``l_ij`` ``[r, C]`` of anchor rows and candidates, in the compute dtype;
+            overwritten.
+        negative_positive: ``-[j ∈ pos]`` ``[r, C]`` in the compute dtype; overwritten with the
+            gradient weights when ``weights``.
+        in_denominator: Bool ``[r, C]``: ``j ∈ pos ∪ neg``.
+        scale: ``[C]`` factor of each candidate in the logits (``1 / (τ ||c_j||)``, 0 for an
+            unused slot).
+        weights: Whether to form the gradient weights.
+
+    Returns:
+        ``(loss_sum [r], count [r] long)``.
+    """
+    # A sum of 0/1 in floating point: exact while a row has fewer than 2**24 candidates.
+    counted = -negative_positive.sum(dim=1)  # r: n_i
+    linear = -torch.einsum("ij,ij->i", logits, negative_positive)  # r: Σ_{j ∈ pos} l_ij
+    torch.where(in_denominator, logits, logits.new_tensor(float("-inf")), out=logits)
+    top = logits.amax(dim=1)  # r; -inf for a row whose denominator is empty
+    top = torch.where(torch.isfinite(top), top, 0)
+    total = logits.sub_(top[:, None]).exp_().sum(dim=1)  # r; exp(l - top), 0 outside the set
+    has_positive = counted > 0
+    loss_sum = torch.where(has_positive, counted * (top + total.log()) - linear, 0)
+    if weights:
+        coef = torch.where(has_positive, counted / total, 0)  # r: n_i / Σ exp
+        negative_positive.addcmul_(logits, coef[:, None]).mul_(scale)  # r C
+    return loss_sum, counted.long()
 
 
 class _ContrastiveTerm(torch.autograd.Function):
@@ -405,76 +457,62 @@ class _ContrastiveTerm(torch.autograd.Function):
 
     Row ``i`` of the output depends on anchor row ``i`` only, so the gradient of every row with
     respect to its anchor (a ``[R, P]`` matrix) is computed block by block in the forward pass,
-    while each block's logits are at hand; the backward pass only scales it by the incoming
+    while each block's products are at hand; the backward pass only scales it by the incoming
     gradient. No ``[R, C]`` tensor outlives its block and nothing is recomputed.
 
-    With ``p_ij`` the softmax of row ``i`` over its denominator set and ``n_i`` its positive count,
-    ``Σ_{j ∈ pos} L_ij = n_i · log_den_i - Σ_{j ∈ pos} l_ij`` and
-    ``∂/∂l_ij = n_i · p_ij - [j ∈ pos]``. A block holds its float logits and one byte per pair
-    (ignored / negative / positive, gathered from a per-concept table); every other temporary is
-    limited to a slice of columns.
+    The pair kinds come from two per-concept tables of the anchors (``[R, K + 1]``; column ``K``
+    is that of unused bank slots), gathered by each candidate's concept; the element-wise work of
+    a block (:func:`_pair_terms`) is a dozen whole-block operations, one kernel each.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         anchors: Tensor,
-        table: Tensor,
+        positive_table: Tensor,
+        denominator_table: Tensor,
         candidates: Tensor,
         scale: Tensor,
         columns: Tensor,
         self_columns: Tensor | None,
         budget: int,
     ) -> tuple[Tensor, Tensor]:
-        # anchors R P (compute dtype); table R K+1 int8 (0 ignored, 1 negative, 2 positive; column
-        # K: unused slots); candidates C P (product dtype); scale C; columns C (concept or K)
+        # anchors R P (compute dtype); positive_table R K+1 (compute dtype, -[positive]);
+        # denominator_table R K+1 bool; candidates C P (product dtype); scale C; columns C
+        # (concept of each candidate, K for an unused slot)
         compute = anchors.dtype
         product = candidates.dtype
+        device = anchors.device
         num_rows, num_candidates = anchors.shape[0], candidates.shape[0]
         need_grad = bool(ctx.needs_input_grad[0])
         loss_sum = anchors.new_empty(num_rows)  # R
-        count = torch.empty(num_rows, dtype=torch.long, device=anchors.device)  # R
+        count = torch.empty(num_rows, dtype=torch.long, device=device)  # R
         grad = anchors.new_empty(anchors.shape) if need_grad else None  # R P
 
-        extra = 0 if product == compute else product.itemsize
-        rows = _block_rows(num_rows, num_candidates, compute.itemsize + 1 + extra, budget)
+        rows = _block_rows(num_rows, num_candidates, _pair_bytes(compute, product), budget)
         for start in range(0, num_rows, rows):
             stop = min(start + rows, num_rows)
-            block = anchors[start:stop].to(product)  # r P
-            logits = (block @ candidates.T).to(compute)  # r C
-            code = table[start:stop].index_select(1, columns)  # r C
+            index = columns.expand(stop - start, -1)  # r C
+            negative_positive = torch.gather(positive_table[start:stop], 1, index)  # r C
+            in_denominator = torch.gather(denominator_table[start:stop], 1, index)  # r C
             if self_columns is not None:
                 # The anchor's own teacher copy is neither a positive nor in the denominator.
-                local = torch.arange(stop - start, device=anchors.device)
-                code[local, self_columns[start:stop]] = _IGNORED
-            linear = anchors.new_zeros(stop - start)  # r: Σ_{j ∈ pos} l_ij
-            positives = torch.zeros(stop - start, dtype=torch.long, device=anchors.device)  # r
-            for part in _column_slices(stop - start, num_candidates):
-                values, kinds = logits[:, part], code[:, part]
-                values.mul_(scale[part])
-                positive = kinds == _POSITIVE
-                linear += (values * positive).sum(dim=1)
-                positives += positive.sum(dim=1)
-                values.masked_fill_(kinds == _IGNORED, float("-inf"))
-            top = logits.amax(dim=1)  # r; -inf for a row whose denominator is empty
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            weights = logits.sub_(top[:, None]).exp_()  # r C: exp(l - top), 0 outside the set
-            total = weights.sum(dim=1)  # r
-            has_positive = positives > 0
-            counted = positives.to(compute)
-            # Rows without positives contribute exactly 0 (their denominator may even be empty).
-            loss_sum[start:stop] = torch.where(
-                has_positive, counted * (top + total.log()) - linear, torch.zeros_like(linear)
+                pair = (torch.arange(stop - start, device=device), self_columns[start:stop])
+                negative_positive[pair] = 0
+                in_denominator[pair] = False
+            products = anchors[start:stop].to(product) @ candidates.T  # r C
+            # The logits in the compute dtype: in place, or in the pass that widens a half product.
+            logits = products.mul_(scale) if product == compute else products * scale  # r C
+            loss_sum[start:stop], count[start:stop] = _pair_terms(
+                logits, negative_positive, in_denominator, scale, need_grad
             )
-            count[start:stop] = positives
             if grad is not None:
-                # n_i p_ij - [j ∈ pos], times ∂l_ij/∂a_i = scale_j c_j (in the product).
-                coef = torch.where(has_positive, counted / total, torch.zeros_like(total))
-                for part in _column_slices(stop - start, num_candidates):
-                    values = weights[:, part].mul_(coef[:, None])
-                    values.sub_((code[:, part] == _POSITIVE).to(compute)).mul_(scale[part])
-                grad[start:stop] = (weights.to(product) @ candidates).to(compute)  # r P
-            del logits, weights, code
+                # In half precision the products' buffer takes the weights (no further copy).
+                weights = (
+                    negative_positive if product == compute else products.copy_(negative_positive)
+                )
+                grad[start:stop] = (weights @ candidates).to(compute)  # r P
+            del products, logits, negative_positive, in_denominator
 
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -485,7 +523,7 @@ class _ContrastiveTerm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, _grad_count: Tensor | None) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss[:, None], *(None,) * 6)
+        return (grad * grad_loss[:, None], *(None,) * 7)
 
 
 def _contrastive_term(
@@ -519,17 +557,13 @@ def _contrastive_term(
         columns = torch.where(valid, columns, torch.full_like(columns, num_concepts))
         scale = torch.where(valid, scale, torch.zeros_like(scale))
     with torch.no_grad():
-        # Kind of every (anchor, concept) pair; an extra ignored column for unused slots.
-        table = torch.full(
-            (anchor_sim.shape[0], num_concepts + 1),
-            _IGNORED,
-            dtype=torch.int8,
-            device=anchor_sim.device,
-        )  # R K+1
-        table[:, :num_concepts].masked_fill_(anchor_sim < neg_thresh, _NEGATIVE)
-        table[:, :num_concepts].masked_fill_(anchor_sim > pos_thresh, _POSITIVE)
+        # Per (anchor, concept) pair kind; an extra column, neither positive nor in the
+        # denominator, for unused slots.
+        positive = F.pad(anchor_sim > pos_thresh, (0, 1))  # R K+1
+        denominator = positive | F.pad(anchor_sim < neg_thresh, (0, 1))  # R K+1
+        negative_positive = -positive.to(anchors.dtype)  # R K+1
     loss_sum, count = _ContrastiveTerm.apply(
-        anchors, table, candidates, scale, columns, self_columns, budget
+        anchors, negative_positive, denominator, candidates, scale, columns, self_columns, budget
     )
     loss_sum = loss_sum.view(batch, -1).sum(dim=1)  # B
     count = count.view(batch, -1).sum(dim=1)  # B
@@ -555,6 +589,7 @@ def concept_contrastive_terms(
     bank_valid: Tensor | None = None,
     memory_bytes: int = DEFAULT_CONTRASTIVE_MEMORY_BYTES,
     validate: bool = True,
+    concepts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-image terms of the concept-wise InfoNCE of stage 2 (method §5.6).
 
@@ -602,8 +637,12 @@ def concept_contrastive_terms(
             mask the bank term is always returned (all empty when no slot is used; see
             :func:`contrastive_mean`).
         memory_bytes: Working memory of one block of anchors (default 1 GiB).
-        validate: Check index values (``anchor_index``, ``bank_concepts``) against their ranges.
-            Each check reads a value back from the device, so a training step turns it off.
+        validate: Check index values (``anchor_index``, ``bank_concepts``, ``concepts``) against
+            their ranges. Each check reads a value back from the device, so a training step turns
+            it off.
+        concepts: Long ``[G, N]`` nearest concept of every token of ``tokens``
+            (:func:`nearest_concept`), when the caller has them already (a TR head computes those
+            of the whole grid); ``None`` computes them here.
 
     Returns:
         ``(terms, empty)``: ``terms`` float ``[B]`` (no bank, or ``M == 0``) or ``[2B]`` (in-batch
@@ -654,6 +693,19 @@ def concept_contrastive_terms(
                     "teacher)."
                 )
     num_concepts = clusterbook.shape[0]
+    if concepts is not None:
+        if concepts.shape != tokens.shape[:2]:
+            raise ValueError(
+                f"concepts must be [G, N] = {list(tokens.shape[:2])} (one per token of tokens), "
+                f"got {tuple(concepts.shape)}."
+            )
+        if concepts.dtype.is_floating_point or concepts.dtype == torch.bool:
+            raise ValueError(f"concepts must be an integer tensor, got {concepts.dtype}.")
+        if validate and (int(concepts.min()) < 0 or int(concepts.max()) >= num_concepts):
+            raise ValueError(
+                f"concepts must lie in [0, {num_concepts}) (the clusterbook size); were they "
+                "computed with another clusterbook?"
+            )
     if batch * num_tokens == 0:
         raise ValueError("concept_contrastive_terms needs at least one token (B * N = 0).")
 
@@ -704,7 +756,9 @@ def concept_contrastive_terms(
     # Column of each anchor's own teacher copy among the G * N candidates (image-major).
     self_columns = (rows[:, None] * num_tokens + token_ids).reshape(-1)  # BN
     with _autocast_off(device):
-        concepts = nearest_concept(tokens, clusterbook).view(-1)  # GN
+        if concepts is None:
+            concepts = nearest_concept(tokens, clusterbook)  # G N
+        concepts = concepts.to(device=device, dtype=torch.long).reshape(-1)  # GN
         anchor_concepts = concepts[self_columns]  # BN
         with torch.no_grad(), exact_matmul():
             book = F.normalize(clusterbook.detach().to(device=device, dtype=dtype), dim=-1)  # K D
@@ -787,6 +841,7 @@ def concept_contrastive_loss(
     bank_valid: Tensor | None = None,
     memory_bytes: int = DEFAULT_CONTRASTIVE_MEMORY_BYTES,
     validate: bool = True,
+    concepts: Tensor | None = None,
 ) -> Tensor:
     """Concept-wise InfoNCE of stage 2: :func:`contrastive_mean` of the per-image terms.
 
@@ -809,6 +864,8 @@ def concept_contrastive_loss(
         bank_valid: Used slots of a static-shape bank (see :func:`concept_contrastive_terms`).
         memory_bytes: Working memory of one block of anchors.
         validate: Check index values (see :func:`concept_contrastive_terms`).
+        concepts: Nearest concepts of the tokens when known (see
+            :func:`concept_contrastive_terms`).
 
     Returns:
         Scalar loss.
@@ -831,5 +888,6 @@ def concept_contrastive_loss(
         bank_valid=bank_valid,
         memory_bytes=memory_bytes,
         validate=validate,
+        concepts=concepts,
     )
     return contrastive_mean(terms, bank_valid if bank is not None and bank.shape[0] else None)

@@ -119,6 +119,14 @@ def normalised(settings: Mapping[str, Any]) -> dict[str, Any]:
 def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], limit: int = 6) -> str:
     unset = "<unset>"
     keys = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+
+    # A stage module's argument that only repeats a setting differing alike is not shown twice
+    # (method.head.module.temperature beside method.head.temperature, ...module.seed beside seed).
+    def alike(key: str) -> tuple[str, str, str]:
+        return key.rsplit(".", 1)[-1], repr(stored.get(key)), repr(wanted.get(key))
+
+    settings = {alike(k) for k in keys if ".module." not in k}
+    keys = [k for k in keys if ".module." not in k or alike(k) not in settings]
     shown = "; ".join(
         f"{k}: {stored.get(k, unset)!r} there, {wanted.get(k, unset)!r} now" for k in keys[:limit]
     )

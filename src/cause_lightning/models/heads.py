@@ -155,8 +155,8 @@ class TRDecoderLayer(nn.Module):
     """Post-norm decoder layer with query positions, plus the ``f1``/``f2`` projection block.
 
     The reference keeps ``f1``/``f2`` inside this sub-module (state-dict names ``tr.f1``,
-    ``tr.f2.*``). Tensors are sequence-first ``[L, B, D]`` as in ``nn.MultiheadAttention``'s default
-    layout.
+    ``tr.f2.*``). The attentions keep ``nn.MultiheadAttention``'s parameters (packed in-projection,
+    one head); tensors are batch-first ``[B, L, D]``.
 
     Args:
         dim: Model width D.
@@ -184,51 +184,58 @@ class TRDecoderLayer(nn.Module):
         self.f1, self.f2 = _projection_block(dim, reduced_dim)
 
     @staticmethod
+    def _project(attn: nn.MultiheadAttention, x: Tensor, first: int, count: int) -> Tensor:
+        """``count`` of the packed in-projections (0 = q, 1 = k, 2 = v) of ``x`` from ``first``
+        on, in one product: ``[B, L, count * D]``."""
+        rows = slice(first * attn.embed_dim, (first + count) * attn.embed_dim)
+        return F.linear(x, attn.in_proj_weight[rows], attn.in_proj_bias[rows])
+
+    @staticmethod
     def _attend(
-        attn: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, active: bool
+        attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, active: bool
     ) -> Tensor:
-        # Functional call so that attention dropout follows `active` rather than attn.training.
-        out, _ = F.multi_head_attention_forward(
-            query,
-            key,
-            value,
-            attn.embed_dim,
-            attn.num_heads,
-            attn.in_proj_weight,
-            attn.in_proj_bias,
-            attn.bias_k,
-            attn.bias_v,
-            attn.add_zero_attn,
-            attn.dropout,
-            attn.out_proj.weight,
-            attn.out_proj.bias,
-            training=active,
-            need_weights=False,
-        )
-        return out
+        """One-head attention of projected ``q``, ``k``, ``v`` ``[B, L, D]``, as two batched
+        products.
+
+        ``softmax(q kᵀ / √D)`` in at least float32 whatever the input dtype, as the reference
+        computes it, then attention dropout (following ``active``, not ``attn.training``) and
+        ``attn``'s output projection. Fused attention kernels stop at head widths of 256: one
+        head of width 384 or 768 would fall back to a slower kernel.
+        """
+        scores = torch.matmul(q * attn.embed_dim**-0.5, k.transpose(1, 2))  # B L L
+        at_least_float32 = torch.promote_types(scores.dtype, torch.float32)
+        weights = torch.softmax(scores, dim=-1, dtype=at_least_float32)  # B L L
+        weights = F.dropout(weights, attn.dropout, training=active)
+        out = torch.matmul(weights.to(v.dtype), v)  # B L D
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, active: bool) -> Tensor:
         """Run the decoder layer (docs/method.md §5.2, T0 -> T4).
 
         Args:
-            tgt: Concept queries T0 ``[L, B, D]``.
-            memory: Backbone tokens ``[L, B, D]``; also the final residual.
-            pos: Query positions ``[L, 1, D]`` (broadcast over the batch), added to queries and
+            tgt: Concept queries T0 ``[B, L, D]``.
+            memory: Backbone tokens ``[B, L, D]``; also the final residual.
+            pos: Query positions ``[1, L, D]`` (broadcast over the batch), added to queries and
                 self-attention keys.
             active: Whether the decoder's dropouts are applied.
 
         Returns:
-            Decoder output T4 ``[L, B, D]``.
+            Decoder output T4 ``[B, L, D]``.
         """
         p1, p2, p3, p = self.dropout1.p, self.dropout2.p, self.dropout3.p, self.dropout.p
-        q = tgt + pos  # L B D
-        a = self._attend(self.self_attn, q, q, tgt, active)
+        # Self-attention: query and key are both T0 + pos (one product for both projections).
+        q, k = self._project(self.self_attn, tgt + pos, 0, 2).chunk(2, dim=-1)  # B L D
+        v = self._project(self.self_attn, tgt, 2, 1)  # B L D
+        a = self._attend(self.self_attn, q, k, v, active)
         t1 = self.norm1(tgt + F.dropout(a, p1, training=active))
-        c = self._attend(self.multihead_attn, t1 + pos, memory, memory, active)
+        # Cross-attention: key and value are both the memory.
+        q = self._project(self.multihead_attn, t1 + pos, 0, 1)  # B L D
+        k, v = self._project(self.multihead_attn, memory, 1, 2).chunk(2, dim=-1)  # B L D
+        c = self._attend(self.multihead_attn, q, k, v, active)
         t2 = self.norm2(t1 + F.dropout(c, p2, training=active))
-        hidden = F.dropout(F.relu(self.linear1(t2)), p, training=active)  # L B 2048
+        hidden = F.dropout(F.relu(self.linear1(t2)), p, training=active)  # B L 2048
         t3 = t2 + F.dropout(self.linear2(hidden), p3, training=active)
-        return memory + self.norm3(t3)  # L B D
+        return memory + self.norm3(t3)  # B L D
 
 
 class TRHead(nn.Module):
@@ -347,19 +354,26 @@ class TRHead(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, features: Tensor, dropout: bool | None = None) -> Tensor:
+    def forward(
+        self, features: Tensor, dropout: bool | None = None, concepts: Tensor | None = None
+    ) -> Tensor:
         """Decode concept queries against the backbone tokens and project to R dims.
 
         Args:
             features: Backbone features ``[B, D, h, w]`` with ``h * w == num_queries``.
             dropout: Force all dropouts (head and decoder) on (``True``) or off (``False``);
                 ``None`` follows ``self.training``.
+            concepts: Long ``[B, h * w]`` nearest concept of every token (row-major), i.e.
+                ``nearest_concept(tokens, clusterbook)``, when the caller has computed it for
+                several heads with this clusterbook (a student and its EMA teacher); ``None``
+                computes it here.
 
         Returns:
             Head features ``[B, R, h, w]``.
 
         Raises:
-            ValueError: If the token count differs from ``num_queries`` or the width from ``dim``.
+            ValueError: If the token count differs from ``num_queries``, the width from ``dim``,
+                or ``concepts`` from ``[B, h * w]``.
             RuntimeError: If the clusterbook was never filled.
         """
         _check_features(features, self.dim, "TRHead")
@@ -376,15 +390,19 @@ class TRHead(nn.Module):
                 "set_clusterbook(), or load a state dict that contains it (the stage-1 "
                 "clusterbook.pt)"
             )
+        if concepts is not None and tuple(concepts.shape) != (b, h * w):
+            raise ValueError(
+                f"concepts must be [B, h*w] = [{b}, {h * w}] (one per token), got "
+                f"{tuple(concepts.shape)}"
+            )
         active = self.training if dropout is None else bool(dropout)
         tokens = features.flatten(2).transpose(1, 2)  # B N D, row-major
-        with torch.no_grad():
+        if concepts is None:
             concepts = nearest_concept(tokens, self.clusterbook)  # B N
         t0 = self.clusterbook.to(features.dtype)[concepts]  # B N D, raw rows
-        memory = tokens.transpose(0, 1)  # N B D
-        pos = self.query_pos.to(features.dtype).unsqueeze(1)  # Q 1 D
-        t4 = self.tr(t0.transpose(0, 1), memory, pos, active)  # N B D
-        grid = t4.permute(1, 2, 0).reshape(b, d, h, w)  # B D h w
+        pos = self.query_pos.to(features.dtype).unsqueeze(0)  # 1 Q D
+        t4 = self.tr(t0, tokens, pos, active)  # B N D
+        grid = t4.transpose(1, 2).reshape(b, d, h, w)  # B D h w
         return _two_branch(grid, self.tr.f1, self.tr.f2, self.head_dropout.p, active)  # B R h w
 
     def extra_repr(self) -> str:

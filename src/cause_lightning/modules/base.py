@@ -309,6 +309,32 @@ class StageModule(pl.LightningModule):
             "the exact step"
         )
 
+    def log_progress(self, name: str, value: torch.Tensor, batch_size: int) -> None:
+        """Log a training value to the loggers and the progress bar without a per-step read-back.
+
+        Lightning turns every progress-bar value into a Python number after every batch, which on
+        an accelerator waits for the device. This logs a host copy of ``value`` instead, taken at
+        the first step and on the steps on which the loggers write (every
+        ``trainer.log_every_n_steps``; their own conversion reads the value back then anyway), so
+        the loggers get every value they write and the bar shows the last of them.
+
+        Args:
+            name: Metric name.
+            value: Scalar tensor of this step.
+            batch_size: Images of the step.
+        """
+        if self._trainer is None:  # no loop, no progress bar: Lightning only warns
+            self.log(name, value, prog_bar=True, batch_size=batch_size)
+            return
+        every = int(self.trainer.log_every_n_steps)
+        shown: dict[str, torch.Tensor] | None = getattr(self, "_progress_values", None)
+        if shown is None:
+            shown = self._progress_values = {}
+        if name not in shown or (every and (self.global_step + 1) % every == 0):
+            # The read-back, once per logging interval; a copy of its own on a CPU run too.
+            shown[name] = value.detach().to("cpu", copy=True)
+        self.log(name, shown[name], prog_bar=True, batch_size=batch_size)
+
     def on_train_epoch_end(self) -> None:
         self.raise_if_nonfinite()
 

@@ -144,8 +144,18 @@ class HeadModule(StageModule):
 
     def _student_teacher(
         self, features: torch.Tensor, batch_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sampled tokens, student and teacher projections, and the teacher's full grid."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's sampled tokens and their nearest concepts, the student's and the teacher's
+        projections of them, and the teacher's full grid (for the linear probe).
+
+        The nearest concepts are found once per step: a head that needs the clusterbook gets
+        those of the whole grid (student and teacher alike), and the sampled tokens' are the same
+        values gathered at the sampled positions; the loss and the bank take these.
+
+        Returns:
+            ``(tokens [B, N, D], concepts [B, N], student [B, N, P], teacher [B, N, P],
+            teacher grid [B, R, h, w])``.
+        """
         window = self.hparams.window
         check = bool(self.hparams.debug_checks)
         index = self.grid_index(features, window, batch_idx)  # B N
@@ -158,16 +168,29 @@ class HeadModule(StageModule):
             with torch.no_grad():
                 teacher_tok = self.projection_ema(self.head_ema(strip)).squeeze(-1).transpose(1, 2)
                 teacher = self.head_ema(features)  # B R h w, separate full-grid pass for the probe
-            return tokens, student_tok, teacher_tok, teacher
+            concepts = nearest_concept(tokens, self.clusterbook)  # B N
+            return tokens, concepts, student_tok, teacher_tok, teacher
         # Any other head may mix positions (attention, convolutions): it sees the whole grid and
         # its outputs are sampled after.
+        given: dict[str, torch.Tensor] = {}
+        concepts = None
+        if self.traits.needs_clusterbook:
+            batch, _, height, width = features.shape
+            grid = nearest_concept(features.flatten(2).transpose(1, 2), self.clusterbook)  # B hw
+            given["concepts"] = grid
+            picked, _ = grid_sample_tokens(
+                grid.view(batch, 1, height, width), window, index, validate=False
+            )  # B N 1
+            concepts = picked.squeeze(-1)  # B N
         with torch.no_grad():
-            teacher = self.head_ema(features)  # B R h w
+            teacher = self.head_ema(features, **given)  # B R h w
             teacher_proj = self.projection_ema(teacher)  # B P h w
-        student_proj = self.projection(self.head(features))  # B P h w
+        student_proj = self.projection(self.head(features, **given))  # B P h w
         student_tok, _ = grid_sample_tokens(student_proj, window, index, validate=check)  # B N P
         teacher_tok, _ = grid_sample_tokens(teacher_proj, window, index, validate=check)
-        return tokens, student_tok, teacher_tok, teacher
+        if concepts is None:
+            concepts = nearest_concept(tokens, self.clusterbook)  # B N
+        return tokens, concepts, student_tok, teacher_tok, teacher
 
     def _matmul_dtype(self) -> torch.dtype | None:
         """Half-precision projection products under a mixed-precision trainer (as the reference's
@@ -177,7 +200,9 @@ class HeadModule(StageModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
-        tokens, student_tok, teacher_tok, teacher = self._student_teacher(features, batch_idx)
+        tokens, concepts, student_tok, teacher_tok, teacher = self._student_teacher(
+            features, batch_idx
+        )
         world, rank = self.world()
         synced = bool(self.hparams.sync_bank) and world > 1
         anchor_index = None
@@ -185,6 +210,7 @@ class HeadModule(StageModule):
             # Candidates and bank entries of the global batch; the anchors stay local.
             anchor_index = self.global_rows(tokens.shape[0])  # B
             tokens = self.gather_global(tokens)  # (B W) N D
+            concepts = self.gather_global(concepts)  # (B W) N
             teacher_tok = self.gather_global(teacher_tok)  # (B W) N P
         # A synced bank (and one process) draws its subset identically on every rank; separate
         # per-process banks (reference) draw independently.
@@ -211,6 +237,7 @@ class HeadModule(StageModule):
             bank_valid=bank_valid,
             memory_bytes=int(self.hparams.contrastive_memory_mb) << 20,
             validate=check,
+            concepts=concepts,
         )
         loss_front = contrastive_mean(terms, bank_valid)
         loss_linear = linear_probe_loss(
@@ -222,13 +249,12 @@ class HeadModule(StageModule):
         else:
             self.defer_finite_check(loss)
         with torch.no_grad():
-            concepts = nearest_concept(tokens, self.clusterbook)  # B N (global batch if synced)
             # Stored normalised, in the dtype of the loss's product: the bank is used as it is.
             entries = F.normalize(teacher_tok.detach().flatten(0, 1).float(), dim=-1)  # BN P
             entries = entries.to(product or torch.float32)
         self._pending_bank = (concepts.flatten(), entries, generator)
         batch_size = student_tok.shape[0]
-        self.log("train/loss_front", loss_front, prog_bar=True, batch_size=batch_size)
+        self.log_progress("train/loss_front", loss_front, batch_size=batch_size)
         self.log("train/loss_linear", loss_linear, batch_size=batch_size)
         self.log("train/empty_pos_terms", empty.sum().float(), batch_size=batch_size)
         self.log("train/bank_size", self.bank.count.sum().float(), batch_size=batch_size)

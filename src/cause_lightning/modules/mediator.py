@@ -32,6 +32,9 @@ class MediatorModule(StageModule):
         temperature: Modularity temperature tau.
         window: Grid-sampling window.
         chunk_size: Concepts per chunk of the max-product (None = automatic).
+        debug_checks: Check the grid-sampling offsets and the loss's finiteness at every step
+            (each check reads a value back from the device). Off: the step never waits for the
+            device, and the loss is checked at the end of each epoch and before each checkpoint.
         optimizer: Optimiser factory (``method.mediator.optimizer``; None = Adam).
         scheduler: Per-epoch schedule factory (``method.mediator.scheduler``; None = constant).
         seed: Seed of the per-step grid sampling.
@@ -45,6 +48,7 @@ class MediatorModule(StageModule):
         temperature: Annotated[float, POSITIVE],
         window: Annotated[int, COUNT],
         chunk_size: Annotated[int | None, OPTIONAL_COUNT],
+        debug_checks: bool,
         optimizer: OptimizerFactory | None,
         scheduler: SchedulerFactory | None,
         seed: Annotated[int, SEED],
@@ -58,16 +62,20 @@ class MediatorModule(StageModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features = self.extract(batch["image"])  # B D h w
         window = self.hparams.window
+        check = bool(self.hparams.debug_checks)
         index = self.grid_index(features, window, batch_idx)  # B N
-        tokens, _ = grid_sample_tokens(features, window=window, index=index)  # B N D
+        tokens, _ = grid_sample_tokens(features, window, index, validate=check)  # B N D
         loss = modularity_loss(
             tokens,
             self.clusterbook,
             temperature=self.hparams.temperature,
             chunk_size=self.hparams.chunk_size,
         )
-        self.check_finite(loss, modularity=loss)
-        self.log("train/modularity", loss, prog_bar=True, batch_size=tokens.shape[0])
+        if check:
+            self.check_finite(loss, modularity=loss)
+        else:
+            self.defer_finite_check(loss)
+        self.log_progress("train/modularity", loss, batch_size=tokens.shape[0])
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:

@@ -142,6 +142,9 @@ class ProbeModule(StageModule):
         sample_batch_size: Images per forward pass over the fixed samples.
         overcluster: Extra cluster counts ``k > C`` fitted side by side (over-clustering
             evaluation); empty = none.
+        debug_checks: Check the grid-sampling offsets and the loss's finiteness at every step
+            (each check reads a value back from the device). Off: the step never waits for the
+            device, and the loss is checked at the end of each epoch and before each checkpoint.
         optimizer: Optimiser factory (``method.probe.optimizer``; its weight decay applies to the
             segment parameters, never to the centroids; default Adam).
         scheduler: Per-epoch schedule factory (``method.probe.scheduler``; None = constant).
@@ -170,6 +173,7 @@ class ProbeModule(StageModule):
         sample_images: Annotated[int, COUNT],
         sample_batch_size: Annotated[int, COUNT],
         overcluster: list[int] | tuple[int, ...],
+        debug_checks: bool,
         optimizer: OptimizerFactory | None,
         scheduler: SchedulerFactory | None,
         seed: Annotated[int, SEED],
@@ -361,8 +365,9 @@ class ProbeModule(StageModule):
         with torch.set_grad_enabled(self.hparams.reference_leak):
             segment = self.head(features)  # B R h w
         window = self.hparams.window
+        check = bool(self.hparams.debug_checks)
         index = self.grid_index(segment, window, batch_idx)  # B N, whatever the world size
-        tokens, _ = grid_sample_tokens(segment.detach(), window=window, index=index)  # B N R
+        tokens, _ = grid_sample_tokens(segment.detach(), window, index, validate=check)  # B N R
         # Summed over sets, so each set gets the gradient of a run of its own.
         losses = restart_losses(tokens, self.centroids, self.hparams.temperature)  # S
         loss_cluster = losses.sum()
@@ -375,9 +380,12 @@ class ProbeModule(StageModule):
             self.linear(probe_input), batch["label"], self.hparams.num_classes
         )
         loss = loss_cluster + loss_linear
-        self.check_finite(loss, loss_cluster=loss_cluster, loss_linear=loss_linear)
+        if check:
+            self.check_finite(loss, loss_cluster=loss_cluster, loss_linear=loss_linear)
+        else:
+            self.defer_finite_check(loss)
         batch_size = tokens.shape[0]
-        self.log("train/modularity", losses.mean(), prog_bar=True, batch_size=batch_size)
+        self.log_progress("train/modularity", losses.mean(), batch_size=batch_size)
         self.log("train/loss_linear", loss_linear, batch_size=batch_size)
         return loss
 

@@ -32,8 +32,11 @@ log = get_logger(__name__)
 def stage_module(run: RunContext, step: str, **runtime: Any) -> pl.LightningModule:
     """The step's module from ``method.<step>.module`` (``_target_``), its hyper-parameters,
     optimiser and schedule read from the config; ``runtime`` holds what exists only now (trained
-    weights, effective learning rates, the CRF pool)."""
+    weights, effective learning rates, the CRF pool). The training steps' modules also get the
+    run's :attr:`~RunContext.debug_checks`, resolved for its device."""
     build = instantiate(run.cfg.method[step].module, _partial_=True)
+    if step != "eval":
+        runtime.setdefault("debug_checks", run.debug_checks)
     return build(run.backbone, **runtime)
 
 

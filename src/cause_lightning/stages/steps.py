@@ -202,7 +202,6 @@ def train_head(run: RunContext) -> dict[str, Any]:
         head=new_head(run, clusterbook),
         clusterbook=clusterbook,
         lr=run.derived.lr["head"],
-        debug_checks=run.debug_checks,
     )
     built = trainer(run, "head", target / "checkpoints", stage.epochs, clip=stage.clip)
     log_scaling(run, "head", built)
