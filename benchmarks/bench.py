@@ -260,7 +260,7 @@ def bench_head(s: Setup, kind: str, backbone_s: float) -> dict[str, Any]:
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
-        _, student, _, _ = module._student_teacher(s.features, 0)
+        _, _, student, _, _ = module._student_teacher(s.features, 0)
         student.float().square().mean().backward()
 
     ((time_s, peak),) = measure({"h": step}, s.args.repeats, s.args.long, s.device).values()
@@ -402,7 +402,7 @@ def bench_eval(s: Setup, backbone_s: float) -> list[dict[str, Any]]:
             per_image_backbone,
         )
     ]
-    from cause_lightning.crf import crf_available, dense_crf
+    from cause_lightning.inference.crf import crf_available, dense_crf
 
     if crf_available():
         rng = np.random.default_rng(0)

@@ -1,19 +1,20 @@
 """Micro-benchmark of the DenseCRF post-processing (docs/method.md §7.3): serial vs process pool,
 separate CRFs vs one lattice per image, synthetic pictures vs real photos.
 
-Times :func:`cause_lightning.crf.dense_crf` on one image and :class:`cause_lightning.crf.CRFRunner`
-on a batch, serially and with a small worker pool, at the evaluation resolution (320x320, 27
-COCO-Stuff classes by default). The logits mimic the evaluation pipeline: a coarse score grid
-(one value per 8x8 patch) upsampled bilinearly, scaled like ``3 * cos``, then log-softmax.
+Times :func:`cause_lightning.inference.crf.dense_crf` on one image and
+:class:`cause_lightning.inference.crf.CRFRunner` on a batch, serially and with a small worker pool,
+at the evaluation resolution (320x320, 27 COCO-Stuff classes by default). The logits mimic the
+evaluation pipeline: a coarse score grid (one value per 8x8 patch) upsampled bilinearly, scaled like
+``3 * cos``, then log-softmax.
 
 ``--lattice`` times what the evaluation spends per image, serially: ``--crfs`` CRFs (the cluster
 probe's ``crf`` and ``flip_crf`` and the linear probe's ``crf``) as separate ``dense_crf`` calls,
-against :func:`cause_lightning.crf.dense_crfs`, which builds the image's pairwise lattice once. One
-row per picture: two synthetic ones (``smooth``: a 10x10 grid of random colours upsampled, the
-former ``benchmarks/gpu.sh`` picture; ``noise``: every pixel random) and the photos scikit-image
+against :func:`cause_lightning.inference.crf.dense_crfs`, which builds the image's pairwise lattice
+once. One row per picture: two synthetic ones (``smooth``: a 10x10 grid of random colours upsampled,
+the former ``benchmarks/gpu.sh`` picture; ``noise``: every pixel random) and the photos scikit-image
 ships (``PHOTOS``, centre-cropped and resized to the evaluation size). The two variants alternate
-within each repeat, so both see the same load; the ratio is the figure to read on a shared
-machine. :func:`real_photo_crf_seconds` gives other benchmarks the per-image figure on the photos.
+within each repeat, so both see the same load; the ratio is the figure to read on a shared machine.
+:func:`real_photo_crf_seconds` gives other benchmarks the per-image figure on the photos.
 
 ``--eval`` times the evaluation loop's use instead: evaluated images per second spent on the CRF,
 ``--crfs`` CRFs per image, ``--batch`` images per submission, for
@@ -43,8 +44,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cause_lightning.crf import CRFRunner, crf_available, default_crf_workers, dense_crf, dense_crfs
-from cause_lightning.utils import cores_per_rank
+from cause_lightning.core.system import cores_per_rank
+from cause_lightning.inference.crf import (
+    CRFRunner,
+    crf_available,
+    default_crf_workers,
+    dense_crf,
+    dense_crfs,
+)
 
 # Photos that ship with scikit-image (no download); coins is grey, replicated to RGB.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins")

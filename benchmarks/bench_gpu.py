@@ -372,7 +372,7 @@ def crf_image_seconds(size: int, classes: int, iterations: int, calls: int) -> f
     without CRF variants):
     its ``calls`` CRFs on one lattice, as the evaluation runs them, on the photos scikit-image
     ships (``bench_crf.real_photo_crf_seconds``)."""
-    from cause_lightning.crf import crf_available
+    from cause_lightning.inference.crf import crf_available
 
     if not crf_available() or calls == 0:
         return None
@@ -391,7 +391,7 @@ def crf_calls_per_image(eval_cfg: DictConfig) -> int:
 
 def crf_processes(eval_cfg: DictConfig) -> int | None:
     """The CRF processes of a one-GPU evaluation on this machine, by the stage's own rule."""
-    from cause_lightning.crf import stage_crf_runner
+    from cause_lightning.inference.crf import stage_crf_runner
 
     runner = stage_crf_runner(eval_cfg, 1)  # the pool starts on first use: nothing runs here
     if runner is None:

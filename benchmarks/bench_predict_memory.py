@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cause_lightning.core.specs import builtin_head_spec
 from cause_lightning.models import build_backbone, build_head
 from cause_lightning.segmenter import Segmenter
-from cause_lightning.specs import builtin_head_spec
 
 CLASSES = 27
 REDUCED = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cause_lightning.baselines import spherical_kmeans
+from cause_lightning.ops.kmeans import spherical_kmeans
 
 
 def _objective(points: torch.Tensor, centroids: torch.Tensor) -> float:
@@ -58,7 +58,7 @@ def test_same_seed_same_centroids_and_bad_arguments():
 
 
 def test_clusters_used_counts_clusters_with_pixels():
-    from cause_lightning.report import clusters_used
+    from cause_lightning.reports.evaluation import clusters_used
 
     results = {
         "details/cluster/flip_crf/confusion": [[5, 0, 0], [3, 0, 2], [0, 0, 1]],  # C x K

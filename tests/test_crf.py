@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("pydensecrf")
 
-from cause_lightning import crf  # noqa: E402
-from cause_lightning.crf import (  # noqa: E402
+from cause_lightning.inference import crf  # noqa: E402
+from cause_lightning.inference.crf import (  # noqa: E402
     CRFRunner,
     crf_available,
     default_crf_workers,
@@ -232,7 +232,7 @@ def test_several_maps_of_one_image_are_checked_before_any_work() -> None:
 
 
 def test_default_workers_leave_one_core_to_the_loop() -> None:
-    from cause_lightning.utils import cores_per_rank
+    from cause_lightning.core.system import cores_per_rank
 
     assert default_crf_workers() == max(1, cores_per_rank() - 1)
     assert default_crf_workers(10_000) == 1

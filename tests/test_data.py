@@ -33,13 +33,11 @@ from cause_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     center_crop,
-    denormalize,
-    normalize,
-    normalize_uint8,
     resize_short_side_nearest,
     squash_resize,
     to_tensor_normalized,
 )
+from cause_lightning.ops.pixels import denormalize, normalize, normalize_uint8
 
 # ----------------------------------------------------------------------------------- references
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from cause_lightning.run import run
+from tiny import artifact_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
@@ -80,6 +81,13 @@ def cli(root: Path, *overrides: str, timeout: float = 240) -> str:
     return output
 
 
+def copy_without_evaluations(source: Path, target: Path) -> None:
+    """Copy a run's artifacts to another root, leaving out their evaluations."""
+    shutil.copytree(
+        source / "artifacts", target / "artifacts", ignore=shutil.ignore_patterns("eval-*")
+    )
+
+
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     record = torch.load(path, weights_only=True)
     out = {}
@@ -111,16 +119,20 @@ def test_ddp_equals_one_process_on_the_global_batch(
         )
     )  # fmt: skip
 
-    def artifacts(name: str) -> Path:
-        return roots[name] / "artifacts" / "mosaic" / "tiny_vit"
+    def artifact(name: str, file: str) -> Path:
+        return artifact_file(roots[name], file)
 
     resolved = yaml.safe_load((roots["ddp"] / "run" / "config_resolved.yaml").read_text())
     assert resolved["derived"]["world_size"] == 2
-    head_start = tensors(artifacts("single") / "mlp" / "head.pt")
-    for file in ("clusterbook.pt", "mlp/head.pt", "mlp/probe.pt"):
-        ddp, single = tensors(artifacts("ddp") / file), tensors(artifacts("single") / file)
-        start = tensors(artifacts("start") / file)
-        if file == "mlp/probe.pt":  # the probe's linear layer continues from the head stage's
+    # The DDP run's global batch is the single run's batch: they share one identity.
+    assert artifact("ddp", "probe.pt").relative_to(roots["ddp"]) == artifact(
+        "single", "probe.pt"
+    ).relative_to(roots["single"])
+    head_start = tensors(artifact("single", "head.pt"))
+    for file in ("clusterbook.pt", "head.pt", "probe.pt"):
+        ddp, single = tensors(artifact("ddp", file)), tensors(artifact("single", file))
+        start = tensors(artifact("start", file))
+        if file == "probe.pt":  # the probe's linear layer continues from the head stage's
             start["linear_state.f.weight"] = head_start["linear_state.f.weight"]
             start["linear_state.f.bias"] = head_start["linear_state.f.bias"]
         assert ddp.keys() == single.keys() == start.keys()
@@ -131,14 +143,15 @@ def test_ddp_equals_one_process_on_the_global_batch(
             assert moved >= MOVED, f"{file} {key}: moved only {moved:.3g} from its start"
 
     # Evaluation of the single-process artifacts under DDP: same confusion, same metrics.
-    head_dir = artifacts("ddp_eval") / "mlp"
-    head_dir.mkdir(parents=True)
-    shutil.copy(artifacts("single") / "clusterbook.pt", artifacts("ddp_eval"))
-    for name in ("head.pt", "probe.pt"):
-        shutil.copy(artifacts("single") / "mlp" / name, head_dir)
+    trained = artifact("single", "probe.pt").parent
+    copy_without_evaluations(roots["single"], roots["ddp_eval"])
     cli(roots["ddp_eval"], *COMMON, data, "stage=eval", "trainer=ddp_cpu", *batch(2))
-    ddp_report = json.loads((head_dir / "metrics.json").read_text())
-    single_report = json.loads((artifacts("single") / "mlp" / "metrics.json").read_text())
+    evaluation = artifact("ddp_eval", "metrics.json")
+    assert evaluation.parent.parent.relative_to(roots["ddp_eval"]) == trained.relative_to(
+        roots["single"]
+    )
+    ddp_report = json.loads(evaluation.read_text())
+    single_report = json.loads(artifact("single", "metrics.json").read_text())
     assert ddp_report["metrics"]["test/cluster/raw/mIoU"] > 0
     assert ddp_report["metrics"] == single_report["metrics"]
     for variant in ("raw", "flip"):
@@ -165,15 +178,13 @@ def test_ddp_spawn_evaluation_equals_one_process(
     output = cli(roots["all"], *common, data, "stage=all", *spawn, timeout=900)
     assert output.count("sharing strategy") <= 1  # the file_system fallback warns once at most
 
-    def head_dir(name: str) -> Path:
-        return roots[name] / "artifacts" / "mosaic" / "tiny_vit" / "mlp"
-
     for name in ("eval", "single"):
-        shutil.copytree(head_dir("all").parent, head_dir(name).parent)
-        (head_dir(name) / "metrics.json").unlink()
+        copy_without_evaluations(roots["all"], roots[name])
     cli(roots["eval"], *common, data, "stage=eval", *spawn, timeout=600)
-    run(compose(*common, data, "stage=eval", "trainer=cpu", paths=roots["single"]))
-    reports = {n: json.loads((head_dir(n) / "metrics.json").read_text()) for n in roots}
+    # One process of the global batch: the same identity, so it finds the same artifacts.
+    one = [o for o in common if "batch_size" not in o]
+    run(compose(*one, *batch(4), data, "stage=eval", "trainer=cpu", paths=roots["single"]))
+    reports = {n: json.loads(artifact_file(roots[n], "metrics.json").read_text()) for n in roots}
     kmeans = [k for k in reports["single"]["metrics"] if "kmeans" in k]
     assert kmeans and reports["all"]["metrics"] == reports["eval"]["metrics"]
     assert reports["all"]["details"] == reports["eval"]["details"]

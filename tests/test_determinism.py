@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cause_lightning.artifacts import load_artifact
-from cause_lightning.inference import bilinear_matmul, upsample_to
+from cause_lightning.artifacts.io import load_artifact
+from cause_lightning.inference.dense import bilinear_matmul, upsample_to
 from cause_lightning.modules.base import linear_probe_loss
-from cause_lightning.precision import apply_stage_precision
 from cause_lightning.run import run
+from cause_lightning.stages.precision import apply_stage_precision
 
 # (h, w) -> (H, W): odd sizes, up, down, one axis each way, a single row, the eval's 40 -> 320.
 SIZES = [

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cause_lightning.config import stage_module
-from cause_lightning.crf import CRFRunner, crf_available, dense_crf
+from cause_lightning.core.specs import builtin_head_spec
+from cause_lightning.inference.crf import CRFRunner, crf_available, dense_crf
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule
-from cause_lightning.specs import builtin_head_spec
 
 C = 4
 

@@ -15,10 +15,10 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from cause_lightning.artifacts import load_artifact
+from cause_lightning.artifacts.io import load_artifact
 from cause_lightning.config import SettingsError, validate
+from cause_lightning.core.specs import ModelSpec
 from cause_lightning.run import run
-from cause_lightning.specs import ModelSpec
 
 EXTENSION = Path(__file__).resolve().parent / "extension"
 CONV_HEAD = [f"hydra.searchpath=[file://{EXTENSION / 'conf'}]", "head=conv3x3"]
@@ -201,8 +201,8 @@ def test_a_timm_vit_is_a_backbone_by_config(tiny, tmp_path: Path) -> None:
 
 
 def test_a_head_class_that_is_not_a_module_is_never_called() -> None:
+    from cause_lightning.core.specs import HeadSpec
     from cause_lightning.models import build_head
-    from cause_lightning.specs import HeadSpec
 
     with pytest.raises(TypeError, match="not a Module class"):
         build_head(HeadSpec("os.system", {"command": "true"}))

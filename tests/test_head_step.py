@@ -16,13 +16,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from cause_lightning.callbacks import ThroughputProgressBar
 from cause_lightning.config import stage_module
 from cause_lightning.models import LinearProbe, TRHead, build_backbone
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.modules.head import HeadModule
 from cause_lightning.ops import grid_sample_tokens, nearest_concept
 from cause_lightning.stages import build
+from cause_lightning.stages.callbacks import ThroughputProgressBar
 from cause_lightning.stages.context import RunContext
 from host_sync import HostSyncs
 

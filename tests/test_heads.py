@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cause_lightning.core.specs import SpecError, builtin_head_spec
 from cause_lightning.models.heads import (
     LinearProbe,
     MLPHead,
@@ -23,7 +24,6 @@ from cause_lightning.models.heads import (
 )
 from cause_lightning.models.probes import ClusterProbe
 from cause_lightning.ops import nearest_concept
-from cause_lightning.specs import SpecError, builtin_head_spec
 
 D, R, K = 32, 90, 64
 H = W = 4

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from cause_lightning.config import stage_module
-from cause_lightning.crf import CRFRunner, crf_available
-from cause_lightning.inference import cosine_argmax, cosine_logits, grid_features
+from cause_lightning.core.specs import builtin_head_spec
+from cause_lightning.inference.crf import CRFRunner, crf_available
+from cause_lightning.inference.dense import cosine_argmax, cosine_logits, grid_features
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.segmenter import Segmenter
-from cause_lightning.specs import builtin_head_spec
 
 C = 4
 R = 8

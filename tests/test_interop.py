@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from cause_lightning.core.specs import ModelSpec, Resolution
 from cause_lightning.interop import OfficialBundle, import_official
 from cause_lightning.models.heads import MLPHead, TRHead
-from cause_lightning.specs import ModelSpec, Resolution
 from release_files import write_release
 
 D, Q, C, R, K, P = 32, 16, 5, 90, 2048, 2048
@@ -303,7 +303,7 @@ def test_codebook_mismatch_warns(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["tr", "mlp"])
 def test_bundle_save_writes_stage_artifacts(tmp_path: Path, kind: str) -> None:
     artifacts = pytest.importorskip(
-        "cause_lightning.artifacts", reason="cause_lightning.artifacts is not available yet"
+        "cause_lightning.artifacts.io", reason="cause_lightning.artifacts.io is not available yet"
     )
     rel = _write_release(tmp_path / "release", kind, seed=4)
     bundle = import_official(**rel["paths"], head=kind)

@@ -17,12 +17,13 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from cause_lightning import ops
 from cause_lightning.ops import (
     concept_contrastive_loss,
     concept_contrastive_terms,
+    contrastive,
     grid_sample_index,
     grid_sample_tokens,
+    modularity,
     modularity_loss,
     nearest_concept,
 )
@@ -408,7 +409,7 @@ def test_modularity_never_builds_bknn() -> None:
 
 def test_modularity_default_chunk_respects_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     budget = 3000
-    monkeypatch.setattr(ops, "_MODULARITY_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(modularity, "_MODULARITY_CHUNK_ELEMENTS", budget)
     batch, num, concepts = 2, 20, 64  # one concept block of pairs = 800 elements -> chunk 3
     tokens = torch.randn(batch, num, 5, dtype=torch.float64)
     protos = torch.randn(concepts, 5, dtype=torch.float64, requires_grad=True)
@@ -430,7 +431,7 @@ def test_modularity_reference_size_blocks_stay_small() -> None:
         loss = modularity_loss(tokens, protos)
         loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(protos.grad).all()
-    assert probe.max_numel <= ops._MODULARITY_CHUNK_ELEMENTS
+    assert probe.max_numel <= modularity._MODULARITY_CHUNK_ELEMENTS
     assert probe.max_numel * 4 < 64 * 2**20  # largest single tensor well under 1 GB
 
 
@@ -770,7 +771,7 @@ def test_contrastive_blocks_equal_one_block(rows_per_block: int) -> None:
 def test_contrastive_blocks_are_as_large_as_the_budget_allows_and_balanced(
     rows: int, candidates: int, pair_bytes: int, budget: int, expected: int
 ) -> None:
-    got = ops._block_rows(rows, candidates, pair_bytes, budget)
+    got = contrastive._block_rows(rows, candidates, pair_bytes, budget)
     assert got == expected
     assert got * candidates * pair_bytes <= max(budget, candidates * pair_bytes)
     blocks = -(-rows // got)
@@ -779,9 +780,9 @@ def test_contrastive_blocks_are_as_large_as_the_budget_allows_and_balanced(
 
 
 def test_contrastive_pair_bytes_count_the_block_working_set() -> None:
-    assert ops._pair_bytes(torch.float32, torch.float32) == 9
-    assert ops._pair_bytes(torch.float32, torch.bfloat16) == 11
-    assert ops._pair_bytes(torch.float64, torch.float64) == _PAIR_BYTES
+    assert contrastive._pair_bytes(torch.float32, torch.float32) == 9
+    assert contrastive._pair_bytes(torch.float32, torch.bfloat16) == 11
+    assert contrastive._pair_bytes(torch.float64, torch.float64) == _PAIR_BYTES
 
 
 def test_contrastive_gradient_formed_in_forward_never_recomputed() -> None:

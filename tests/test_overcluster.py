@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cause_lightning.artifacts import MissingArtifactError, load_artifact
+from cause_lightning.artifacts.io import MissingArtifactError, load_artifact
 from cause_lightning.config import stage_module
+from cause_lightning.core.specs import builtin_head_spec
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.evaluate import EvalModule
 from cause_lightning.modules.probe import ProbeModule
 from cause_lightning.run import run
-from cause_lightning.specs import builtin_head_spec
 
 
 def _parts(num_classes: int, reduced_dim: int):

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cause_lightning.artifacts import (
+from cause_lightning.artifacts.io import (
     ArtifactError,
     MissingArtifactError,
     load_artifact,
 )
+from cause_lightning.core.specs import BackboneRef, ModelSpec, Resolution
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
-from cause_lightning.specs import BackboneRef, ModelSpec, Resolution
 from tiny import TINY
 
 

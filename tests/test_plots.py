@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cause_lightning.plots import (
+from cause_lightning.reports.plots import (
     confusion_figure,
     matched_confusion,
     per_class_iou_figure,

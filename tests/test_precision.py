@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cause_lightning.ops import exact_matmul, nearest_concept
-from cause_lightning.precision import STAGE_PRECISION, apply_stage_precision, float32_warning
+from cause_lightning.stages.precision import STAGE_PRECISION, apply_stage_precision, float32_warning
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from cause_lightning.artifacts import load_artifact
-from cause_lightning.baselines import spherical_kmeans_plus_plus
+from cause_lightning.artifacts.io import load_artifact
 from cause_lightning.config import stage_module
+from cause_lightning.core.specs import builtin_head_spec
 from cause_lightning.models import LinearProbe, build_backbone, build_head
 from cause_lightning.modules.probe import (
     ProbeModule,
@@ -24,8 +24,8 @@ from cause_lightning.modules.probe import (
     sample_split,
 )
 from cause_lightning.ops import modularity_loss
+from cause_lightning.ops.kmeans import spherical_kmeans_plus_plus
 from cause_lightning.run import run
-from cause_lightning.specs import builtin_head_spec
 
 
 def _clustered_tokens(images: int, tokens: int, clusters: int, dim: int, seed: int):

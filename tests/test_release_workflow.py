@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from cause_lightning.artifacts import ArtifactError, MissingArtifactError, load_artifact
+from cause_lightning.artifacts.io import ArtifactError, MissingArtifactError, load_artifact
+from cause_lightning.core.specs import ModelSpec, Resolution
 from cause_lightning.data.datasets import open_image
 from cause_lightning.models import build_backbone
-from cause_lightning.predict import UnreadableImagesError
 from cause_lightning.run import run
 from cause_lightning.segmenter import Segmenter
-from cause_lightning.specs import ModelSpec, Resolution
+from cause_lightning.stages.predict import UnreadableImagesError
 from release_files import write_release as write_release_files
 from tiny import TINY, compose_config
 

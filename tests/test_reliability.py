@@ -22,11 +22,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
 import faults
-from cause_lightning.artifacts import ArtifactError, load_artifact, save_artifact
+from cause_lightning.artifacts.io import ArtifactError, load_artifact, save_artifact
 from cause_lightning.config import validate
+from cause_lightning.core.errors import DiskFullError, SettingsError
 from cause_lightning.core.files import atomic_write, ensure_writable
 from cause_lightning.data.base import ResumableLoader, ResumableSampler
-from cause_lightning.errors import DiskFullError, SettingsError
 from cause_lightning.modules.base import NonFiniteLossError
 from cause_lightning.run import run
 from cause_lightning.visualize import save_png
@@ -598,7 +598,7 @@ def test_load_errors_tell_objects_foreign_and_truncated_files_apart(
 
 
 def test_release_file_with_non_finite_values_is_refused(tmp_path: Path) -> None:
-    from cause_lightning.errors import UnreadableFileError
+    from cause_lightning.core.errors import UnreadableFileError
     from cause_lightning.interop import import_official
 
     path = tmp_path / "segment_tr.pth"
@@ -744,9 +744,9 @@ def test_evaluation_hand_off_is_plain_content_read_without_code(tmp_path: Path) 
 
 
 def test_predict_contact_sheet_holds_thumbnails(tiny, tmp_path: Path) -> None:
+    from cause_lightning.core.specs import builtin_head_spec
     from cause_lightning.models import build_backbone, build_head
     from cause_lightning.segmenter import Segmenter
-    from cause_lightning.specs import builtin_head_spec
     from cause_lightning.visualize import TITLE_HEIGHT
 
     backbone = build_backbone("tiny_vit")
@@ -765,7 +765,7 @@ def test_predict_contact_sheet_holds_thumbnails(tiny, tmp_path: Path) -> None:
     )
     sheet = np.asarray(Image.open(output / "contact_sheet.png"))
     assert sheet.shape[1] < 700  # narrower than the image: not full-size cells
-    from cause_lightning.predict import SHEET_SIDE
+    from cause_lightning.stages.predict import SHEET_SIDE
 
     thumb = (round(300 * SHEET_SIDE / 700), SHEET_SIDE)  # aspect kept, longer side bounded
     assert sheet.shape[:2] == (4 + TITLE_HEIGHT + thumb[0] + 4, 4 + 2 * (thumb[1] + 4))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cause_lightning.report import print_table
+from cause_lightning.reports.evaluation import print_table
 
 
 def _report(published):

@@ -35,11 +35,11 @@ heads = pytest.importorskip(
     "cause_lightning.models.heads",
     reason="cause_lightning.models.heads is not available yet (Segmenter needs build_head)",
 )
-artifacts = pytest.importorskip("cause_lightning.artifacts", reason="artifacts.py not available")
+artifacts = pytest.importorskip("cause_lightning.artifacts.io", reason="artifacts.py not available")
 
-from cause_lightning.crf import crf_available, denormalize_to_uint8, dense_crf  # noqa: E402
+from cause_lightning.core.specs import ModelSpec, builtin_head_spec  # noqa: E402
+from cause_lightning.inference.crf import crf_available, denormalize_to_uint8, dense_crf  # noqa: E402
 from cause_lightning.segmenter import Segmenter  # noqa: E402
-from cause_lightning.specs import ModelSpec, builtin_head_spec  # noqa: E402
 
 RES = 32  # tiny_vit has patch 8: a 4 x 4 grid, 16 TR queries
 NUM_CLASSES = 5
@@ -311,7 +311,7 @@ def test_moved_weights_file(tmp_path):
 # ---------------------------------------------------------------------------------- from_artifacts
 def _write_artifacts(root: Path, head_type: str, backbone, drop_cb_from_state: bool = False):
     """Stage artifacts in the store's layout (the head's meta in the earlier flat form)."""
-    from cause_lightning.store import ArtifactStore
+    from cause_lightning.artifacts.store import ArtifactStore
 
     head, centroids, clusterbook = _parts(backbone, head_type, seed=7)
     state = dict(head.state_dict())

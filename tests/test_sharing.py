@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch.multiprocessing as mp
 
-from cause_lightning import sharing
+from cause_lightning.stages import sharing
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_failing_default_falls_back_to_file_system_with_one_warning(
         return False, "RuntimeError: unable to resize file <filename not specified> (22)"
 
     monkeypatch.setattr(sharing, "sharing_works", probe)
-    with caplog.at_level(logging.WARNING, logger="cause_lightning.sharing"):
+    with caplog.at_level(logging.WARNING, logger="cause_lightning.stages.sharing"):
         assert sharing.ensure_tensor_sharing() == "file_system"
         assert sharing.ensure_tensor_sharing() == "file_system"
     assert mp.get_sharing_strategy() == "file_system"

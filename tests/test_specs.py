@@ -7,12 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cause_lightning.artifacts import load_artifact, save_artifact
-from cause_lightning.bundle import segmenter_payload
-from cause_lightning.models import build_backbone, build_head, head_spec
-from cause_lightning.run import run
-from cause_lightning.segmenter import Segmenter
-from cause_lightning.specs import (
+from cause_lightning.artifacts.bundle import segmenter_payload
+from cause_lightning.artifacts.io import load_artifact, save_artifact
+from cause_lightning.core.specs import (
     SPEC_VERSION,
     BackboneRef,
     HeadSpec,
@@ -21,6 +18,9 @@ from cause_lightning.specs import (
     SpecError,
     builtin_head_spec,
 )
+from cause_lightning.models import build_backbone, build_head, head_spec
+from cause_lightning.run import run
+from cause_lightning.segmenter import Segmenter
 
 TR_CLASS = "cause_lightning.models.heads.TRHead"
 TR = HeadSpec(

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cause_lightning.core.specs import builtin_head_spec
 from cause_lightning.models import LinearProbe, build_head
 from cause_lightning.modules.head import HeadModule
 from cause_lightning.modules.mediator import MediatorModule
 from cause_lightning.modules.probe import ProbeModule
-from cause_lightning.specs import builtin_head_spec
 from cause_lightning.stages import build
 from cause_lightning.stages.context import RunContext
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cause_lightning.artifacts import ArtifactError, MissingArtifactError, load_artifact
+from cause_lightning.artifacts.io import ArtifactError, MissingArtifactError, load_artifact
+from cause_lightning.artifacts.store import SIDECAR, ArtifactStore
 from cause_lightning.run import run
 from cause_lightning.segmenter import Segmenter
-from cause_lightning.store import SIDECAR, ArtifactStore
 from tiny import TINY
 
 # Whole epochs (8 images in batches of 4): a real run, not a smoke test.

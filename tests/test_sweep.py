@@ -20,10 +20,10 @@ from omegaconf import OmegaConf
 
 from cause_lightning.__main__ import config_dir
 from cause_lightning.config.identity import STAGES, digest
-from cause_lightning.constants import HELDOUT_MODULARITY
+from cause_lightning.core.constants import HELDOUT_MODULARITY
+from cause_lightning.reports.sweeps import collect_sweep
 from cause_lightning.run import run
 from cause_lightning.stages.context import RunContext
-from cause_lightning.tasks import collect_sweep
 from tiny import QUIET, TINY_BATCHES, TINY_DATA
 
 SWEEPS = sorted(p.stem for p in (Path(config_dir()) / "sweep").glob("*.yaml"))
@@ -95,11 +95,10 @@ def test_cli_sweep_reports_the_failed_job_and_the_best_one(
         assert not (sweep_dir / job / "failure.json").exists()
     failure = json.loads((sweep_dir / "2" / "failure.json").read_text())
     assert "method.num_concepts=0" in failure["error"] and "Traceback" in failure["traceback"]
-    # Each job trained into its own artifact directory (artifact_tag of the preset).
-    for tag in ("k16", "k32"):
-        assert (
-            tmp_path / "artifacts" / "mosaic" / f"tiny_vit-{tag}" / "mlp" / "probe.pt"
-        ).is_file()
+    # Each job trained into its own artifact directories: two clusterbooks, a probe in each.
+    probes = sorted((tmp_path / "artifacts" / "mosaic" / "tiny_vit").rglob("probe.pt"))
+    assert len(probes) == 2 and len({p.parents[2] for p in probes}) == 2
+    assert all(p.parents[2].name.startswith("clusterbook-") for p in probes)
 
     summary = run(compose("stage=summarize", f"sweep_dir={sweep_dir}"))
     best = max(scores, key=scores.get)

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cause_lightning.reports.tracking import metric_summary, run_group
 from cause_lightning.run import run
-from cause_lightning.tracking import metric_summary, run_group
 from tiny import QUIET, TINY_BATCHES, TINY_DATA
 
 TINY = [
@@ -309,7 +309,7 @@ def test_throughput_progress_bar_reports_images_per_second() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from cause_lightning.callbacks import ThroughputProgressBar
+    from cause_lightning.stages.callbacks import ThroughputProgressBar
 
     class Toy(pl.LightningModule):
         def __init__(self) -> None:

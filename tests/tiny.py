@@ -60,3 +60,13 @@ TINY = [
     "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=1",
 ]
+
+
+def artifact_file(root: Path, name: str) -> Path:
+    """The one file ``name`` (``clusterbook.pt``, ``head.pt``, ``probe.pt``, ``metrics.json``)
+    among the real artifacts of a run whose paths are under ``root`` (smoke runs' ``debug/``
+    excluded)."""
+    artifacts = root / "artifacts"
+    found = [p for p in artifacts.rglob(name) if p.relative_to(artifacts).parts[0] != "debug"]
+    assert len(found) == 1, f"{name} under {artifacts}: {found}"
+    return found[0]

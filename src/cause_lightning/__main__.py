@@ -12,14 +12,14 @@ import hydra
 from omegaconf import DictConfig
 
 from cause_lightning.config.files import config_dir
-from cause_lightning.errors import expected, report
+from cause_lightning.core.errors import expected, report
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the selected stage; returns the summary metric for Hydra sweepers.
 
-    An expected error (:mod:`cause_lightning.errors`) ends the process with its message and a
+    An expected error (:mod:`cause_lightning.core.errors`) ends the process with its message and a
     non-zero status, without Hydra's traceback unless ``HYDRA_FULL_ERROR=1``.
     """
     try:

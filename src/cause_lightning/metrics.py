@@ -13,6 +13,9 @@ the numbers equal the reference's.
 
 The over-clustering protocol (PiCIE, HP) uses ``matching="majority"`` instead: many-to-one, each
 cluster to the class it overlaps most (:func:`majority_assignment`).
+
+The names of the evaluation's rows live here too: its variants (:data:`EVAL_VARIANTS`), the one a
+report records (:func:`record_variant`) and the over-clustering rows (:func:`overcluster_row`).
 """
 
 from __future__ import annotations
@@ -24,18 +27,25 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from cause_lightning.constants import IGNORE_INDEX
-from cause_lightning.logs import get_logger
+from cause_lightning.core.constants import IGNORE_INDEX
+from cause_lightning.core.logs import get_logger
 
 __all__ = [
+    "EVAL_VARIANTS",
     "MATCHINGS",
+    "OVERCLUSTER_PREFIX",
+    "RECORD_PREFERENCE",
     "UnsupervisedSegmentationMetrics",
     "check_assignment",
     "majority_assignment",
+    "overcluster_row",
+    "record_variant",
     "remap_clusters",
     "remap_with_ignore",
+    "supervised_metrics",
 ]
 
 log = get_logger(__name__)
@@ -43,6 +53,44 @@ log = get_logger(__name__)
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 
 MATCHINGS = ("hungarian", "majority")
+
+#: The evaluation's cluster-probe variants, in the order they are computed and shown: plain,
+#: with a horizontal flip averaged in, with a dense CRF, both (docs/protocol.md §5).
+EVAL_VARIANTS = ("raw", "flip", "crf", "flip_crf")
+#: The variant a report records, best first: the published protocol (flip + CRF), else the best
+#: one the run computed (the CRF ones need pydensecrf).
+RECORD_PREFERENCE = ("flip_crf", "flip", "crf", "raw")
+#: Over-clustering rows are named ``<prefix><k>/<probe>/<variant>``.
+OVERCLUSTER_PREFIX = "overcluster_k"
+
+
+def record_variant(available: Any) -> str:
+    """The variant a report records among ``available`` ones (:data:`RECORD_PREFERENCE`).
+
+    Raises:
+        ValueError: None of the variants is available.
+    """
+    found = next((v for v in RECORD_PREFERENCE if v in set(available)), None)
+    if found is None:
+        raise ValueError(f"no evaluation variant in {sorted(available)}: expected {EVAL_VARIANTS}")
+    return found
+
+
+def overcluster_row(num_clusters: int) -> str:
+    """Prefix of the over-clustering rows with ``num_clusters`` clusters (``overcluster_k54``)."""
+    return f"{OVERCLUSTER_PREFIX}{num_clusters}"
+
+
+def supervised_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """mIoU / pAcc of a supervised (linear-probe) prediction: no matching, ignored pixels left
+    out."""
+    return MetricCollection(
+        {
+            "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE_INDEX),
+            "pAcc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX),
+        },
+        prefix=prefix,
+    )
 
 
 def majority_assignment(confusion: Tensor | np.ndarray) -> Tensor:

@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 
 from cause_lightning.config.identity import STAGE_INPUT
 from cause_lightning.core.files import ensure_writable
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
+from cause_lightning.reports.tracking import finish_wandb
 from cause_lightning.stages.context import RunContext
-from cause_lightning.utils import finish_wandb
 
 __all__ = ["STAGES", "run"]
 
@@ -52,27 +52,27 @@ def _prepare(run: RunContext) -> dict[str, Any]:
 
 
 def _import(run: RunContext) -> dict[str, Any]:
-    from cause_lightning.interop import import_release
+    from cause_lightning.stages.release import import_release
 
     return import_release(run)
 
 
 def _predict(run: RunContext) -> dict[str, Any]:
-    from cause_lightning.predict import predict_images
+    from cause_lightning.stages.predict import predict_images
 
     return predict_images(run)
 
 
 def _summarize(run: RunContext) -> dict[str, Any]:
-    from cause_lightning.tasks import summarize
+    from cause_lightning.reports.sweeps import summarize
 
     return summarize(run.cfg)
 
 
 def _artifacts(run: RunContext) -> dict[str, Any]:
-    from cause_lightning.listing import list_artifacts
+    from cause_lightning.artifacts.listing import list_artifacts
 
-    return list_artifacts(run)
+    return list_artifacts(run.store)
 
 
 def _step(name: str) -> Callable[[RunContext], dict[str, Any]]:
@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ``objective`` (the sweep objective, ``cfg.summary_metric`` when available).
     """
     from cause_lightning.config import validate
-    from cause_lightning.tracking import require_wandb_login
+    from cause_lightning.reports.tracking import require_wandb_login
 
     validate(cfg)
     require_wandb_login(cfg)
@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _finished(context: RunContext, step: str) -> bool:
     """Whether a step of a multi-step run already has its artifact, made with this run's settings
     from the current version of its input; it is then kept, not run again."""
-    from cause_lightning.errors import ExpectedError
+    from cause_lightning.core.errors import ExpectedError
 
     if step == "eval" or step not in STAGE_INPUT:
         return False  # the evaluation is cheap beside training and always reports
@@ -170,7 +170,7 @@ def _write_results(cfg: DictConfig, results: dict[str, Any]) -> None:
     from pathlib import Path
 
     from cause_lightning.core.files import write_json_atomic
-    from cause_lightning.utils import is_global_zero
+    from cause_lightning.core.logs import is_global_zero
 
     output_dir = cfg.paths.get("output_dir")
     if output_dir and is_global_zero():

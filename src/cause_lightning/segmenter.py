@@ -10,8 +10,8 @@ for arbitrary inputs:
       -> argmax                                   (crf=False)
       -> log_softmax(alpha * cos) -> DenseCRF -> argmax   (crf=True, pydensecrf installed)
 
-Each step is a function of :mod:`cause_lightning.inference`, the path ``stage=eval`` takes too, so
-the segmenter labels a batch as the evaluation scored it.
+Each step is a function of :mod:`cause_lightning.inference.dense`, the path ``stage=eval`` takes
+too, so the segmenter labels a batch as the evaluation scored it.
 
 :class:`Segmenter` holds the frozen backbone, the teacher head, the centroids ``[C, R]``, the
 clusterbook ``[K, D]``, class names, palette, the working resolution (docs/method.md §2.6) and the
@@ -33,8 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import MissingArtifactError, save_artifact
-from cause_lightning.bundle import (
+from cause_lightning.artifacts.bundle import (
     SEGMENTER_KIND,
     derive_backbone_kwargs,
     read_segmenter_file,
@@ -42,15 +41,11 @@ from cause_lightning.bundle import (
     to_plain,
     weights_reference,
 )
-from cause_lightning.crf import CRFRunner, crf_available
-from cause_lightning.imaging import (
-    image_tensor,
-    nearest_resize_labels,
-    sliding_logits,
-    to_pil_rgb,
-    working_size,
-)
-from cause_lightning.inference import (
+from cause_lightning.artifacts.io import MissingArtifactError, save_artifact
+from cause_lightning.core.logs import get_logger
+from cause_lightning.core.specs import BACKBONE_FACTORY, tr_grid_error
+from cause_lightning.inference.crf import CRFRunner, crf_available
+from cause_lightning.inference.dense import (
     cosine_logits,
     crf_labels,
     crf_pixels,
@@ -58,10 +53,15 @@ from cause_lightning.inference import (
     grid_features,
     log_probabilities,
 )
-from cause_lightning.logs import get_logger
+from cause_lightning.inference.imaging import (
+    image_tensor,
+    nearest_resize_labels,
+    sliding_logits,
+    to_pil_rgb,
+    working_size,
+)
 from cause_lightning.metrics import check_assignment, remap_with_ignore
 from cause_lightning.models.heads import head_spec, head_traits
-from cause_lightning.specs import BACKBONE_FACTORY, tr_grid_error
 from cause_lightning.visualize import colorize as _colorize
 from cause_lightning.visualize import default_palette
 
@@ -388,7 +388,7 @@ class Segmenter(nn.Module):
             LongTensor ``[B, H, W]`` with values in ``[0, C)``, on the module's device.
         """
         if images.dtype == torch.uint8:  # a batch straight from the data loaders
-            from cause_lightning.data.transforms import normalize_uint8
+            from cause_lightning.ops.pixels import normalize_uint8
 
             images = normalize_uint8(images.to(self.centroids.device))
         cos = self.logits(images)  # B C H W
@@ -583,7 +583,7 @@ class Segmenter(nn.Module):
             MissingArtifactError: naming the missing file and the stage that writes it.
             ArtifactError: on a damaged file, or one made from an earlier version of its input.
         """
-        from cause_lightning.store import ArtifactStore
+        from cause_lightning.artifacts.store import ArtifactStore
 
         path = Path(directory)
         store = ArtifactStore(path)

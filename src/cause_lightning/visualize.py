@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.core.constants import IGNORE_INDEX
 from cause_lightning.core.files import atomic_write
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 
 __all__ = [
     "TITLE_HEIGHT",

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.core.bounds import check_overcluster
-from cause_lightning.errors import SettingsError
+from cause_lightning.core.errors import SettingsError
 
 __all__ = ["Derived", "derive", "snap_resolution", "to_plain", "train_resolution"]
 

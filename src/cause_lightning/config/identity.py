@@ -64,8 +64,9 @@ def stage_settings(cfg: Mapping[str, Any], stage: str, world_size: int = 1) -> d
     Args:
         cfg: The resolved config as plain values.
         stage: ``mediator``, ``head``, ``probe`` or ``eval``.
-        world_size: Processes of the run (it changes the learning rates only when
-            ``method.scale_lr_with_world_size`` is on).
+        world_size: Processes of the run: each stage's batch size enters as the global batch,
+            and the world size itself where it changes the learning rates
+            (``method.scale_lr_with_world_size``).
 
     Returns:
         ``{"setting.path": value}``, sorted by key.
@@ -73,6 +74,10 @@ def stage_settings(cfg: Mapping[str, Any], stage: str, world_size: int = 1) -> d
     method = cfg["method"]
     trainer = cfg.get("trainer") or {}
     section = dict(method[stage])
+    if "batch_size" in section:
+        # What a run computes depends on its global batch, not on how it is split over
+        # processes: 2 processes of 2 make what 1 process of 4 makes (tests/test_ddp.py).
+        section["global_batch_size"] = int(section.pop("batch_size")) * int(world_size)
     if stage == "eval":
         section = {k: v for k, v in section.items() if k not in _EVAL_OPERATIONAL}
     keys = RESULT_TRAINER_KEYS + LOOP_LIMITS  # a smoke run's limits set its results apart

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cause_lightning.config.schema import SCHEMA, Open, Setting, Target, Targets
 from cause_lightning.core.bounds import SIMILARITY, Bound, check_overcluster
-from cause_lightning.errors import SettingsError
+from cause_lightning.core.errors import SettingsError
 
 __all__ = ["SettingsError", "closest", "validate"]
 

@@ -1,4 +1,2 @@
-"""Foundations every layer may import: bounds of settings, constants, logging, model specs.
-
-Standard library only, so that models, data, stages and the configuration can all depend on them.
-"""
+"""Foundations every layer may import: constants, errors, logging, bounds of settings, model
+specs, atomic files and the process's resources. Standard library only."""

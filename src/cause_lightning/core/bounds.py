@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cause_lightning.errors import SettingsError
+from cause_lightning.core.errors import SettingsError
 
 __all__ = [
     "Bound",

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cause_lightning.errors import DiskFullError
+from cause_lightning.core.errors import DiskFullError
 
 __all__ = [
     "PROBE_BYTES",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 from cause_lightning.visualize import voc_palette
 
 __all__ = [
@@ -378,7 +378,7 @@ class SegDataModule(L.LightningDataModule):
         """DataLoader workers of this process (``num_workers``, or from the available cores)."""
         if self.num_workers is not None:
             return self.num_workers
-        from cause_lightning.utils import cores_per_rank
+        from cause_lightning.core.system import cores_per_rank
 
         trainer = getattr(self, "trainer", None)
         local = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1

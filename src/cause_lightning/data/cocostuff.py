@@ -26,9 +26,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.labels import get_label_spec
 from cause_lightning.data.real import RealSegDataModule, SourceList, read_list_file
-from cause_lightning.logs import get_logger
 
 __all__ = [
     "COCO_LIST_COUNTS",

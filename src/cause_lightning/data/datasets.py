@@ -24,9 +24,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from cause_lightning.core.errors import ExpectedError
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.transforms import SegTransform, ensure_rgb, to_tensor_normalized
-from cause_lightning.errors import ExpectedError
-from cause_lightning.logs import get_logger
 
 __all__ = [
     "IMAGE_EXTENSIONS",

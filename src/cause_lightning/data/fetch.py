@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.progress import make_progress
-from cause_lightning.logs import get_logger
 
 __all__ = ["download_file", "extract_archive", "probe"]
 

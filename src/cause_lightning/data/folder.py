@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.base import SegDataModule
 from cause_lightning.data.datasets import IMAGE_EXTENSIONS, SegmentationDataset
 from cause_lightning.data.transforms import IGNORE_INDEX, SegTransform
-from cause_lightning.logs import get_logger
 
 __all__ = ["FolderDataModule", "ClassIdLabels"]
 

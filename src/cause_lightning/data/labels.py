@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.core.constants import IGNORE_INDEX
 from cause_lightning.visualize import default_palette, voc_palette
 
 __all__ = [

@@ -41,11 +41,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.base import SegDataModule
 from cause_lightning.data.datasets import SegmentationDataset
 from cause_lightning.data.transforms import SegTransform
-from cause_lightning.logs import get_logger
 
 __all__ = [
     "MOSAIC_TEXTURES",

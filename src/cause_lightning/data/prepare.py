@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.base import DatasetNotFoundError
 from cause_lightning.data.cityscapes import Cityscapes27DataModule
 from cause_lightning.data.cocostuff import (
@@ -43,7 +44,6 @@ from cause_lightning.data.real import (
     detect_layout,
     missing_files,
 )
-from cause_lightning.logs import get_logger
 
 __all__ = [
     "ARCHIVES",

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torch.utils.data import Dataset
 
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.base import DatasetNotFoundError, SegDataModule
 from cause_lightning.data.crops import (
     CropCacheSpec,
@@ -38,7 +39,6 @@ from cause_lightning.data.crops import (
 from cause_lightning.data.datasets import SegmentationDataset
 from cause_lightning.data.labels import LabelSpec, get_label_spec
 from cause_lightning.data.transforms import SegTransform
-from cause_lightning.logs import get_logger
 
 __all__ = [
     "DatasetCountError",

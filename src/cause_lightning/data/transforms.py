@@ -5,7 +5,7 @@ Train and test share one recipe: resize the **shorter side** to ``res`` with PIL
 (image and label alike), then centre-crop ``res x res`` (COCO, Cityscapes, mosaic); VOC squashes to
 ``res x res`` instead. :class:`SegTransform` returns uint8 images and labels (what crosses the
 DataLoader's worker boundary); the stage modules scale them to [0, 1] and ImageNet-normalise them
-on the accelerator (:func:`normalize_uint8`).
+on the accelerator (:func:`cause_lightning.ops.pixels.normalize_uint8`).
 
 Exact geometry (torchvision/PIL semantics, needed for pixel parity with the reference evaluation):
 
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cause_lightning.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.ops.pixels import normalize
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -30,13 +31,10 @@ __all__ = [
     "IGNORE_INDEX",
     "SegTransform",
     "center_crop",
-    "denormalize",
     "ensure_rgb",
     "label_to_pil",
     "label_to_compact_tensor",
     "label_to_tensor",
-    "normalize",
-    "normalize_uint8",
     "resize_short_side_nearest",
     "short_side_size",
     "squash_resize",
@@ -180,51 +178,6 @@ def squash_resize(img: Image.Image, res: int, resample: int = Image.NEAREST) -> 
     res = _check_res(res)
     _check_size(img)
     return img.resize((res, res), resample=resample)
-
-
-def normalize(tensor: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalise a [0, 1] image tensor ``[3,H,W]`` or ``[B,3,H,W]``.
-
-    Args:
-        tensor: Float tensor with the channel axis at -3.
-
-    Returns:
-        ``(tensor - mean) / std`` (new tensor).
-    """
-    mean = torch.tensor(IMAGENET_MEAN, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
-    return (tensor - mean) / std
-
-
-def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels ``[3,H,W]`` or ``[B,3,H,W]`` -> ImageNet-normalised float32, on their device.
-
-    The data loaders hand uint8 images across the worker boundary (4x less memory than float32)
-    and the stage modules normalise them here, on the accelerator. The arithmetic is that of
-    :func:`to_tensor_normalized` (float32 ``x / 255``, then :func:`normalize`), so the values are
-    identical on the CPU.
-
-    Args:
-        images: uint8 tensor with the channel axis at -3.
-
-    Returns:
-        float32 tensor of the same shape.
-    """
-    return normalize(images.float() / 255.0)
-
-
-def denormalize(tensor: torch.Tensor) -> torch.Tensor:
-    """Invert :func:`normalize` (values back in [0, 1] for a normalised image).
-
-    Args:
-        tensor: Normalised float tensor ``[3,H,W]`` or ``[B,3,H,W]``.
-
-    Returns:
-        ``tensor * std + mean`` (new tensor, not clamped).
-    """
-    mean = torch.tensor(IMAGENET_MEAN, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
-    return tensor * std + mean
 
 
 def to_tensor_normalized(img: Image.Image) -> torch.Tensor:

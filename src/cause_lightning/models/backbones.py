@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 from cause_lightning.models.checkpoints import (
     LoadReport,
     load_backbone_weights,

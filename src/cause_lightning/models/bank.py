@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 
 __all__ = ["ConceptBank"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cause_lightning.errors import ExpectedError
+from cause_lightning.core.errors import ExpectedError
 
 __all__ = [
     "CHECKPOINT_FORMATS",

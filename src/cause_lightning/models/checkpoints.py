@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 from cause_lightning.models.checkpoint_formats import (
     CHECKPOINT_FORMATS,
     CONTAINER_FAMILY,

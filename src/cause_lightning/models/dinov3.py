@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 from cause_lightning.models.checkpoints import (
     DINOV3_LAYOUT,
     CheckpointError,

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from cause_lightning.models.frozen import FrozenBackbone
 
 __all__ = [

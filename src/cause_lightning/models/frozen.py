@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cause_lightning.specs import BACKBONE_FACTORY
+from cause_lightning.core.specs import BACKBONE_FACTORY
 
 __all__ = ["BackboneSpec", "FrozenBackbone"]
 

@@ -29,7 +29,7 @@ keyword, exposes ``reduced_dim`` (its output width R) and maps ``[B, D, h, w]`` 
   single images are squashed to a square (the TR head; it exposes ``num_queries``).
 
 A head that declares nothing gets the safe behaviour: the whole patch grid, no clusterbook, any
-resolution. :func:`build_head` builds a head from a :class:`~cause_lightning.specs.HeadSpec`
+resolution. :func:`build_head` builds a head from a :class:`~cause_lightning.core.specs.HeadSpec`
 (import path + arguments) and records the spec on it, which is what artifacts store and rebuild.
 """
 
@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cause_lightning.constants import REFERENCE_NUM_CONCEPTS
-from cause_lightning.logs import get_logger
+from cause_lightning.core.constants import REFERENCE_NUM_CONCEPTS
+from cause_lightning.core.logs import get_logger
+from cause_lightning.core.specs import HeadSpec
 from cause_lightning.models.imports import import_class
 from cause_lightning.ops import nearest_concept
-from cause_lightning.specs import HeadSpec
 
 __all__ = [
     "HeadTraits",
@@ -545,7 +545,7 @@ def remember_arguments(head: nn.Module, **kwargs: Any) -> None:
 
 
 def build_head(spec: HeadSpec, clusterbook: Tensor | None = None) -> nn.Module:
-    """Build the segmentation head a :class:`~cause_lightning.specs.HeadSpec` describes.
+    """Build the segmentation head a :class:`~cause_lightning.core.specs.HeadSpec` describes.
 
     Args:
         spec: Head class (import path) and its constructor arguments.
@@ -577,7 +577,7 @@ def build_head(spec: HeadSpec, clusterbook: Tensor | None = None) -> nn.Module:
 
 
 def head_spec(head: nn.Module) -> HeadSpec:
-    """The :class:`~cause_lightning.specs.HeadSpec` that rebuilds ``head`` (``build_head``).
+    """The :class:`~cause_lightning.core.specs.HeadSpec` that rebuilds ``head`` (``build_head``).
 
     Args:
         head: A head built by :func:`build_head`, or by a class that records its arguments

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 from cause_lightning.models.checkpoint_formats import CheckpointError
 from cause_lightning.models.checkpoints import read_file
 from cause_lightning.models.frozen import FrozenBackbone

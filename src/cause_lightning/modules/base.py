@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
-from cause_lightning.constants import IGNORE_INDEX
-from cause_lightning.data.transforms import normalize_uint8
-from cause_lightning.errors import ExpectedError
-from cause_lightning.inference import deterministic_backward, upsample_to
+from cause_lightning.core.constants import CHECKPOINT_KEY, IGNORE_INDEX
+from cause_lightning.core.errors import ExpectedError
+from cause_lightning.inference.dense import deterministic_backward, upsample_to
 from cause_lightning.ops import grid_sample_index
+from cause_lightning.ops.pixels import normalize_uint8
 
 __all__ = [
     "StageModule",
@@ -44,7 +44,6 @@ __all__ = [
     "step_generator",
     "GRID_STREAM",
     "BANK_STREAM",
-    "CHECKPOINT_KEY",
     "random_states",
     "restore_random_states",
     "INIT_STREAM",
@@ -62,8 +61,6 @@ warnings.filterwarnings(
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
-# Key of the project's own entries in a Lightning checkpoint.
-CHECKPOINT_KEY = "cause_lightning"
 
 # Independent random streams of one training step (keys of `step_generator`).
 GRID_STREAM = 0

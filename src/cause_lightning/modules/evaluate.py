@@ -13,12 +13,12 @@ probe of stage 3 (``raw``, and ``flip`` when a flip variant is computed) and the
 baselines with ``k`` clusters (when baselines are on), scored with many-to-one majority matching
 under rows ``overcluster_k<k>/cluster/<variant>`` and ``overcluster_k<k>/baseline/<kmeans>``.
 
-The CRF runs on the CPU, off the accelerator's critical path: each batch's unaries are handed to
-the :class:`~cause_lightning.crf.CRFRunner` pool, which returns label maps (the argmax is taken in
-the workers), and the loop goes on with the next batches while the pool works. An image's unaries
-(``crf``, ``flip_crf``, the linear probe's ``crf``) travel to a worker together with the picture
-once, and are refined on one set of pairwise terms. The metrics are updated as results come back
-(confusion counts do not depend on the order).
+The CRF runs on the CPU, off the accelerator's critical path: each batch's unaries are handed to the
+:class:`~cause_lightning.inference.crf.CRFRunner` pool, which returns label maps (the argmax is
+taken in the workers), and the loop goes on with the next batches while the pool works. An image's
+unaries (``crf``, ``flip_crf``, the linear probe's ``crf``) travel to a worker together with the
+picture once, and are refined on one set of pairwise terms. The metrics are updated as results come
+back (confusion counts do not depend on the order).
 
 Under a spawning DDP strategy (``ddp_spawn``) the loop runs in child processes: global rank 0
 writes what the report needs (metrics, examples, k-means centroids) to :attr:`EvalModule.handoff`
@@ -37,10 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cause_lightning.baselines import spherical_kmeans
 from cause_lightning.core.bounds import COUNT, NON_NEGATIVE_INT, POSITIVE, SEED
 from cause_lightning.core.files import atomic_write
-from cause_lightning.inference import (
+from cause_lightning.inference.dense import (
     cosine_argmax,
     cosine_logits,
     crf_labels,
@@ -49,31 +48,25 @@ from cause_lightning.inference import (
     grid_features,
     upsampled_logits,
 )
-from cause_lightning.metrics import UnsupervisedSegmentationMetrics
+from cause_lightning.metrics import (
+    EVAL_VARIANTS,
+    UnsupervisedSegmentationMetrics,
+    overcluster_row,
+    supervised_metrics,
+)
 from cause_lightning.models import LinearProbe
 from cause_lightning.modules.base import StageModule
-from cause_lightning.modules.head import supervised_metrics
+from cause_lightning.ops.kmeans import spherical_kmeans
 
 __all__ = [
     "EvalModule",
-    "VARIANTS",
     "KMEANS_BASELINES",
     "cosine_logits",
     "cosine_argmax",
-    "OVERCLUSTER_PREFIX",
-    "overcluster_row",
 ]
 
-VARIANTS = ("raw", "flip", "crf", "flip_crf")
 # k-means baselines: name -> which features they cluster.
 KMEANS_BASELINES = {"kmeans": "backbone", "kmeans_head": "head"}
-# Over-clustering rows are named <prefix><k>/<probe>/<variant>.
-OVERCLUSTER_PREFIX = "overcluster_k"
-
-
-def overcluster_row(num_clusters: int) -> str:
-    """Prefix of the over-clustering rows with ``num_clusters`` clusters (``overcluster_k54``)."""
-    return f"{OVERCLUSTER_PREFIX}{num_clusters}"
 
 
 @dataclass
@@ -108,7 +101,7 @@ class EvalModule(StageModule):
         linear: Linear probe (supervised diagnostic).
         num_classes: C.
         alpha: Softmax sharpness of the CRF unary (3 in the reference).
-        variants: Cluster-probe variants to compute (subset of ``VARIANTS``).
+        variants: Cluster-probe variants to compute (subset of ``EVAL_VARIANTS``).
         crf_runner: ``crf.CRFRunner`` or None when CRF variants are not requested.
         linear_crf: Also refine the linear probe with the CRF (a third CRF per image).
         crf_in_flight: CRFs (one image, one unary each) submitted but not collected before the
@@ -147,9 +140,9 @@ class EvalModule(StageModule):
         crf_in_flight: int | None = None,
     ) -> None:
         super().__init__(backbone, seed=seed)
-        unknown = sorted(set(variants) - set(VARIANTS))
+        unknown = sorted(set(variants) - set(EVAL_VARIANTS))
         if unknown:
-            raise ValueError(f"unknown eval variants {unknown}; choose from {list(VARIANTS)}")
+            raise ValueError(f"unknown eval variants {unknown}; choose from {list(EVAL_VARIANTS)}")
         if centroids.shape != (num_classes, head.reduced_dim):
             raise ValueError(
                 f"centroids have shape {tuple(centroids.shape)}, expected "
@@ -170,7 +163,7 @@ class EvalModule(StageModule):
             self.register_buffer(overcluster_row(k), overcluster[k].detach().float().clone())
         self.num_classes = num_classes
         self.alpha = alpha
-        self.variants = tuple(v for v in VARIANTS if v in variants)
+        self.variants = tuple(v for v in EVAL_VARIANTS if v in variants)
         self.crf_runner = crf_runner
         if crf_runner is None and any("crf" in v for v in self.variants):
             raise ValueError("CRF variants requested without a CRF runner")

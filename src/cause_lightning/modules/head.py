@@ -21,10 +21,9 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from cause_lightning.core.bounds import COUNT, FRACTION, POSITIVE, SEED, SIMILARITY
+from cause_lightning.metrics import supervised_metrics
 from cause_lightning.models import ConceptBank, LinearProbe, ProjectionHead, ema_update
 from cause_lightning.models.heads import head_traits
 from cause_lightning.modules.base import (
@@ -43,18 +42,7 @@ from cause_lightning.ops import (
     nearest_concept,
 )
 
-__all__ = ["HeadModule", "supervised_metrics"]
-
-
-def supervised_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """mIoU / pAcc of a supervised (linear-probe) prediction, no matching, 255 ignored."""
-    return MetricCollection(
-        {
-            "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=255),
-            "pAcc": MulticlassAccuracy(num_classes, average="micro", ignore_index=255),
-        },
-        prefix=prefix,
-    )
+__all__ = ["HeadModule"]
 
 
 class HeadModule(StageModule):

@@ -22,7 +22,6 @@ from typing import Annotated, Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from cause_lightning.baselines import spherical_kmeans_plus_plus
 from cause_lightning.core.bounds import (
     COUNT,
     OPTIONAL_POSITIVE,
@@ -30,9 +29,9 @@ from cause_lightning.core.bounds import (
     SEED,
     check_overcluster,
 )
-from cause_lightning.inference import cosine_argmax
-from cause_lightning.logs import get_logger
-from cause_lightning.metrics import UnsupervisedSegmentationMetrics
+from cause_lightning.core.logs import get_logger
+from cause_lightning.inference.dense import cosine_argmax
+from cause_lightning.metrics import UnsupervisedSegmentationMetrics, supervised_metrics
 from cause_lightning.models import LinearProbe
 from cause_lightning.modules.base import (
     INIT_STREAM,
@@ -43,8 +42,8 @@ from cause_lightning.modules.base import (
     step_generator,
     upsample_to,
 )
-from cause_lightning.modules.head import supervised_metrics
 from cause_lightning.ops import grid_sample_index, grid_sample_tokens, modularity_loss
+from cause_lightning.ops.kmeans import spherical_kmeans_plus_plus
 
 __all__ = ["ProbeInit", "ProbeModule", "restart_losses", "restart_objectives", "sample_split"]
 

@@ -11,22 +11,41 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from omegaconf import DictConfig
 
-from cause_lightning.callbacks import DestroyProcessGroup, StageCheckpoint
 from cause_lightning.config import to_plain
-from cause_lightning.logs import get_logger, is_global_zero
+from cause_lightning.core.logs import get_logger, is_global_zero
+from cause_lightning.core.specs import HeadSpec
 from cause_lightning.models import build_head
 from cause_lightning.models.heads import head_arguments, head_class, head_traits
-from cause_lightning.precision import apply_stage_precision, float32_warning
-from cause_lightning.sharing import ensure_tensor_sharing
-from cause_lightning.specs import HeadSpec
+from cause_lightning.reports.tracking import step_loggers
+from cause_lightning.stages.callbacks import DestroyProcessGroup, StageCheckpoint
 from cause_lightning.stages.context import RunContext
-from cause_lightning.tracking import step_loggers
-from cause_lightning.utils import instantiate_group
+from cause_lightning.stages.precision import apply_stage_precision, float32_warning
+from cause_lightning.stages.sharing import ensure_tensor_sharing
 
 __all__ = ["datamodule", "log_scaling", "new_head", "stage_module", "trainer"]
 
 log = get_logger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` node of a config group mapping (e.g. callbacks).
+
+    Args:
+        group: A mapping of name -> node, or None.
+
+    Returns:
+        The instantiated objects in config order.
+    """
+    objects: list[Any] = []
+    if not group:
+        return objects
+    for name, node in group.items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ValueError(f"config node {name!r} has no _target_")
+        objects.append(instantiate(node))
+    return objects
 
 
 def stage_module(run: RunContext, step: str, **runtime: Any) -> pl.LightningModule:
@@ -92,7 +111,7 @@ def trainer(
         max_epochs: The step's epochs.
         clip: Gradient-norm clip (``None``: none).
     """
-    callbacks = instantiate_group(run.cfg.get("callbacks"))
+    callbacks = _instantiate_group(run.cfg.get("callbacks"))
     if run.cfg.trainer.get("enable_progress_bar") is False:
         # Lightning refuses a progress-bar callback on a trainer without one.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

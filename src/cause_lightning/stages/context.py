@@ -15,12 +15,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cause_lightning.artifacts import artifact_root
+from cause_lightning.artifacts.io import artifact_root
+from cause_lightning.artifacts.store import KINDS, ArtifactStore, Entry, normalised
 from cause_lightning.config import derive, to_plain
 from cause_lightning.config.derive import Derived
 from cause_lightning.config.identity import LOOP_LIMITS, STAGE_INPUT, is_smoke_run, stage_settings
-from cause_lightning.logs import get_logger, is_global_zero
-from cause_lightning.store import KINDS, ArtifactStore, Entry, normalised
+from cause_lightning.core.logs import get_logger, is_global_zero
 
 __all__ = ["RunContext", "SMOKE_FOLDER", "artifact_kind"]
 

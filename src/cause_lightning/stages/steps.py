@@ -2,7 +2,8 @@
 module, trainer and data, fit (resuming when asked) or evaluate, hand its artifact on.
 
 Every step writes on global rank 0 after a barrier, into the directory its settings name
-(:class:`~cause_lightning.store.ArtifactStore`), and never over an artifact of other settings.
+(:class:`~cause_lightning.artifacts.store.ArtifactStore`), and never over an artifact of other
+settings.
 """
 
 from __future__ import annotations
@@ -18,22 +19,22 @@ import numpy as np
 import torch
 
 from cause_lightning import __version__
-from cause_lightning.artifacts import ArtifactError
+from cause_lightning.artifacts.io import ArtifactError
+from cause_lightning.artifacts.store import SEGMENTER_FILE, Entry
 from cause_lightning.config.identity import resume_signature
 from cause_lightning.core.bounds import check_overcluster
 from cause_lightning.core.files import ensure_writable
-from cause_lightning.crf import stage_crf_runner
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
+from cause_lightning.core.specs import BackboneRef, HeadSpec, ModelSpec, Resolution
+from cause_lightning.core.system import git_hash
+from cause_lightning.inference.crf import stage_crf_runner
 from cause_lightning.models import head_spec
 from cause_lightning.modules.base import NonFiniteLossError
-from cause_lightning.report import EvalOutcome
-from cause_lightning.resume import finite_advice, resume_checkpoint
-from cause_lightning.specs import BackboneRef, HeadSpec, ModelSpec, Resolution
+from cause_lightning.reports.evaluation import EvalOutcome
+from cause_lightning.reports.tracking import publish_step
 from cause_lightning.stages.build import datamodule, log_scaling, new_head, stage_module, trainer
 from cause_lightning.stages.context import RunContext
-from cause_lightning.store import SEGMENTER_FILE, Entry
-from cause_lightning.tracking import publish_step
-from cause_lightning.utils import git_hash
+from cause_lightning.stages.resume import finite_advice, resume_checkpoint
 
 __all__ = ["STEPS", "evaluate", "fit_probe", "train_head", "train_mediator"]
 
@@ -42,7 +43,7 @@ log = get_logger(__name__)
 
 # ---------------------------------------------------------------------------------- shared
 def model_spec(run: RunContext, head: HeadSpec | None = None, num_concepts: int | None = None):
-    """The model spec of this run's artifacts (see :mod:`cause_lightning.specs`)."""
+    """The model spec of this run's artifacts (see :mod:`cause_lightning.core.specs`)."""
     cfg, backbone = run.cfg, run.backbone
     node = {k: v for k, v in run.plain["backbone"].items() if k not in ("_target_", "name")}
     weights = node.pop("weights", None)
@@ -252,7 +253,7 @@ def fit_probe(run: RunContext) -> dict[str, Any]:
 
 def evaluate(run: RunContext) -> dict[str, Any]:
     """The evaluation: every variant, probe and baseline, one matching; report and segmenter."""
-    from cause_lightning.report import write_report
+    from cause_lightning.reports.evaluation import write_report
     from cause_lightning.segmenter import Segmenter
 
     target = _start(run, "eval")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cause_lightning.core.errors import ExpectedError
 from cause_lightning.data.crops.codec import LABEL_ENCODING
 from cause_lightning.data.crops.recipes import CropRecipe
-from cause_lightning.errors import ExpectedError
 
 __all__ = [
     "CROP_TOOL_VERSION",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cause_lightning.constants import IGNORE_INDEX
+from cause_lightning.core.constants import IGNORE_INDEX
 
 __all__ = ["LABEL_ENCODING", "crop_label_lut", "decode_crop_label", "encode_crop_label"]
 

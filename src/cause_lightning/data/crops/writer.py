@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.crops.cache import (
     MANIFEST_NAME,
     CropCacheSpec,
@@ -26,7 +27,6 @@ from cause_lightning.data.crops.codec import encode_crop_label
 from cause_lightning.data.crops.recipes import CropRecipe, make_crops
 from cause_lightning.data.datasets import open_image, open_label
 from cause_lightning.data.progress import make_progress
-from cause_lightning.logs import get_logger
 
 __all__ = ["build_crop_cache"]
 

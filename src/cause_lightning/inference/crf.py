@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
-from cause_lightning.logs import get_logger
+from cause_lightning.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.core.logs import get_logger
 
 if TYPE_CHECKING:
     import torch
@@ -532,7 +532,7 @@ def default_crf_workers(local_processes: int = 1) -> int:
     Args:
         local_processes: Processes of the run on this node (they share its cores).
     """
-    from cause_lightning.utils import cores_per_rank
+    from cause_lightning.core.system import cores_per_rank
 
     return max(1, cores_per_rank(local_processes) - 1)
 

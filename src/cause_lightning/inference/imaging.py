@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cause_lightning.constants import IMAGENET_MEAN, IMAGENET_STD
+from cause_lightning.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from cause_lightning.data.transforms import ensure_rgb
 from cause_lightning.visualize import to_rgb_uint8
 

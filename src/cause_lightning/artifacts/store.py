@@ -35,18 +35,18 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import (
+from cause_lightning.artifacts.bundle import check_backbone, rebuild_backbone
+from cause_lightning.artifacts.io import (
     ArtifactError,
     MissingArtifactError,
     load_artifact,
     payload_checksum,
     save_artifact,
 )
-from cause_lightning.bundle import check_backbone, rebuild_backbone
 from cause_lightning.config.identity import digest
 from cause_lightning.core.files import write_json_atomic
+from cause_lightning.core.specs import ModelSpec, SpecError
 from cause_lightning.models.heads import LinearProbe, build_head
-from cause_lightning.specs import ModelSpec, SpecError
 
 __all__ = ["KINDS", "SIDECAR", "ArtifactStore", "Entry", "Kind", "content_id", "normalised"]
 

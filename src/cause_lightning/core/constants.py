@@ -7,6 +7,7 @@ depending on each other.
 from __future__ import annotations
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "HELDOUT_MODULARITY",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
@@ -25,3 +26,5 @@ REFERENCE_NUM_CONCEPTS: int = 2048
 #: Result key of the kept cluster-probe centroid set's modularity on held-out training tokens
 #: (``probe.pt["fit"]``; no labels): the label-free objective of sweeps (docs/scaling.md §4.4).
 HELDOUT_MODULARITY: str = "fit/cluster/heldout_modularity"
+#: Key of the project's own entries (settings signature, random states) in a Lightning checkpoint.
+CHECKPOINT_KEY: str = "cause_lightning"

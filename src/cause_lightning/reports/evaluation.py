@@ -18,23 +18,26 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cause_lightning.constants import HELDOUT_MODULARITY
+from cause_lightning.core.constants import HELDOUT_MODULARITY
 from cause_lightning.core.files import write_json_atomic
-from cause_lightning.logs import get_logger
-from cause_lightning.metrics import remap_clusters
-from cause_lightning.modules.evaluate import OVERCLUSTER_PREFIX, overcluster_row
-from cause_lightning.plots import report_plots
+from cause_lightning.core.logs import get_logger
+from cause_lightning.metrics import (
+    EVAL_VARIANTS,
+    OVERCLUSTER_PREFIX,
+    RECORD_PREFERENCE,
+    overcluster_row,
+    record_variant,
+    remap_clusters,
+)
+from cause_lightning.reports.plots import report_plots
 from cause_lightning.visualize import colorize, contact_sheet, default_palette, save_png
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-__all__ = ["EvalOutcome", "RECORD_VARIANT", "clusters_used", "describe_probe", "write_report"]
+__all__ = ["EvalOutcome", "clusters_used", "describe_probe", "write_report"]
 
 log = get_logger(__name__)
-
-# The published protocol (flip + CRF); without pydensecrf the best available variant is used.
-RECORD_VARIANT = ("flip_crf", "flip", "crf", "raw")
 
 
 @dataclass
@@ -67,7 +70,7 @@ class EvalOutcome:
     def record_variant(self) -> str:
         """The variant the report records: the published protocol (flip + CRF), or the best
         available one without pydensecrf."""
-        return next(v for v in RECORD_VARIANT if v in self.variants)
+        return record_variant(self.variants)
 
     @property
     def assignment(self) -> list[int] | None:
@@ -104,7 +107,7 @@ def write_report(
     Returns:
         Paths of what was written, under ``artifacts/...`` keys (``metrics.json`` and, beside
         it, its plots), and the kept centroid set's held-out modularity under
-        :data:`~cause_lightning.constants.HELDOUT_MODULARITY` when the probe recorded one.
+        :data:`~cause_lightning.core.constants.HELDOUT_MODULARITY` when the probe recorded one.
     """
     results = outcome.results
     class_names = list(outcome.class_names) or [f"class_{i}" for i in range(outcome.num_classes)]
@@ -251,7 +254,7 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         table.add_column(column, justify="left" if column in ("probe", "variant") else "right")
     rows = sorted({k.rsplit("/", 1)[0] for k in metrics})
     order = {"cluster": 0, "baseline": 1, "linear": 2}
-    variant_order = {v: i for i, v in enumerate(("raw", "flip", "crf", "flip_crf"))}
+    variant_order = {v: i for i, v in enumerate(EVAL_VARIANTS)}
 
     def parse(row: str) -> tuple[int, str, str]:
         # test/<probe>/<variant>, or test/overcluster_k<k>/<probe>/<variant>: (k or 0, ...)
@@ -280,7 +283,7 @@ def print_table(report: dict[str, Any], class_names: list[str]) -> None:
         if (
             not k
             and probe == "cluster"
-            and variant == published.get("variant", "flip_crf")
+            and variant == published.get("variant", RECORD_PREFERENCE[0])
             and published
         ):
             published_text = _published_text(published)

@@ -1,4 +1,4 @@
-"""Small helpers shared by the stages: logging, instantiation, W&B teardown."""
+"""What this process may use and where its sources come from: CPU cores per rank, the git commit."""
 
 from __future__ import annotations
 
@@ -6,51 +6,8 @@ import functools
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig
-
-from cause_lightning.logs import get_logger, is_global_zero
-
-__all__ = [
-    "get_logger",
-    "instantiate_group",
-    "finish_wandb",
-    "is_global_zero",
-    "cores_per_rank",
-    "git_hash",
-]
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` node of a config group mapping (e.g. callbacks).
-
-    Args:
-        group: A mapping of name -> node, or None.
-
-    Returns:
-        The instantiated objects in config order.
-    """
-    from hydra.utils import instantiate
-
-    objects: list[Any] = []
-    if not group:
-        return objects
-    for name, node in group.items():
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ValueError(f"config node {name!r} has no _target_")
-        objects.append(instantiate(node))
-    return objects
-
-
-def finish_wandb(exit_code: int = 0) -> None:
-    """Close any W&B run left open, so runs never bleed into the next multirun job."""
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover - wandb is a dependency, but stay tolerant
-        return
-    if wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
+__all__ = ["cores_per_rank", "git_hash"]
 
 
 def cores_per_rank(local_processes: int = 1) -> int:

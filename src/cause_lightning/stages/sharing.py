@@ -18,7 +18,7 @@ import sys
 
 import torch.multiprocessing as mp
 
-from cause_lightning.logs import get_logger
+from cause_lightning.core.logs import get_logger
 
 __all__ = ["ensure_tensor_sharing", "FALLBACK_STRATEGY", "SHARING_FAILURE"]
 
@@ -34,7 +34,7 @@ _PROBE = """
 import sys
 import torch
 import torch.multiprocessing as mp
-from cause_lightning.sharing import _receive
+from cause_lightning.stages.sharing import _receive
 
 if __name__ == "__main__":
     mp.set_sharing_strategy(sys.argv[1])

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from cause_lightning.artifacts import describe_load_error
-from cause_lightning.errors import CheckpointRefusedError, SettingsError
-from cause_lightning.logs import get_logger
-from cause_lightning.modules.base import CHECKPOINT_KEY
+from cause_lightning.artifacts.io import describe_load_error
+from cause_lightning.core.constants import CHECKPOINT_KEY
+from cause_lightning.core.errors import CheckpointRefusedError, SettingsError
+from cause_lightning.core.logs import get_logger
 
 __all__ = [
     "newest_first",

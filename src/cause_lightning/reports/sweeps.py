@@ -10,10 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cause_lightning.constants import HELDOUT_MODULARITY
+from cause_lightning.core.constants import HELDOUT_MODULARITY
 from cause_lightning.core.files import atomic_write
-from cause_lightning.logs import get_logger
-from cause_lightning.tracking import is_repeat
+from cause_lightning.core.logs import get_logger
+from cause_lightning.metrics import RECORD_PREFERENCE
+from cause_lightning.reports.tracking import is_repeat
 
 __all__ = ["summarize", "collect_sweep", "sweep_statistics"]
 
@@ -98,8 +99,8 @@ def sweep_statistics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean, sample standard deviation and count of every metric over repeated runs.
 
     Jobs whose varied overrides agree once the repeat keys (``seed``, ``artifact_tag``:
-    :data:`cause_lightning.tracking.REPEAT_KEYS`) are set aside form a group (a ``+sweep=seeds``
-    run is one group); only finished jobs (``status == "ok"``) count.
+    :data:`cause_lightning.reports.tracking.REPEAT_KEYS`) are set aside form a group (a
+    ``+sweep=seeds`` run is one group); only finished jobs (``status == "ok"``) count.
 
     Args:
         rows: The rows of :func:`collect_sweep`.
@@ -222,12 +223,13 @@ def _summary_metric(rows: list[dict[str, Any]], requested: str) -> str:
     """``requested`` when some job reports it, else the best available cluster-probe variant.
 
     Without pydensecrf the CRF variants are skipped, so the default ``.../flip_crf/mIoU`` may be
-    absent; the fallback follows the report's order (flip_crf, flip, crf, raw).
+    absent; the fallback follows the report's order
+    (:data:`~cause_lightning.metrics.RECORD_PREFERENCE`).
     """
     available = {k for row in rows for k in row if _is_metric(k)}
     if requested in available or not available:
         return requested
-    for variant in ("flip_crf", "flip", "crf", "raw"):
+    for variant in RECORD_PREFERENCE:
         candidate = f"test/cluster/{variant}/mIoU"
         if candidate in available:
             log.warning("no job reports %s; ranking jobs by %s", requested, candidate)
@@ -252,8 +254,8 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     directory, and log them as a W&B run when ``logger=wandb``."""
     from rich.console import Console
 
-    from cause_lightning.plots import sweep_plot
-    from cause_lightning.tracking import publish_summary
+    from cause_lightning.reports.plots import sweep_plot
+    from cause_lightning.reports.tracking import publish_summary
 
     if not cfg.get("sweep_dir"):
         raise ValueError("stage=summarize needs sweep_dir=<multirun directory>")

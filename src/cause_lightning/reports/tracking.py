@@ -14,9 +14,10 @@ config. One W&B run per CAUSE step, named ``<experiment>-<step>``:
   the artifact files the step read as the run's inputs (lineage: the head run used the
   clusterbook, ...), logs the files it wrote as artifacts of type ``clusterbook`` / ``head`` /
   ``probe`` / ``segmenter`` (named ``<experiment>-<kind>``), after ``eval`` the contact sheet,
-  example predictions, the confusion-matrix and per-class IoU plots (:mod:`cause_lightning.plots`)
-  as images and the per-class IoU of every variant as a table, and then finishes the step's run
-  (no run bleeds into the next step or multirun job, rule P2);
+  example predictions, the confusion-matrix and per-class IoU plots
+  (:mod:`cause_lightning.reports.plots`) as images and the per-class IoU of every variant as a
+  table, and then finishes the step's run (no run bleeds into the next step or multirun job,
+  rule P2);
 * ``stage=summarize`` logs one more run, ``summary-<sweep>``, with the sweep's job and statistics
   tables and its plot (:func:`publish_summary`).
 
@@ -40,14 +41,15 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from cause_lightning.constants import HELDOUT_MODULARITY
-from cause_lightning.errors import SettingsError
-from cause_lightning.logs import get_logger
+from cause_lightning.core.constants import HELDOUT_MODULARITY
+from cause_lightning.core.errors import SettingsError
+from cause_lightning.core.logs import get_logger
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "finish_wandb",
     "require_wandb_login",
     "ARTIFACT_KINDS",
     "REPEAT_KEYS",
@@ -459,9 +461,9 @@ def publish_summary(
 
     Args:
         cfg: The ``stage=summarize`` config (``sweep_dir``, ``logger``).
-        rows: One row per job (:func:`cause_lightning.tasks.collect_sweep`).
+        rows: One row per job (:func:`cause_lightning.reports.sweeps.collect_sweep`).
         columns: The columns of ``summary.csv``.
-        stats: :func:`cause_lightning.tasks.sweep_statistics`.
+        stats: :func:`cause_lightning.reports.sweeps.sweep_statistics`.
         summary: The summarize results (``summary/plot``, ``summary/best_job``, ...).
     """
     from cause_lightning.config import to_plain
@@ -494,3 +496,13 @@ def publish_summary(
         for key in ("summary/best_job", "summary/metric", "objective"):
             run.summary[key] = summary.get(key)
         run.finish()
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close any W&B run left open, so runs never bleed into the next multirun job."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a dependency, but stay tolerant
+        return
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cause_lightning.artifacts import atomic_write
-from cause_lightning.logs import get_logger
+from cause_lightning.artifacts.io import atomic_write
+from cause_lightning.core.logs import get_logger
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -201,7 +201,8 @@ def report_plots(report: dict[str, Any], directories: Sequence[str | Path]) -> d
     Both show the cluster probe's recorded variant (``report["record_variant"]``).
 
     Args:
-        report: The content of ``metrics.json`` (:func:`cause_lightning.report.write_report`).
+        report: The content of ``metrics.json``
+            (:func:`cause_lightning.reports.evaluation.write_report`).
         directories: Where to write them (beside each copy of ``metrics.json``).
 
     Returns:
@@ -325,7 +326,7 @@ def sweep_figure(
     search) every metric gets one panel per varied setting.
 
     Args:
-        stats: The rows of :func:`cause_lightning.tasks.sweep_statistics` (``group``,
+        stats: The rows of :func:`cause_lightning.reports.sweeps.sweep_statistics` (``group``,
             ``metric``, ``mean``, ``std``, ``n`` and ``values``).
         metrics: The metrics to draw, one row of panels each (skipped when no run has them).
         title: Figure title.
@@ -383,7 +384,7 @@ def sweep_plot(
     """Write :func:`sweep_figure` as a PNG.
 
     Args:
-        stats: The rows of :func:`cause_lightning.tasks.sweep_statistics`.
+        stats: The rows of :func:`cause_lightning.reports.sweeps.sweep_statistics`.
         metrics: The metrics to draw.
         path: The PNG file (``<sweep dir>/summary.png``).
         title: Figure title.

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from cause_lightning.utils import cores_per_rank, get_logger
+from cause_lightning.core.logs import get_logger
+from cause_lightning.core.system import cores_per_rank
 
 
 def test_info_comes_from_rank_zero_only(

@@ -4,7 +4,7 @@ backbone a file names.
 The reader returns the constructor arguments of
 :class:`~cause_lightning.segmenter.Segmenter` (this module never imports it, so the class stays
 the only place that writes the bundle). The model itself is rebuilt from the typed specs of
-:mod:`cause_lightning.specs`: the backbone with ``build_backbone`` from a :class:`BackboneRef`,
+:mod:`cause_lightning.core.specs`: the backbone with ``build_backbone`` from a :class:`BackboneRef`,
 the head with ``build_head`` from a :class:`HeadSpec`.
 
 Bundle layout (``kind="segmenter"``): ``spec`` (a :class:`ModelSpec`), ``backbone_state`` (only
@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cause_lightning.artifacts import load_artifact
+from cause_lightning.artifacts.io import load_artifact
+from cause_lightning.core.specs import (
+    BACKBONE_FACTORY,
+    LEGACY_HEAD_DROPOUT,
+    BackboneRef,
+    ModelSpec,
+    Resolution,
+    SpecError,
+    builtin_head_spec,
+)
 from cause_lightning.models.backbones import (
     ARCH_OVERRIDES,
     build_backbone,
@@ -35,15 +44,6 @@ from cause_lightning.models.frozen import FrozenBackbone
 from cause_lightning.models.heads import build_head
 from cause_lightning.models.imports import import_class
 from cause_lightning.models.timm_backbone import TIMM_FACTORY, build_timm_backbone
-from cause_lightning.specs import (
-    BACKBONE_FACTORY,
-    LEGACY_HEAD_DROPOUT,
-    BackboneRef,
-    ModelSpec,
-    Resolution,
-    SpecError,
-    builtin_head_spec,
-)
 
 __all__ = [
     "SEGMENTER_KIND",

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from cause_lightning.core.errors import ExpectedError
 from cause_lightning.core.files import atomic_write
-from cause_lightning.errors import ExpectedError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -14,8 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.tree import Tree
 
-from cause_lightning.stages.context import RunContext
-from cause_lightning.store import METRICS_FILE, Entry
+from cause_lightning.artifacts.store import METRICS_FILE, ArtifactStore, Entry
 
 __all__ = ["differences", "list_artifacts"]
 
@@ -28,19 +27,19 @@ def differences(entry: Entry, siblings: list[Entry]) -> dict[str, Any]:
     return {k: v for k, v in entry.settings.items() if any(o.settings.get(k) != v for o in others)}
 
 
-def list_artifacts(run: RunContext) -> dict[str, Any]:
-    """Print the artifact tree of the run's data and backbone (and its smoke-test twin).
+def list_artifacts(store: ArtifactStore) -> dict[str, Any]:
+    """Print the artifact tree of a store (a data set and backbone, and its smoke-test twin).
 
     Returns:
         ``artifacts/list``: one record per artifact (kind, path, tag, written, settings that set
         it apart, mIoU of an evaluation).
     """
-    entries = run.store.entries()
+    entries = store.entries()
     by_parent: dict[Any, list[Entry]] = {}
     for entry in entries:
         by_parent.setdefault(entry.path.parent, []).append(entry)
     records = []
-    roots = [run.store.root] + ([run.store.fallback] if run.store.fallback else [])
+    roots = [store.root] + ([store.fallback] if store.fallback else [])
     console = Console()
     for root in roots:
         tree = Tree(f"[bold]{root}[/bold]")
@@ -48,7 +47,7 @@ def list_artifacts(run: RunContext) -> dict[str, Any]:
         if tree.children:
             console.print(tree)
     if not records:
-        console.print(f"no artifacts under {run.store.root} yet")
+        console.print(f"no artifacts under {store.root} yet")
     return {"artifacts/list": records}
 
 

@@ -17,7 +17,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import RichProgressBar
 
 from cause_lightning.core.files import atomic_write
-from cause_lightning.utils import get_logger
+from cause_lightning.core.logs import get_logger
 
 __all__ = ["StageCheckpoint", "ThroughputProgressBar", "DestroyProcessGroup", "weights_finite"]
 

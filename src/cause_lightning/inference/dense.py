@@ -7,7 +7,7 @@
       -> cosine with the centroids, in float32            :func:`cosine_logits`
          (or the linear probe's logits, in float32)       :func:`upsampled_logits`
       -> argmax, or ``log_softmax(scale * scores)``       :func:`crf_unaries`
-         handed to a :class:`~cause_lightning.crf.CRFRunner` with the
+         handed to a :class:`~cause_lightning.inference.crf.CRFRunner` with the
          pictures of :func:`crf_pixels`; its label maps  :func:`crf_labels`
 
 Both callers go through these functions, so a batch gets the same labels from ``stage=eval`` and
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cause_lightning.crf import denormalize_to_uint8
-from cause_lightning.data.transforms import normalize_uint8
+from cause_lightning.inference.crf import denormalize_to_uint8
+from cause_lightning.ops.pixels import normalize_uint8
 
 __all__ = [
     "COSINE_CHUNK_ELEMENTS",

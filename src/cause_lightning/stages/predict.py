@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cause_lightning.artifacts import MissingArtifactError
+from cause_lightning.artifacts.io import MissingArtifactError
+from cause_lightning.artifacts.store import SEGMENTER_FILE
+from cause_lightning.core.errors import ExpectedError, SettingsError
 from cause_lightning.core.files import ensure_writable
+from cause_lightning.core.logs import get_logger
 from cause_lightning.data.datasets import find_images, open_image
-from cause_lightning.errors import ExpectedError, SettingsError
-from cause_lightning.logs import get_logger
-from cause_lightning.precision import apply_stage_precision
-from cause_lightning.store import SEGMENTER_FILE
+from cause_lightning.stages.precision import apply_stage_precision
 from cause_lightning.visualize import (
     contact_sheet,
     contact_sheet_html,

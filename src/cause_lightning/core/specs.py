@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cause_lightning.errors import ExpectedError
+from cause_lightning.core.errors import ExpectedError
 
 __all__ = [
     "BACKBONE_FACTORY",

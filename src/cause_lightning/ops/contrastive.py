@@ -1,25 +1,9 @@
-"""Pure tensor operations of CAUSE (docs/method.md §3, §4.2, §5.6; docs/api.md, ``ops``).
-
-* :func:`grid_sample_tokens`: one token per non-overlapping ``window x window`` cell (method §3);
-  :func:`grid_sample_index` draws its offsets.
-* :func:`nearest_concept`: cosine nearest clusterbook row of every token.
-* :func:`modularity_loss`: minus the batch mean of the soft graph modularity (method §4.2), computed
-  with the monotonic-tanh identity and a chunked running maximum, so no ``[B, K, N, N]`` tensor is
-  ever built.
-* :func:`concept_contrastive_terms` / :func:`concept_contrastive_loss`: the concept-wise InfoNCE of
-  stage 2 (method §5.6), in-batch term plus concept-bank term.
-
-The losses run in at least float32 with autocast disabled: similarity logits and graph weights are
-accumulated in full precision whatever the caller's AMP setting, which keeps them equal to the
-literal formulas. Products that feed a threshold, an argmax or a maximum run at the ``"highest"``
-float32 matmul precision (:func:`exact_matmul`) whatever the process-wide setting.
-Nothing here touches Lightning, I/O or a specific device.
-"""
+"""The concept-wise contrastive loss of stage 2 (method.md §5.6): in-batch term plus concept-bank
+term, computed in blocks of anchor rows with each block's gradient formed while its logits are at
+hand."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,360 +11,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cause_lightning.logs import get_logger
+from cause_lightning.ops.concepts import nearest_concept
+from cause_lightning.ops.numerics import (
+    autocast_off,
+    check_codebook,
+    check_index,
+    check_tokens,
+    compute_dtype,
+    exact_matmul,
+)
 
 __all__ = [
+    "DEFAULT_CONTRASTIVE_MEMORY_BYTES",
     "concept_contrastive_loss",
     "concept_contrastive_terms",
     "contrastive_mean",
-    "exact_matmul",
-    "grid_sample_index",
-    "grid_sample_tokens",
-    "modularity_loss",
-    "nearest_concept",
 ]
 
-log = get_logger(__name__)
-
-# Element budget of one [B, chunk, N, N] block of pairwise products in `modularity_loss`
-# (8M float32 = 32 MiB); the default chunk over concepts is derived from it.
-_MODULARITY_CHUNK_ELEMENTS = 1 << 23
-
-# Default working memory of one block of anchor rows in the contrastive loss (the training config
-# sets its own, `method.head.contrastive_memory_mb`).
+#: Working memory of one block of anchor rows in the contrastive loss, when the caller sets none
+#: (``method.head.contrastive_memory_mb: null``).
 DEFAULT_CONTRASTIVE_MEMORY_BYTES = 1 << 30
-
-
-# Element budget of one [rows, K] similarity block in `nearest_concept`.
-_NEAREST_CHUNK_ELEMENTS = 1 << 24
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """Floating dtype at least as wide as float32 that all ``tensors`` promote to."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
-        return torch.float32
-    return dtype
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def exact_matmul() -> Iterator[None]:
-    """Full-precision float32 matmuls (no TF32 / reduced-precision inner products) inside.
-
-    The backbone may run with ``torch.set_float32_matmul_precision("high")``; the products whose
-    results go through a threshold, an argmax or a maximum (concept similarities, nearest concepts,
-    the modularity's concept assignment) are computed at ``"highest"`` so that those decisions do
-    not move with the accelerator's matmul mode. The setting is process-wide host state; it is
-    restored on exit.
-    """
-    previous = torch.get_float32_matmul_precision()
-    if previous == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _check_tokens(tokens: Tensor, name: str = "tokens") -> None:
-    if tokens.dim() != 3:
-        raise ValueError(
-            f"{name} must be a token set [B, N, D], got shape {tuple(tokens.shape)}; "
-            "flatten a feature map with `features.flatten(2).transpose(1, 2)` or grid-sample it "
-            "with `grid_sample_tokens`."
-        )
-
-
-def _check_codebook(codebook: Tensor, dim: int, name: str) -> None:
-    if codebook.dim() != 2:
-        raise ValueError(f"{name} must be [K, D], got shape {tuple(codebook.shape)}.")
-    if codebook.shape[0] == 0:
-        raise ValueError(f"{name} is empty (K = 0); it needs at least one row.")
-    if codebook.shape[1] != dim:
-        raise ValueError(
-            f"{name} dim {codebook.shape[1]} != token dim {dim}: the {name} must live in the "
-            "same feature space as the tokens (was it built for another backbone?)."
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# grid sampling (method §3)
-# --------------------------------------------------------------------------------------------------
-
-
-def grid_sample_index(
-    batch: int,
-    height: int,
-    width: int,
-    window: int = 4,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Draw the grid-sampling offsets of :func:`grid_sample_tokens` for a batch of feature maps.
-
-    One offset per ``window x window`` cell of every image, uniform in ``[0, window**2)`` and
-    independent (method §3). Row ``b`` is image ``b``: drawing for a larger batch and keeping some
-    rows gives those images the same offsets as the full draw, which is how the stages make the
-    sampling of an image independent of the number of processes (docs/scaling.md).
-
-    Args:
-        batch: Number of images ``B``.
-        height: Feature-grid height ``h``.
-        width: Feature-grid width ``w``.
-        window: Cell side length.
-        generator: Random generator of the draw (the global RNG of ``device`` when ``None``).
-        device: Device of the returned index (default: the generator's device, else CPU).
-
-    Returns:
-        Long offsets ``[B, (h // window) * (w // window)]``.
-
-    Raises:
-        ValueError: On a non-positive window or a grid smaller than one cell.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}.")
-    cells_h, cells_w = height // window, width // window
-    if cells_h == 0 or cells_w == 0:
-        raise ValueError(
-            f"grid {height}x{width} is smaller than one {window}x{window} cell; use a smaller "
-            "window or a larger input resolution."
-        )
-    target = torch.device(device) if device is not None else None
-    if generator is not None:
-        draw_device = generator.device
-    else:
-        draw_device = target if target is not None else torch.device("cpu")
-    index = torch.randint(
-        0, window * window, (batch, cells_h * cells_w), generator=generator, device=draw_device
-    )  # B N
-    return index if target is None else index.to(target)
-
-
-def grid_sample_tokens(
-    features: Tensor,
-    window: int = 4,
-    index: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    validate: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Keep one token per non-overlapping ``window x window`` cell of a feature map.
-
-    The ``h x w`` grid is cut into ``(h // window) x (w // window)`` cells; leftover rows at the
-    bottom and columns at the right are dropped. Cell ``c`` of image ``b`` keeps the token at offset
-    ``t = index[b, c]`` inside the cell, addressed row-major (row ``t // window``, column
-    ``t % window``). Cells are ordered row-major. Passing the returned ``index`` again samples
-    any other map of the same grid (any channel count) at the same positions.
-
-    Args:
-        features: Feature map ``[B, C, h, w]``; gradients flow back to the sampled positions.
-        window: Cell side length.
-        index: Long offsets ``[B, (h // window) * (w // window)]`` in ``[0, window**2)`` to reuse,
-            or ``None`` to draw them uniformly and independently for every cell of every image.
-        generator: Random generator for the draw when ``index`` is ``None`` (the global RNG of the
-            generator's device otherwise; the features' device when no generator is given).
-        validate: Check the values of a given ``index`` against ``[0, window**2)`` (reads them
-            back from the device; a training step turns it off).
-
-    Returns:
-        ``(tokens [B, N, C], index [B, N])`` with ``N = (h // window) * (w // window)``; ``tokens``
-        are image-major, cells row-major.
-
-    Raises:
-        ValueError: On a non-4-D input, a window larger than the grid, or a malformed ``index``.
-    """
-    if features.dim() != 4:
-        raise ValueError(
-            f"features must be a feature map [B, C, h, w], got shape {tuple(features.shape)}."
-        )
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}.")
-    batch, _, height, width = features.shape
-    cells_h, cells_w = height // window, width // window
-    if cells_h == 0 or cells_w == 0:
-        raise ValueError(
-            f"grid {height}x{width} is smaller than one {window}x{window} cell; use a smaller "
-            "window or a larger input resolution."
-        )
-    num_cells = cells_h * cells_w
-    cell_area = window * window
-
-    if index is None:
-        index = grid_sample_index(
-            batch, height, width, window, generator=generator, device=features.device
-        )
-    else:
-        if index.shape != (batch, num_cells):
-            raise ValueError(
-                f"index has shape {tuple(index.shape)} but this map needs [{batch}, {num_cells}] "
-                f"(B x cells of a {height}x{width} grid with window {window}); reuse an index only "
-                "on maps of the same batch and grid."
-            )
-        if index.dtype.is_floating_point or index.dtype == torch.bool:
-            raise ValueError(f"index must be an integer tensor, got {index.dtype}.")
-        index = index.to(device=features.device, dtype=torch.long)
-        if validate and index.numel() and (int(index.min()) < 0 or int(index.max()) >= cell_area):
-            raise ValueError(
-                f"index values must lie in [0, {cell_area}) for window {window}; was the index "
-                "drawn with another window?"
-            )
-
-    # Flat spatial position of the kept token of every cell.
-    cell = torch.arange(num_cells, device=features.device)
-    rows = (cell // cells_w) * window + index // window  # B N
-    cols = (cell % cells_w) * window + index % window  # B N
-    flat = rows * width + cols  # B N
-    batch_ids = torch.arange(batch, device=features.device)[:, None]  # B 1
-    # Advanced indexing on the [B, h*w, C] view gathers [B, N, C] without copying the whole map.
-    tokens = features.flatten(2).transpose(1, 2)[batch_ids, flat]  # B N C
-    return tokens, index
-
-
-# --------------------------------------------------------------------------------------------------
-# nearest concept
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def nearest_concept(tokens: Tensor, clusterbook: Tensor) -> Tensor:
-    """Index of the most cosine-similar clusterbook row for every token.
-
-    Args:
-        tokens: Token set ``[B, N, D]``.
-        clusterbook: Concept rows ``[K, D]`` (raw; normalised here).
-
-    Returns:
-        Long tensor ``[B, N]`` with values in ``[0, K)``; ties go to the lowest index.
-
-    Raises:
-        ValueError: On malformed shapes or a dim mismatch.
-    """
-    _check_tokens(tokens)
-    _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
-    batch, num_tokens, dim = tokens.shape
-    dtype = _compute_dtype(tokens, clusterbook)
-    with _autocast_off(tokens.device), exact_matmul():
-        flat = F.normalize(tokens.reshape(batch * num_tokens, dim).to(dtype), dim=-1)  # BN D
-        concepts = F.normalize(clusterbook.to(device=tokens.device, dtype=dtype), dim=-1)  # K D
-        rows = max(1, _NEAREST_CHUNK_ELEMENTS // concepts.shape[0])
-        out = [(part @ concepts.T).argmax(dim=-1) for part in flat.split(rows)]  # BN
-    if not out:
-        return torch.empty(batch, num_tokens, dtype=torch.long, device=tokens.device)
-    return torch.cat(out).view(batch, num_tokens)
-
-
-# --------------------------------------------------------------------------------------------------
-# stage 1 / 3: soft modularity (method §4.2)
-# --------------------------------------------------------------------------------------------------
-
-
-def _default_modularity_chunk(batch: int, num_tokens: int, num_concepts: int) -> int:
-    per_concept = max(1, batch * num_tokens * num_tokens)
-    return max(1, min(num_concepts, _MODULARITY_CHUNK_ELEMENTS // per_concept))
-
-
-def modularity_loss(
-    tokens: Tensor,
-    prototypes: Tensor,
-    temperature: float = 0.1,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Minus the batch mean of the soft modularity ``Q`` of each image's token graph.
-
-    Per image (method §4.2): ``A = relu(x̂ x̂ᵀ)`` with a zero diagonal, ``d = A 1``,
-    ``e = 1ᵀ A 1``, ``W = A - d dᵀ / e``, ``S = relu(x̂ ĉᵀ)``,
-    ``δ_ij = max_k tanh(S_ik S_jk / τ)`` and ``Q = Σ_ij W_ij δ_ij / e`` including ``i = j``.
-
-    Because ``S >= 0`` and tanh is increasing, ``δ = tanh(max_k S_ik S_jk / τ)``. The max-product
-    ``G`` is found with a running maximum over chunks of concepts without gradient tracking; the
-    winning products are then rebuilt from ``S`` by gathering the arg-max concept, so autograd
-    routes the gradient to the arg-max element only (exactly the gradient of ``max``) and never
-    stores a ``[B, K, N, N]`` tensor. Peak memory is ``B * N * N * chunk_size`` elements.
-
-    Args:
-        tokens: Token set ``[B, N, D]``; treated as constants (detached).
-        prototypes: Prototype rows ``[K, D]`` (clusterbook or centroids); receive the gradient.
-        temperature: ``τ > 0``.
-        chunk_size: Concepts per block of the running maximum; ``None`` picks one that keeps a
-            block near 8M elements. Results do not depend on it.
-
-    Returns:
-        Scalar loss (``-mean_b Q_b``) in at least float32. An image whose graph has no edges
-        (``e = 0``, e.g. ``N = 1``) contributes ``Q = 0`` instead of the literal ``0 / 0``.
-
-    Raises:
-        ValueError: On malformed shapes, a dim mismatch, ``temperature <= 0`` or ``chunk_size < 1``.
-    """
-    _check_tokens(tokens)
-    _check_codebook(prototypes, tokens.shape[-1], "prototypes")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
-    batch, num_tokens, _ = tokens.shape
-    num_concepts = prototypes.shape[0]
-    if batch == 0:
-        raise ValueError("modularity_loss needs at least one image (B = 0).")
-    chunk = chunk_size or _default_modularity_chunk(batch, num_tokens, num_concepts)
-    dtype = _compute_dtype(tokens, prototypes)
-
-    with _autocast_off(tokens.device), exact_matmul():
-        x = F.normalize(tokens.detach().to(dtype), dim=-1)  # B N D
-        c = F.normalize(prototypes.to(device=tokens.device, dtype=dtype), dim=-1)  # K D
-
-        # Graph of each image: constants, no gradient.
-        affinity = torch.relu(x @ x.transpose(1, 2))  # B N N
-        affinity.diagonal(dim1=1, dim2=2).zero_()
-        degree = affinity.sum(dim=2)  # B N
-        total = degree.sum(dim=1)  # B
-        # A graph without edges has d = 0, so clamping e only turns 0/0 into 0.
-        total = total.clamp_min(torch.finfo(dtype).tiny)
-        weights = affinity - degree[:, :, None] * degree[:, None, :] / total[:, None, None]  # B N N
-
-        assign = torch.relu(x @ c.T)  # B N K
-
-        with torch.no_grad():
-            assign_t = assign.detach().transpose(1, 2).contiguous()  # B K N
-            best = assign.new_zeros(batch, num_tokens, num_tokens)  # B N N
-            arg = torch.zeros(batch, num_tokens, num_tokens, dtype=torch.long, device=x.device)
-            for start in range(0, num_concepts, chunk):
-                block = assign_t[:, start : start + chunk]  # B c N
-                products = block[:, :, :, None] * block[:, :, None, :]  # B c N N
-                value, where = products.max(dim=1)  # B N N
-                better = value > best
-                best = torch.where(better, value, best)
-                arg = torch.where(better, where + start, arg)
-                del products, value, where, better
-
-        # G_ij = S_{i,k*} S_{j,k*} with k* the arg-max concept of pair (i, j).
-        left = torch.gather(assign, 2, arg)  # B N N: S[b, i, k*_ij]
-        # B N N: S[b, j, k*_ij]
-        right = torch.gather(assign, 2, arg.transpose(1, 2)).transpose(1, 2)
-        delta = torch.tanh(left * right / temperature)  # B N N
-        quality = (weights * delta).sum(dim=(1, 2)) / total  # B
-        return -quality.mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# stage 2: concept-wise contrastive loss (method §5.6)
-# --------------------------------------------------------------------------------------------------
 
 
 def _block_rows(num_rows: int, num_candidates: int, bytes_per_pair: int, budget: int) -> int:
@@ -653,9 +303,43 @@ def concept_contrastive_terms(
     Raises:
         ValueError: On inconsistent shapes, a clusterbook/bank mismatch or a bad temperature.
     """
-    _check_tokens(tokens)
-    _check_tokens(student, "student")
-    _check_tokens(teacher, "teacher")
+    _check_inputs(tokens, student, teacher, clusterbook, anchor_index, concepts, validate)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if memory_bytes < 1:
+        raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}.")
+    use_bank = _check_bank(
+        bank, bank_concepts, bank_valid, student.shape[-1], clusterbook.shape[0], validate
+    )
+    return _terms(
+        tokens,
+        student,
+        teacher,
+        clusterbook,
+        bank if use_bank else None,
+        bank_concepts,
+        bank_valid,
+        concepts,
+        anchor_index,
+        (temperature, pos_thresh, neg_thresh),
+        matmul_dtype,
+        memory_bytes,
+    )
+
+
+def _check_inputs(
+    tokens: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    clusterbook: Tensor,
+    anchor_index: Tensor | None,
+    concepts: Tensor | None,
+    validate: bool,
+) -> None:
+    """The shapes and index ranges of :func:`concept_contrastive_terms` (its ``Raises``)."""
+    check_tokens(tokens)
+    check_tokens(student, "student")
+    check_tokens(teacher, "teacher")
     if anchor_index is None and student.shape != teacher.shape:
         raise ValueError(
             f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} projections must "
@@ -671,12 +355,8 @@ def concept_contrastive_terms(
             f"tokens {tuple(tokens.shape)} and projections {tuple(teacher.shape)} disagree on "
             "[B, N]; grid-sample the backbone tokens and the projections with the same index."
         )
-    _check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if memory_bytes < 1:
-        raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}.")
-    batch, num_tokens, proj_dim = student.shape
+    check_codebook(clusterbook, tokens.shape[-1], "clusterbook")
+    batch, num_tokens, _ = student.shape
     candidates = teacher.shape[0]  # G
     if anchor_index is not None:
         if anchor_index.shape != (batch,):
@@ -684,8 +364,7 @@ def concept_contrastive_terms(
                 f"anchor_index must be [B] = [{batch}] (one position per student image), got "
                 f"{tuple(anchor_index.shape)}."
             )
-        if anchor_index.dtype.is_floating_point or anchor_index.dtype == torch.bool:
-            raise ValueError(f"anchor_index must be an integer tensor, got {anchor_index.dtype}.")
+        check_index(anchor_index, "anchor_index")
         if validate and batch:
             if int(anchor_index.min()) < 0 or int(anchor_index.max()) >= candidates:
                 raise ValueError(
@@ -699,8 +378,7 @@ def concept_contrastive_terms(
                 f"concepts must be [G, N] = {list(tokens.shape[:2])} (one per token of tokens), "
                 f"got {tuple(concepts.shape)}."
             )
-        if concepts.dtype.is_floating_point or concepts.dtype == torch.bool:
-            raise ValueError(f"concepts must be an integer tensor, got {concepts.dtype}.")
+        check_index(concepts, "concepts")
         if validate and (int(concepts.min()) < 0 or int(concepts.max()) >= num_concepts):
             raise ValueError(
                 f"concepts must lie in [0, {num_concepts}) (the clusterbook size); were they "
@@ -709,6 +387,16 @@ def concept_contrastive_terms(
     if batch * num_tokens == 0:
         raise ValueError("concept_contrastive_terms needs at least one token (B * N = 0).")
 
+
+def _check_bank(
+    bank: Tensor | None,
+    bank_concepts: Tensor | None,
+    bank_valid: Tensor | None,
+    proj_dim: int,
+    num_concepts: int,
+    validate: bool,
+) -> bool:
+    """Whether the bank term is computed: a bank is given and holds rows; its parts checked."""
     use_bank = False
     if bank is not None or bank_concepts is not None:
         if bank is None or bank_concepts is None:
@@ -724,8 +412,7 @@ def concept_contrastive_terms(
             raise ValueError(
                 f"bank_concepts must be [M] = [{bank.shape[0]}], got {tuple(bank_concepts.shape)}."
             )
-        if bank_concepts.dtype.is_floating_point or bank_concepts.dtype == torch.bool:
-            raise ValueError(f"bank_concepts must be an integer tensor, got {bank_concepts.dtype}.")
+        check_index(bank_concepts, "bank_concepts")
         if bank_valid is not None and (
             bank_valid.shape != (bank.shape[0],) or bank_valid.dtype != torch.bool
         ):
@@ -744,9 +431,30 @@ def concept_contrastive_terms(
             use_bank = True
     elif bank_valid is not None:
         raise ValueError("bank_valid needs a bank: pass it with `bank` and `bank_concepts`.")
+    return use_bank
 
+
+def _terms(
+    tokens: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    clusterbook: Tensor,
+    bank: Tensor | None,
+    bank_concepts: Tensor | None,
+    bank_valid: Tensor | None,
+    concepts: Tensor | None,
+    anchor_index: Tensor | None,
+    thresholds: tuple[float, float, float],
+    matmul_dtype: torch.dtype | None,
+    memory_bytes: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`concept_contrastive_terms` on checked inputs (``thresholds``: ``τ``, positive and
+    negative threshold; ``bank`` is ``None`` when there is no bank term)."""
+    temperature, pos_thresh, neg_thresh = thresholds
+    batch, num_tokens, proj_dim = student.shape
+    candidates = teacher.shape[0]  # G
     device = student.device
-    dtype = _compute_dtype(student, teacher, clusterbook)
+    dtype = compute_dtype(student, teacher, clusterbook)
     product = matmul_dtype or dtype
     token_ids = torch.arange(num_tokens, device=device)  # N
     if anchor_index is None:
@@ -755,7 +463,7 @@ def concept_contrastive_terms(
         rows = anchor_index.to(device=device, dtype=torch.long)  # B
     # Column of each anchor's own teacher copy among the G * N candidates (image-major).
     self_columns = (rows[:, None] * num_tokens + token_ids).reshape(-1)  # BN
-    with _autocast_off(device):
+    with autocast_off(device):
         if concepts is None:
             concepts = nearest_concept(tokens, clusterbook)  # G N
         concepts = concepts.to(device=device, dtype=torch.long).reshape(-1)  # GN
@@ -780,8 +488,8 @@ def concept_contrastive_terms(
             neg_thresh,
             memory_bytes,
         )
-        if use_bank:
-            assert bank is not None and bank_concepts is not None
+        if bank is not None:
+            assert bank_concepts is not None
             bank = bank.detach().to(device=device)
             if bank.dtype != product:
                 # A raw bank of another dtype: normalised in the compute dtype before the cast.
