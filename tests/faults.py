@@ -18,13 +18,19 @@ class FailAtStep(pl.Callback):
 
     The step's forward and backward have run; its update has not. ``kill=True`` sends SIGKILL to
     the process (nothing is flushed, no handler runs); otherwise a ``RuntimeError`` is raised.
+    ``module`` (a stage module's class name) limits the fault to that stage of a multi-step run.
     """
 
-    def __init__(self, step: int, kill: bool = False) -> None:
+    def __init__(self, step: int, kill: bool = False, module: str | None = None) -> None:
         self.step = int(step)
         self.kill = bool(kill)
+        self.module = module
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
+        if self.module is not None and type(pl_module).__name__ != self.module:
+            return
         if trainer.global_step == self.step:
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -13,7 +13,7 @@ from cause_lightning.__main__ import config_dir
 from cause_lightning.config import SettingsError, validate
 from cause_lightning.core.specs import HeadSpec
 from cause_lightning.models import build_head, list_backbones
-from cause_lightning.models.heads import head_arguments, head_class
+from cause_lightning.models.contract import head_arguments, head_class
 
 CONF = Path(config_dir())
 

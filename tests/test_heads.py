@@ -12,17 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cause_lightning.core.specs import SpecError, builtin_head_spec
-from cause_lightning.models.heads import (
-    LinearProbe,
-    MLPHead,
-    ProjectionHead,
-    TRHead,
-    build_head,
-    ema_update,
-    head_spec,
-    head_traits,
-)
-from cause_lightning.models.probes import ClusterProbe
+from cause_lightning.models.contract import build_head, head_spec, head_traits
+from cause_lightning.models.heads import LinearProbe, MLPHead, ProjectionHead, TRHead, ema_update
 from cause_lightning.ops import nearest_concept
 
 D, R, K = 32, 90, 64
@@ -518,43 +509,3 @@ def test_gradients_reach_inputs_when_not_detached() -> None:
     x = _feats().requires_grad_(True)
     head(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-
-
-# ----------------------------------------------------------------------------------- cluster probe
-
-
-def test_cluster_probe_init_range() -> None:
-    torch.manual_seed(0)
-    probe = ClusterProbe(27, 90)
-    c = probe.centroids
-    assert isinstance(c, nn.Parameter) and c.shape == (27, 90)
-    assert c.abs().max() <= 1 / 27
-    assert c.abs().max() > 0.8 / 27  # actually spans the range
-
-
-def test_cluster_probe_cosine_and_log_softmax() -> None:
-    torch.manual_seed(0)
-    probe = ClusterProbe(5, 7)
-    feats = torch.randn(2, 7, 3, 4)
-    cos = probe.cosine(feats)
-    expected = torch.empty(2, 5, 3, 4)
-    for b in range(2):
-        for i in range(3):
-            for j in range(4):
-                v = feats[b, :, i, j]
-                for c in range(5):
-                    u = probe.centroids[c].detach()
-                    expected[b, c, i, j] = (v @ u) / (v.norm() * u.norm())
-    torch.testing.assert_close(cos, expected, rtol=1e-5, atol=1e-6)
-    for alpha in (3.0, 1.0):
-        logits = alpha * expected
-        ref = logits - torch.log(torch.exp(logits).sum(1, keepdim=True))
-        torch.testing.assert_close(probe(feats, alpha=alpha), ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"\[B, 7, h, w\]"):
-        probe(torch.randn(2, 6, 3, 4))
-
-
-def test_cluster_probe_gradient_reaches_centroids() -> None:
-    probe = ClusterProbe(4, 6)
-    probe(torch.randn(1, 6, 2, 2)).logsumexp(1).sum().backward()
-    assert probe.centroids.grad is not None

@@ -446,6 +446,9 @@ def test_mlp_release_predicts_right_after_import(
     probe = load_artifact(refit["artifacts/probe"], "probe", "probe")
     assert probe["meta"]["reference_leak"] is True
     assert not torch.equal(probe["centroids"], files["cluster"]["cluster_probe"])
+    # The evaluation of the same settings scores the refitted probe, not the imported one.
+    scored = run(compose(*common, "stage=eval", "method.probe.reference_leak=false"))
+    assert Path(scored["artifacts/metrics"]).parent.parent == Path(refit["artifacts/probe"]).parent
 
 
 def test_predict_segments_every_readable_image_and_lists_the_others(

@@ -47,11 +47,13 @@ SMALL = [
 EVERY_3 = "callbacks.stage_checkpoint.every_n_train_steps=3"
 
 
-def fail_at(step: int, kill: bool = False) -> list[str]:
+def fail_at(step: int, kill: bool = False, module: str | None = None) -> list[str]:
+    only = [] if module is None else [f"+callbacks.fault.module={module}"]
     return [
         "+callbacks.fault._target_=faults.FailAtStep",
         f"+callbacks.fault.step={step}",
         f"+callbacks.fault.kill={str(kill).lower()}",
+        *only,
     ]
 
 
@@ -239,6 +241,8 @@ def test_training_loader_resumes_mid_epoch() -> None:
         ("+trainer.max_epochs=-1", "trainer.max_epochs"),
         ("method.head.neg_thresh=0.5", "method.head.neg_thresh"),
         ("method.eval.overcluster=[3]", "method.eval.overcluster"),
+        # A count with a few zeros too many: the concept bank would not fit the machine.
+        ("method.num_concepts=1000000000000", "make a concept bank of"),
     ],
 )
 def test_out_of_range_settings_are_refused_before_work(tiny, override: str, setting: str) -> None:
@@ -421,6 +425,50 @@ def test_sigkilled_stages_resume_to_the_uninterrupted_result(
     assert all(d <= 1e-6 for d in differences.values()), differences
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "kill"), [("HeadModule", 7), ("ProbeModule", 5)])
+def test_killed_stage_all_resumes_to_the_uninterrupted_pipeline_keeping_finished_steps(
+    shared_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, kill: int
+) -> None:
+    from test_cli import cli as run_cli
+
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("stage=all", "stage.steps=[mediator,head,probe]", *args, cwd=tmp_path,
+                       check=False)  # fmt: skip
+
+    common = [
+        *TINY_DATA,
+        "method.num_concepts=32",
+        "trainer.enable_progress_bar=false",
+        f"data.module.root={shared_data_dir / 'mosaic'}",
+        *SMALL,
+        EVERY_3,
+    ]
+    done = cli("artifact_tag=a", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = cli("artifact_tag=b", *common, *fail_at(kill, True, module))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    finished = ["mediator"] if module == "HeadModule" else ["mediator", "head"]
+    before = {s: (stage_dir(tmp_path, s, "b") / f"{OUTPUT[s]}.pt").stat().st_mtime_ns
+              for s in finished}  # fmt: skip
+    resumed = cli("artifact_tag=b", *common, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    for step in finished:  # kept, not run again
+        assert f"=== stage {step}: kept" in output
+        assert (stage_dir(tmp_path, step, "b") / f"{OUTPUT[step]}.pt").stat().st_mtime_ns == (
+            before[step]
+        )
+    assert "resuming" in output
+    for step in ("mediator", "head", "probe"):
+        gap = _max_difference(artifact(tmp_path, step, "a"), artifact(tmp_path, step, "b"))
+        assert gap == 0.0, f"{step}: {gap}"
+
+
 def _max_difference(a: object, b: object) -> float:
     if isinstance(a, torch.Tensor):
         return float((a.double() - b.double()).abs().max())  # type: ignore[union-attr]
@@ -499,8 +547,10 @@ def test_sigterm_through_the_cli_exits_non_zero_and_resumes_exactly(
     chain = (
         f"for s in head probe; do {sys.executable} -m cause_lightning stage=$s {args} || exit; done"
     )
+    # The thread count of the other runs (test_cli.cli): BLAS sums in another order with another.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     stopped = subprocess.run(
-        ["bash", "-c", chain], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        ["bash", "-c", chain], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "Error: stopped by SIGTERM" in stopped.stderr and "Traceback" not in stopped.stderr
@@ -535,6 +585,48 @@ def test_expected_errors_print_one_message_without_traceback(tmp_path: Path) -> 
     missing = cli("stage=probe", *TINY_DATA, "method.num_concepts=32", cwd=tmp_path, check=False)
     assert missing.returncode == 1  # the test environment asks for tracebacks: still exit 1
     assert "MissingArtifactError" in missing.stderr and "stage=mediator" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [
+        ("sed=1", "seed"),
+        ("ckpt-path=last", "ckpt_path"),
+        ("method.mediator.epoch=2", "method.mediator.epochs"),
+        ("data.module.num_trian=4", "data.module.num_train"),
+    ],
+)
+def test_a_misspelt_override_is_refused_with_the_closest_setting(override: str, meant: str) -> None:
+    from cause_lightning.config.files import config_dir
+    from cause_lightning.config.overrides import unknown_override
+
+    problem = unknown_override(config_dir(), ["backbone=tiny_vit", "seed=0,1", override])
+    assert problem is not None and problem.startswith(override.split("=")[0] + " is not a setting")
+    assert f"did you mean {meant}" in problem
+    # Swept values, group choices and appended keys are the run's business, not typos.
+    assert unknown_override(config_dir(), ["head=mlp", "seed=0,1", "+notes_extra=1"]) is None
+
+
+def test_the_command_line_names_a_misspelt_setting_before_any_work(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cause_lightning", "-m", "sed=1,2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "did you mean seed" in result.stderr
+    assert not (tmp_path / "logs").exists()  # no run folder: nothing started
+
+
+def test_command_line_overrides_leave_out_flags_and_their_values() -> None:
+    from cause_lightning.config.overrides import command_line_overrides
+
+    assert command_line_overrides(["-m", "--cfg", "job", "a=1", "--info=all", "b=2"]) == [
+        "a=1",
+        "b=2",
+    ]
+    assert command_line_overrides(["--config-name", "other", "a=1"]) is None
 
 
 # --------------------------------------------------------------------- diverged stage outputs

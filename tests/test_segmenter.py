@@ -17,6 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cause_lightning.artifacts import io as artifacts
+from cause_lightning.core.specs import ModelSpec, builtin_head_spec
+from cause_lightning.inference.crf import crf_available, denormalize_to_uint8, dense_crf
+from cause_lightning.models import backbones
+from cause_lightning.models import contract as heads
+from cause_lightning.segmenter import Segmenter
 from cause_lightning.visualize import (
     TITLE_HEIGHT,
     colorize,
@@ -26,20 +32,6 @@ from cause_lightning.visualize import (
     overlay,
     save_png,
 )
-
-backbones = pytest.importorskip(
-    "cause_lightning.models.backbones",
-    reason="cause_lightning.models.backbones is not available yet (Segmenter needs build_backbone)",
-)
-heads = pytest.importorskip(
-    "cause_lightning.models.heads",
-    reason="cause_lightning.models.heads is not available yet (Segmenter needs build_head)",
-)
-artifacts = pytest.importorskip("cause_lightning.artifacts.io", reason="artifacts.py not available")
-
-from cause_lightning.core.specs import ModelSpec, builtin_head_spec  # noqa: E402
-from cause_lightning.inference.crf import crf_available, denormalize_to_uint8, dense_crf  # noqa: E402
-from cause_lightning.segmenter import Segmenter  # noqa: E402
 
 RES = 32  # tiny_vit has patch 8: a 4 x 4 grid, 16 TR queries
 NUM_CLASSES = 5
@@ -235,7 +227,6 @@ def test_save_load_round_trip(backbone, head_type, tmp_path):
 
 
 def test_file_is_weights_only_loadable(backbone, tmp_path):
-    pytest.importorskip("omegaconf")
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"a": 1, "b": "${a}", "c": [1, 2]})

@@ -88,6 +88,20 @@ def test_a_missing_input_names_the_stage_and_how_the_closest_one_differs(tiny) -
     assert "module.seed" not in str(refused.value)  # a setting is named once
 
 
+def test_inputs_made_on_other_hardware_are_found_when_there_is_one(tiny, caplog) -> None:
+    # As a model trained on GPUs (another precision, another batch split) evaluated on a CPU.
+    gpu = ["trainer.precision=64-true", "method.mediator.batch_size=2"]
+    book = Path(run(tiny("stage=mediator", *gpu))["artifacts/clusterbook"])
+    with caplog.at_level("INFO", logger="cause_lightning"):
+        head = Path(run(tiny("stage=head"))["artifacts/head"])
+    assert head.parent.parent == book.parent
+    assert "trainer.precision: 64-true there, 32-true now" in caplog.text
+    # Two such candidates: neither is taken, and the error says what to run.
+    run(tiny("stage=mediator", "trainer.precision=bf16-mixed", "method.mediator.batch_size=2"))
+    with pytest.raises(MissingArtifactError, match="stage=mediator"):
+        run(tiny("stage=head", "method.head.temperature=0.2"))
+
+
 def test_the_segmenter_predicts_with_the_head_the_evaluation_scored_under_the_leak(tiny) -> None:
     results = run(tiny("method.probe.reference_leak=true", "method.eval.variants=[raw,flip]"))
     probe = Path(results["artifacts/probe"])

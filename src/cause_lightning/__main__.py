@@ -6,6 +6,7 @@ shipped inside the wheel when installed, the repository's ``conf/`` in an editab
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,8 +16,21 @@ from cause_lightning.config.files import config_dir
 from cause_lightning.core.errors import expected, report
 
 
+def main() -> None:
+    """The command line: refuse an override that names no setting (with the closest names),
+    then run Hydra's application."""
+    from cause_lightning.config.overrides import command_line_overrides, unknown_override
+
+    overrides = command_line_overrides(sys.argv[1:])
+    problem = None if not overrides else unknown_override(config_dir(), overrides)
+    if problem is not None:
+        print(f"Error: invalid settings (nothing was run):\n  {problem}", file=sys.stderr)
+        raise SystemExit(1)
+    _application()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _application(cfg: DictConfig) -> float | None:
     """Run the selected stage; returns the summary metric for Hydra sweepers.
 
     An expected error (:mod:`cause_lightning.core.errors`) ends the process with its message and a

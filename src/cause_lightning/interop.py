@@ -41,7 +41,8 @@ from cause_lightning.core.specs import (
     Resolution,
     tr_grid_error,
 )
-from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead, head_spec
+from cause_lightning.models.contract import head_spec
+from cause_lightning.models.heads import LinearProbe, MLPHead, TRHead
 
 __all__ = [
     "OfficialBundle",
@@ -186,12 +187,24 @@ class OfficialBundle:
             # every number measured with them inherits it, so reports label them accordingly.
             "reference_leak": True,
         }
-        store = ArtifactStore(root)
         # The release's files are its settings: an import is found by its label, not by them.
         settings = {
             "imported_from": {k: _sha256(v) for k, v in sorted(self.source.items())},
             **dict(requirements or {}),
         }
+        paths = self._write_chain(ArtifactStore(root), settings, meta, name, tag)
+        log.info("wrote release artifacts: %s", ", ".join(str(p) for p in paths.values()))
+        return paths
+
+    def _write_chain(
+        self,
+        store: ArtifactStore,
+        settings: dict[str, Any],
+        meta: dict[str, Any],
+        head_name: str,
+        tag: str,
+    ) -> dict[str, Path]:
+        """Save the clusterbook, head and probe artifacts, each inside the one before."""
         linear_state = {k: v.detach().clone() for k, v in self.linear.state_dict().items()}
         payloads = {
             "clusterbook": {"clusterbook": self.clusterbook.detach().float().clone()},
@@ -204,7 +217,7 @@ class OfficialBundle:
                 "linear_state": linear_state,
             },
         }
-        labels = {"clusterbook": "clusterbook", "head": name, "probe": "probe"}
+        labels = {"clusterbook": "clusterbook", "head": head_name, "probe": "probe"}
         parent = None
         paths = {}
         for kind, payload in payloads.items():
@@ -221,7 +234,6 @@ class OfficialBundle:
                 imported=True,
             )
             paths[kind] = parent.file
-        log.info("wrote release artifacts: %s", ", ".join(str(p) for p in paths.values()))
         return paths
 
     def _check_tr_resolution(
@@ -280,24 +292,7 @@ def import_official(
     )
     book = _read_npy(clusterbook)
 
-    teacher = {k[len(_TEACHER) :]: v for k, v in seg.items() if k.startswith(_TEACHER)}
-    if not teacher:
-        raise ValueError(
-            f"{segment} has no '{_TEACHER}*' keys, so it is not a reference segment_*.pth file "
-            f"(first keys: {list(seg)[:5]}); expected segment_tr.pth or segment_mlp.pth"
-        )
-    found = "tr" if "query_pos" in teacher else "mlp"
-    if found != head_type:
-        what = (
-            "a TR segment file (segment_tr.pth: has head_ema.query_pos)"
-            if found == "tr"
-            else "an MLP segment file (segment_mlp.pth: no head_ema.query_pos)"
-        )
-        raise ValueError(
-            f"{segment} is {what}, but head={head_type!r} was requested; pass head={found!r} "
-            f"or the segment_{head_type}.pth file"
-        )
-
+    teacher = _teacher_state(seg, segment, head_type)
     f1_key = "tr.f1.weight" if head_type == "tr" else "f1.weight"
     if f1_key not in teacher or teacher[f1_key].ndim != 4:
         raise ValueError(
@@ -306,46 +301,10 @@ def import_official(
     reduced_dim, dim = int(teacher[f1_key].shape[0]), int(teacher[f1_key].shape[1])
     num_queries = int(teacher["query_pos"].shape[0]) if head_type == "tr" else None
 
-    if "cluster_probe" not in clu:
-        raise ValueError(
-            f"{cluster} has no 'cluster_probe' (keys: {list(clu)[:5]}); expected the reference "
-            "cluster_{mlp,tr}.pth with 'codebook' [2048, D] and 'cluster_probe' [C, 90]"
-        )
-    centroids = clu["cluster_probe"].detach().float().clone()
-    if centroids.ndim != 2 or centroids.shape[1] != reduced_dim:
-        raise ValueError(
-            f"{cluster}: cluster_probe has shape {list(centroids.shape)}, expected "
-            f"[C, {reduced_dim}] to match the head in {segment}"
-        )
+    centroids, lin_w, lin_b = _release_probes(clu, seg, cluster, segment, reduced_dim)
     num_classes = int(centroids.shape[0])
-    lin_w = seg.get(_LINEAR + "weight")
-    lin_b = seg.get(_LINEAR + "bias")
-    if lin_w is None or lin_b is None:
-        raise ValueError(
-            f"{segment} lacks the linear probe keys '{_LINEAR}weight' / '{_LINEAR}bias'"
-        )
-    if lin_w.shape[0] != num_classes:
-        raise ValueError(
-            f"class count mismatch: {cluster} has cluster_probe for C={num_classes} classes but "
-            f"{segment} has a linear probe for {lin_w.shape[0]}; the files come from different "
-            "releases (COCO-81 vs COCO-171 share a folder: pick the cluster file by "
-            "cluster_probe.shape[0])"
-        )
 
-    expected_book = (REFERENCE_NUM_CONCEPTS, dim)
-    if tuple(book.shape) != expected_book:
-        why = (
-            "it belongs to another backbone width"
-            if book.ndim != 2 or book.shape[1] != dim
-            else f"the release clusterbook has {REFERENCE_NUM_CONCEPTS} concept rows; use the "
-            "modular.npy downloaded with this head, not a clusterbook trained here"
-        )
-        raise ValueError(
-            f"{clusterbook} has shape {list(book.shape)}, expected {list(expected_book)} "
-            f"[2048 concepts, D={dim} as in {segment}]; {why}"
-        )
-    book_t = torch.from_numpy(np.ascontiguousarray(book, dtype=np.float32))
-    _compare_codebook(clu.get("codebook"), book_t, cluster, clusterbook)
+    book_t = _release_clusterbook(book, dim, clu, cluster, clusterbook, segment)
 
     if head_type == "tr":
         module: MLPHead | TRHead = TRHead(
@@ -383,6 +342,91 @@ def import_official(
         reduced_dim=reduced_dim,
         source={"segment": segment, "cluster": cluster, "clusterbook": clusterbook},
     )
+
+
+def _teacher_state(seg: dict[str, Tensor], segment: Path, head_type: str) -> dict[str, Tensor]:
+    """The teacher head's entries of a segment file, checked to be of ``head_type``."""
+    teacher = {k[len(_TEACHER) :]: v for k, v in seg.items() if k.startswith(_TEACHER)}
+    if not teacher:
+        raise ValueError(
+            f"{segment} has no '{_TEACHER}*' keys, so it is not a reference segment_*.pth file "
+            f"(first keys: {list(seg)[:5]}); expected segment_tr.pth or segment_mlp.pth"
+        )
+    found = "tr" if "query_pos" in teacher else "mlp"
+    if found != head_type:
+        what = (
+            "a TR segment file (segment_tr.pth: has head_ema.query_pos)"
+            if found == "tr"
+            else "an MLP segment file (segment_mlp.pth: no head_ema.query_pos)"
+        )
+        raise ValueError(
+            f"{segment} is {what}, but head={head_type!r} was requested; pass head={found!r} "
+            f"or the segment_{head_type}.pth file"
+        )
+    return teacher
+
+
+def _release_probes(
+    clu: dict[str, Tensor],
+    seg: dict[str, Tensor],
+    cluster: Path,
+    segment: Path,
+    reduced_dim: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The cluster centroids ``[C, R]`` and the linear probe's weight and bias, checked to agree
+    with the head and with each other."""
+    if "cluster_probe" not in clu:
+        raise ValueError(
+            f"{cluster} has no 'cluster_probe' (keys: {list(clu)[:5]}); expected the reference "
+            "cluster_{mlp,tr}.pth with 'codebook' [2048, D] and 'cluster_probe' [C, 90]"
+        )
+    centroids = clu["cluster_probe"].detach().float().clone()
+    if centroids.ndim != 2 or centroids.shape[1] != reduced_dim:
+        raise ValueError(
+            f"{cluster}: cluster_probe has shape {list(centroids.shape)}, expected "
+            f"[C, {reduced_dim}] to match the head in {segment}"
+        )
+    num_classes = int(centroids.shape[0])
+    lin_w = seg.get(_LINEAR + "weight")
+    lin_b = seg.get(_LINEAR + "bias")
+    if lin_w is None or lin_b is None:
+        raise ValueError(
+            f"{segment} lacks the linear probe keys '{_LINEAR}weight' / '{_LINEAR}bias'"
+        )
+    if lin_w.shape[0] != num_classes:
+        raise ValueError(
+            f"class count mismatch: {cluster} has cluster_probe for C={num_classes} classes but "
+            f"{segment} has a linear probe for {lin_w.shape[0]}; the files come from different "
+            "releases (COCO-81 vs COCO-171 share a folder: pick the cluster file by "
+            "cluster_probe.shape[0])"
+        )
+    return centroids, lin_w, lin_b
+
+
+def _release_clusterbook(
+    book: np.ndarray,
+    dim: int,
+    clu: dict[str, Tensor],
+    cluster: Path,
+    clusterbook: Path,
+    segment: Path,
+) -> Tensor:
+    """The release clusterbook ``[2048, D]``, checked against the head and the cluster file."""
+    expected_book = (REFERENCE_NUM_CONCEPTS, dim)
+    if tuple(book.shape) != expected_book:
+        why = (
+            "it belongs to another backbone width"
+            if book.ndim != 2 or book.shape[1] != dim
+            else f"the release clusterbook has {REFERENCE_NUM_CONCEPTS} concept rows; use the "
+            "modular.npy downloaded with this head, not a clusterbook trained here"
+        )
+        raise ValueError(
+            f"{clusterbook} has shape {list(book.shape)}, expected {list(expected_book)} "
+            f"[2048 concepts, D={dim} as in {segment}]; {why}"
+        )
+    book_t = torch.from_numpy(np.ascontiguousarray(book, dtype=np.float32))
+    _compare_codebook(clu.get("codebook"), book_t, cluster, clusterbook)
+    return book_t
 
 
 def _read_pth(path: Path, expected: str) -> dict[str, Tensor]:

@@ -38,7 +38,7 @@ from cause_lightning.artifacts.bundle import (
     derive_backbone_kwargs,
     read_segmenter_file,
     segmenter_payload,
-    to_plain,
+    to_loadable,
     weights_reference,
 )
 from cause_lightning.artifacts.io import MissingArtifactError, save_artifact
@@ -61,7 +61,7 @@ from cause_lightning.inference.imaging import (
     working_size,
 )
 from cause_lightning.metrics import check_assignment, remap_with_ignore
-from cause_lightning.models.heads import head_spec, head_traits
+from cause_lightning.models.contract import head_spec, head_traits
 from cause_lightning.visualize import colorize as _colorize
 from cause_lightning.visualize import default_palette
 
@@ -161,7 +161,7 @@ class Segmenter(nn.Module):
         )
         if backbone_kwargs is None:
             backbone_kwargs = derive_backbone_kwargs(backbone)
-        self.backbone_kwargs = dict(to_plain(dict(backbone_kwargs)))
+        self.backbone_kwargs = dict(to_loadable(dict(backbone_kwargs)))
         try:
             self.head_spec = head_spec(head)
         except TypeError as err:
@@ -223,8 +223,8 @@ class Segmenter(nn.Module):
         self.flip = bool(flip)
         self.crf = bool(crf)
         self.alpha = float(alpha)
-        self.config = to_plain(config) if config is not None else {}
-        self.meta = to_plain(meta) if meta is not None else {}
+        self.config = to_loadable(config) if config is not None else {}
+        self.meta = to_loadable(meta) if meta is not None else {}
         if not isinstance(self.config, dict) or not isinstance(self.meta, dict):
             raise ValueError("config and meta must be mappings (dict / DictConfig)")
         self.embed_backbone = embed_backbone
@@ -399,22 +399,9 @@ class Segmenter(nn.Module):
     def working_size(
         self, width: int, height: int, sliding_window: bool = False
     ) -> tuple[int, int]:
-        """Size ``(W, H)`` an image of ``width x height`` is resized to before prediction.
-
-        * Fixed-grid heads (TR: a fixed query count): ``resolution x resolution`` (squash).
-        * Other heads (MLP): shorter side -> ``resolution``, longer side -> ``floor(res * L / s)``
-          (docs/protocol.md §2.2), then each side rounded to the nearest multiple of the patch.
-        * ``sliding_window``: shorter side -> ``resolution`` (no snapping; windows are
-          ``resolution x resolution``).
-
-        Args:
-            width: original width.
-            height: original height.
-            sliding_window: size for the sliding-window mode.
-
-        Returns:
-            ``(W, H)``.
-        """
+        """Size ``(W, H)`` an image of ``width x height`` is resized to before prediction (the
+        rules of :meth:`predict_image`: a square for fixed-grid heads, else the shorter side to
+        ``resolution`` and each side to a multiple of the patch; no snapping when sliding)."""
         square = self.traits.fixed_grid
         return working_size(width, height, self.resolution, self.patch_size, square, sliding_window)
 

@@ -40,8 +40,8 @@ from cause_lightning.models.backbones import (
     get_backbone_spec,
     is_hub_tag,
 )
+from cause_lightning.models.contract import build_head
 from cause_lightning.models.frozen import FrozenBackbone
-from cause_lightning.models.heads import build_head
 from cause_lightning.models.imports import import_class
 from cause_lightning.models.timm_backbone import TIMM_FACTORY, build_timm_backbone
 
@@ -52,7 +52,7 @@ __all__ = [
     "check_backbone",
     "read_segmenter_file",
     "rebuild_backbone",
-    "to_plain",
+    "to_loadable",
     "weights_reference",
 ]
 
@@ -60,7 +60,7 @@ __all__ = [
 SEGMENTER_KIND = "segmenter"
 
 
-def to_plain(obj: Any) -> Any:
+def to_loadable(obj: Any) -> Any:
     """Convert a nested structure to tensors / primitives that ``weights_only`` loading accepts."""
     if obj is None or isinstance(obj, (bool, int, float, str, Tensor)):
         return obj
@@ -73,13 +73,13 @@ def to_plain(obj: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(obj, (DictConfig, ListConfig)):  # the resolved Hydra config
-        return to_plain(OmegaConf.to_container(obj, resolve=True))
+        return to_loadable(OmegaConf.to_container(obj, resolve=True))
     if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {str(k): to_loadable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_loadable(v) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return sorted(to_plain(v) for v in obj)
+        return sorted(to_loadable(v) for v in obj)
     return str(obj)
 
 

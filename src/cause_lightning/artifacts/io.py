@@ -35,7 +35,6 @@ __all__ = [
     "ArtifactError",
     "MissingArtifactError",
     "artifact_root",
-    "head_dir",
     "PRODUCER",
     "save_artifact",
     "load_artifact",
@@ -55,27 +54,18 @@ class MissingArtifactError(ExpectedError, FileNotFoundError):
     """A stage needs an artifact that an earlier stage has not written yet."""
 
 
-def artifact_root(
-    artifact_dir: str | os.PathLike, data_name: str, backbone_name: str, tag: str = ""
-) -> Path:
-    """Directory shared by every stage run on one dataset and backbone.
+def artifact_root(artifact_dir: str | os.PathLike, data_name: str, backbone_name: str) -> Path:
+    """Directory of every artifact made on one dataset with one backbone (the store's root).
 
     Args:
         artifact_dir: Root of all artifacts (``paths.artifact_dir``).
         data_name: Dataset key (``data.name``).
         backbone_name: Backbone key (``backbone.name``).
-        tag: Optional suffix separating seeds or variants (``artifact_tag``).
 
     Returns:
-        ``<artifact_dir>/<data_name>/<backbone_name>[-<tag>]``.
+        ``<artifact_dir>/<data_name>/<backbone_name>``.
     """
-    leaf = f"{backbone_name}-{tag}" if tag else backbone_name
-    return Path(artifact_dir) / data_name / leaf
-
-
-def head_dir(root: str | os.PathLike, head_name: str) -> Path:
-    """Per-head sub-directory of an artifact root (``root/<head_name>``)."""
-    return Path(root) / head_name
+    return Path(artifact_dir) / data_name / backbone_name
 
 
 def payload_checksum(record: dict[str, Any]) -> str:

@@ -46,7 +46,8 @@ from cause_lightning.artifacts.io import (
 from cause_lightning.config.identity import digest
 from cause_lightning.core.files import write_json_atomic
 from cause_lightning.core.specs import ModelSpec, SpecError
-from cause_lightning.models.heads import LinearProbe, build_head
+from cause_lightning.models.contract import build_head
+from cause_lightning.models.heads import LinearProbe
 
 __all__ = ["KINDS", "SIDECAR", "ArtifactStore", "Entry", "Kind", "content_id", "normalised"]
 
@@ -202,13 +203,15 @@ class ArtifactStore:
         settings: Mapping[str, Any],
         tag: str = "",
         ignore: Collection[str] = (),
+        unique: bool = False,
     ) -> Entry | None:
         """The artifact of ``kind`` made from ``parent`` with ``settings``, if one exists.
 
         A labelled import of the reference release (``stage=import``) stands in for any settings
-        when the run carries its label. Among several matches, one with the run's label comes
-        first, then an unlabelled one, then one of the fallback (a full run rather than another
-        smoke run's), then the newest.
+        when the run carries its label, unless an artifact with that label was made with these
+        very settings (a probe refitted on the imported head). Among several matches, one with the
+        run's label comes first, then an unlabelled one, then one of the fallback (a full run
+        rather than another smoke run's), then the newest.
 
         Args:
             kind: ``clusterbook``, ``head``, ``probe`` or ``eval``.
@@ -217,19 +220,21 @@ class ArtifactStore:
             tag: The run's ``artifact_tag``.
             ignore: Settings compared neither way (a smoke run's loop limits, when it looks for
                 its inputs).
+            unique: Only an artifact that is the one match counts (``None`` among several).
         """
-        wanted = normalised(settings)
         children = list(self._children(kind, parent))
-        imported = [e for e in children if e.imported and tag and e.tag == tag]
-        if imported:
-            return _fitting(imported[0], wanted)
 
         def kept(values: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in values.items() if k not in ignore}
 
-        wanted = kept(wanted)
+        wanted = kept(normalised(settings))
         matches = [e for e in children if not e.imported and kept(e.settings) == wanted]
-        if not matches:
+        imported = [e for e in children if e.imported and tag and e.tag == tag]
+        if imported and not any(e.tag == tag for e in matches):
+            # The release stands in, unless this run's settings made one with its label (a probe
+            # refitted on the imported head).
+            return _fitting(imported[0], normalised(settings))
+        if not matches or (unique and len(matches) > 1):
             return None
         return max(
             matches, key=lambda e: (e.tag == tag, e.tag == "", self._read_only(e), e.written)

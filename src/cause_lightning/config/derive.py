@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.core.bounds import check_overcluster
 from cause_lightning.core.errors import SettingsError
+from cause_lightning.core.specs import grid_tokens
 
 __all__ = ["Derived", "derive", "snap_resolution", "to_plain", "train_resolution"]
 
@@ -76,7 +77,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> Derived:
         SettingsError: On a bad ``method.eval.overcluster``, or a fixed-grid head asked to train at
             another resolution than the test one.
     """
-    from cause_lightning.models.heads import head_class, head_traits
+    from cause_lightning.models.contract import head_class, head_traits
 
     check_overcluster(cfg.method.eval.get("overcluster"), int(cfg.data.num_classes))
     test_res = snap_resolution(int(cfg.data.recipe.resolution.test), patch_size)
@@ -100,7 +101,7 @@ def derive(cfg: DictConfig, patch_size: int, world_size: int = 1) -> Derived:
         lr_scale=int(scale),
         # stage 1 runs at the test resolution for every head (method.md §2.6)
         resolution={"mediator": test_res, "head": train_res, "probe": train_res, "test": test_res},
-        num_queries=(train_res // patch_size) ** 2,
+        num_queries=grid_tokens(train_res, patch_size),
         lr=lr,
         batch_size={step: int(cfg.method[step].batch_size) for step in steps},
     )

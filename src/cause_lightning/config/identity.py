@@ -28,6 +28,7 @@ __all__ = [
     "flatten",
     "is_smoke_run",
     "resume_signature",
+    "run_shape",
     "stage_settings",
 ]
 
@@ -44,6 +45,22 @@ LOOP_LIMITS = ("limit_train_batches", "limit_test_batches", "overfit_batches", "
 _DATA_OPERATIONAL = ("root", "num_workers")
 # Keys of method.eval that change how the evaluation runs or what it draws, not its numbers.
 _EVAL_OPERATIONAL = ("crf_workers", "crf_timeout", "save_images")
+# Stage module arguments that only split work into passes (images per forward pass over the probe's
+# fixed samples: the per-device batch, which the global batch already stands for).
+_MODULE_OPERATIONAL = ("sample_batch_size",)
+
+
+def run_shape(stage: str) -> tuple[str, ...]:
+    """The settings of ``stage`` that say how a run was shaped on its hardware rather than what it
+    was asked to compute: numerical precision, gradient accumulation, process count and the
+    global batch they make. A later run on other hardware (evaluating on a CPU what a GPU
+    trained, on one process what four did) cannot repeat them when it looks for its inputs."""
+    return (
+        "trainer.precision",
+        "trainer.accumulate_grad_batches",
+        "world_size",
+        f"method.{stage}.global_batch_size",
+    )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,6 +97,9 @@ def stage_settings(cfg: Mapping[str, Any], stage: str, world_size: int = 1) -> d
         section["global_batch_size"] = int(section.pop("batch_size")) * int(world_size)
     if stage == "eval":
         section = {k: v for k, v in section.items() if k not in _EVAL_OPERATIONAL}
+    if isinstance(section.get("module"), Mapping):
+        module = section["module"]
+        section["module"] = {k: v for k, v in module.items() if k not in _MODULE_OPERATIONAL}
     keys = RESULT_TRAINER_KEYS + LOOP_LIMITS  # a smoke run's limits set its results apart
     settings: dict[str, Any] = {
         "seed": cfg["seed"],

@@ -28,8 +28,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cause_lightning.config.schema import SCHEMA, Open, Setting, Target, Targets
-from cause_lightning.core.bounds import SIMILARITY, Bound, check_overcluster
+from cause_lightning.core.bounds import COUNT, SIMILARITY, Bound, check_overcluster
 from cause_lightning.core.errors import SettingsError
+from cause_lightning.core.system import memory_bytes
 
 __all__ = ["SettingsError", "closest", "validate"]
 
@@ -353,6 +354,7 @@ def _rules(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"method.head.neg_thresh={neg} must not exceed method.head.pos_thresh={pos}"
             )
+    problems.extend(_memory_rule(cfg))
     overcluster = OmegaConf.select(cfg, "method.eval.overcluster", default=None)
     classes = OmegaConf.select(cfg, "data.num_classes", default=None)
     if overcluster is not None and isinstance(classes, int) and not isinstance(classes, bool):
@@ -361,6 +363,26 @@ def _rules(cfg: DictConfig) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     return problems
+
+
+def _memory_rule(cfg: DictConfig) -> list[str]:
+    """The concept bank's size, fixed by the settings alone, against the machine's memory: a
+    count typed with a few zeros too many is refused here rather than by the allocator after
+    the backbone was built."""
+    keys = ("method.num_concepts", "method.head.bank_capacity", "method.head.projection_dim")
+    values = [OmegaConf.select(cfg, key, default=None) for key in keys]
+    if not all(COUNT.accepts(v) for v in values):
+        return []  # a missing or out-of-range count has its own message
+    concepts, capacity, width = (int(v) for v in values)
+    needed = concepts * capacity * width * 4  # float32 projections, K x capacity x P
+    available = memory_bytes()
+    if available is None or needed <= available:
+        return []
+    settings = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+    return [
+        f"{settings} make a concept bank of {needed / 2**30:,.1f} GiB, more than this "
+        f"machine's {available / 2**30:,.1f} GiB of memory: lower one of them"
+    ]
 
 
 def _safe(node: DictConfig, key: str) -> Any:

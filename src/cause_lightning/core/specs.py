@@ -38,6 +38,7 @@ __all__ = [
     "SpecError",
     "is_plain",
     "builtin_head_spec",
+    "grid_tokens",
     "tr_grid_error",
 ]
 
@@ -72,6 +73,12 @@ def is_plain(value: Any) -> bool:
     return False
 
 
+def grid_tokens(resolution: int, patch_size: int) -> int:
+    """Tokens of a square ``resolution`` input on the patch grid: a fixed-grid head's query count
+    at its train resolution."""
+    return (int(resolution) // int(patch_size)) ** 2
+
+
 def tr_grid_error(num_queries: int, resolution: int, patch_size: int) -> str | None:
     """Why a fixed-grid head cannot run at a resolution, or ``None`` when it can.
 
@@ -86,7 +93,7 @@ def tr_grid_error(num_queries: int, resolution: int, patch_size: int) -> str | N
     Returns:
         The message naming the resolution to use, or ``None``.
     """
-    tokens = (int(resolution) // int(patch_size)) ** 2
+    tokens = grid_tokens(resolution, patch_size)
     if int(resolution) % int(patch_size) == 0 and tokens == int(num_queries):
         return None
     side = round(int(num_queries) ** 0.5)

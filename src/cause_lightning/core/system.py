@@ -1,4 +1,5 @@
-"""What this process may use and where its sources come from: CPU cores per rank, the git commit."""
+"""What this process may use and where its sources come from: CPU cores per rank, the machine's
+memory, the git commit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["cores_per_rank", "git_hash"]
+__all__ = ["cores_per_rank", "git_hash", "memory_bytes"]
 
 
 def cores_per_rank(local_processes: int = 1) -> int:
@@ -37,6 +38,14 @@ def cores_per_rank(local_processes: int = 1) -> int:
 
 
 @functools.lru_cache(maxsize=1)
+def memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (``None`` where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def git_hash() -> str | None:
     """Short commit hash of the installed sources, None outside a git checkout."""
     try:

@@ -336,6 +336,66 @@ def prepare_dataset(
     )
 
 
+def _obtain_archives(
+    module: RealSegDataModule,
+    missing: dict[str, str],
+    dataset_dir: Path,
+    download: bool | None,
+    timeout: float,
+    progress: bool,
+    report: dict[str, Any],
+) -> None:
+    """Find, download (where allowed and online) and unpack the archives of the ``missing``
+    components (component -> why it is needed), recording what was done in ``report``.
+
+    Raises:
+        DatasetNotFoundError: When an archive is neither found nor downloadable, with the manual
+            steps that obtain it.
+    """
+    name, data_dir = module.name, module.root
+    archives = ARCHIVES[module.layout_key]
+    online: bool | None = None
+    manual: dict[str, str] = {}
+    for component, reason in missing.items():
+        arc = archives[component]
+        log.info("%s: %s is needed (%s)", name, arc.filename, reason)
+        path = _find_archive(arc.filename, dataset_dir, data_dir)
+        if path is None and arc.url is not None and download is not False:
+            if online is None:
+                online = probe(arc.url, timeout)
+                if not online:
+                    log.warning(
+                        "%s does not answer within %.0f s: treating the machine as offline",
+                        arc.url,
+                        timeout,
+                    )
+            if online:
+                try:
+                    path = download_file(
+                        arc.url,
+                        dataset_dir / "downloads" / arc.filename,
+                        timeout=max(timeout, 30.0),
+                        progress=progress,
+                    )
+                    report["downloaded"].append(str(path))
+                except OSError as err:  # the partial file stays for the next attempt
+                    log.warning("download of %s failed: %s", arc.url, err)
+                    reason = f"{reason}; download failed ({err}), run again to resume"
+        if path is None:
+            manual[component] = reason
+            continue
+        target = dataset_dir if arc.extract_to == "." else dataset_dir / arc.extract_to
+        extract_archive(path, target, skip=arc.skip, progress=progress)
+        report["extracted"].append(str(path))
+    if manual:
+        steps = manual_steps(name, data_dir, list(manual))
+        reasons = "; ".join(f"{archives[k].filename}: {v}" for k, v in manual.items())
+        if download is True and module.layout_key != "cityscapes":
+            reasons += " (download=True, but the archive host did not answer)"
+        log.warning("%s cannot be prepared automatically (%s).\n%s", name, reasons, steps)
+        raise module.not_found(f"{reasons}.\n{steps}")
+
+
 def prepare_module(
     build: Callable[[], RealSegDataModule],
     *,
@@ -404,47 +464,7 @@ def prepare_module(
             need_train = True
 
     missing = _missing_components(module, need_train)
-    archives = ARCHIVES[module.layout_key]
-    online: bool | None = None
-    manual: dict[str, str] = {}
-    for component, reason in missing.items():
-        arc = archives[component]
-        log.info("%s: %s is needed (%s)", name, arc.filename, reason)
-        path = _find_archive(arc.filename, dataset_dir, data_dir)
-        if path is None and arc.url is not None and download is not False:
-            if online is None:
-                online = probe(arc.url, timeout)
-                if not online:
-                    log.warning(
-                        "%s does not answer within %.0f s: treating the machine as offline",
-                        arc.url,
-                        timeout,
-                    )
-            if online:
-                try:
-                    path = download_file(
-                        arc.url,
-                        dataset_dir / "downloads" / arc.filename,
-                        timeout=max(timeout, 30.0),
-                        progress=progress,
-                    )
-                    report["downloaded"].append(str(path))
-                except OSError as err:  # the partial file stays for the next attempt
-                    log.warning("download of %s failed: %s", arc.url, err)
-                    reason = f"{reason}; download failed ({err}), run again to resume"
-        if path is None:
-            manual[component] = reason
-            continue
-        target = dataset_dir if arc.extract_to == "." else dataset_dir / arc.extract_to
-        extract_archive(path, target, skip=arc.skip, progress=progress)
-        report["extracted"].append(str(path))
-    if manual:
-        steps = manual_steps(name, data_dir, list(manual))
-        reasons = "; ".join(f"{archives[k].filename}: {v}" for k, v in manual.items())
-        if download is True and module.layout_key != "cityscapes":
-            reasons += " (download=True, but the archive host did not answer)"
-        log.warning("%s cannot be prepared automatically (%s).\n%s", name, reasons, steps)
-        raise module.not_found(f"{reasons}.\n{steps}")
+    _obtain_archives(module, missing, dataset_dir, download, timeout, progress, report)
 
     # Re-read the lists after unpacking, then verify counts and files.
     module = build()

@@ -2,18 +2,8 @@
 
 from cause_lightning.models.backbones import FrozenBackbone, build_backbone, list_backbones
 from cause_lightning.models.bank import ConceptBank
-from cause_lightning.models.heads import (
-    HeadTraits,
-    LinearProbe,
-    MLPHead,
-    ProjectionHead,
-    TRHead,
-    build_head,
-    ema_update,
-    head_spec,
-    head_traits,
-)
-from cause_lightning.models.probes import ClusterProbe
+from cause_lightning.models.contract import HeadTraits, build_head, head_spec, head_traits
+from cause_lightning.models.heads import LinearProbe, MLPHead, ProjectionHead, TRHead, ema_update
 from cause_lightning.models.timm_backbone import build_timm_backbone
 
 __all__ = [
@@ -25,7 +15,6 @@ __all__ = [
     "TRHead",
     "ProjectionHead",
     "LinearProbe",
-    "ClusterProbe",
     "ConceptBank",
     "HeadTraits",
     "build_head",

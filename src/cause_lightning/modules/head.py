@@ -25,7 +25,7 @@ from torch import nn
 from cause_lightning.core.bounds import COUNT, FRACTION, POSITIVE, SEED, SIMILARITY
 from cause_lightning.metrics import supervised_metrics
 from cause_lightning.models import ConceptBank, LinearProbe, ProjectionHead, ema_update
-from cause_lightning.models.heads import head_traits
+from cause_lightning.models.contract import head_traits
 from cause_lightning.modules.base import (
     BANK_STREAM,
     OptimizerFactory,
@@ -36,6 +36,7 @@ from cause_lightning.modules.base import (
     upsample_to,
 )
 from cause_lightning.ops import (
+    DEFAULT_CONTRASTIVE_MEMORY_BYTES,
     concept_contrastive_terms,
     contrastive_mean,
     grid_sample_tokens,
@@ -71,7 +72,8 @@ class HeadModule(StageModule):
             bank on every rank (equal to one process on the global batch); ``False`` keeps the
             reference's per-process bank and candidates.
         contrastive_memory_mb: Working memory of one block of anchors in the contrastive loss
-            (MiB); the gradient is formed in the same pass, so no block is recomputed.
+            (MiB; ``None``: the default of :func:`~cause_lightning.ops.concept_contrastive_terms`);
+            the gradient is formed in the same pass, so no block is recomputed.
         debug_checks: Check index ranges and the loss's finiteness at every step (each check reads
             a value back from the device, so the step then also gives the loss only the bank's
             used slots). Off: the step never waits for the device, and the loss is checked at the
@@ -97,7 +99,7 @@ class HeadModule(StageModule):
         bank_capacity: Annotated[int, COUNT],
         bank_keep: Annotated[float, FRACTION],
         sync_bank: bool,
-        contrastive_memory_mb: Annotated[int, COUNT],
+        contrastive_memory_mb: Annotated[int | None, COUNT],
         debug_checks: bool,
         optimizer: OptimizerFactory | None,
         scheduler: SchedulerFactory | None,
@@ -129,6 +131,10 @@ class HeadModule(StageModule):
         )
         self.val_linear = supervised_metrics(num_classes, "val/linear/")
         self._pending_bank: tuple[torch.Tensor, torch.Tensor, torch.Generator] | None = None
+
+    def _contrastive_memory_bytes(self) -> int:
+        megabytes = self.hparams.contrastive_memory_mb
+        return DEFAULT_CONTRASTIVE_MEMORY_BYTES if megabytes is None else int(megabytes) << 20
 
     def _student_teacher(
         self, features: torch.Tensor, batch_idx: int
@@ -223,7 +229,7 @@ class HeadModule(StageModule):
             anchor_index=anchor_index,
             matmul_dtype=product,
             bank_valid=bank_valid,
-            memory_bytes=int(self.hparams.contrastive_memory_mb) << 20,
+            memory_bytes=self._contrastive_memory_bytes(),
             validate=check,
             concepts=concepts,
         )

@@ -20,6 +20,7 @@ Nothing here touches Lightning, I/O or a specific device.
 
 from cause_lightning.ops.concepts import nearest_concept
 from cause_lightning.ops.contrastive import (
+    DEFAULT_CONTRASTIVE_MEMORY_BYTES,
     concept_contrastive_loss,
     concept_contrastive_terms,
     contrastive_mean,
@@ -29,6 +30,7 @@ from cause_lightning.ops.numerics import exact_matmul
 from cause_lightning.ops.sampling import grid_sample_index, grid_sample_tokens
 
 __all__ = [
+    "DEFAULT_CONTRASTIVE_MEMORY_BYTES",
     "concept_contrastive_loss",
     "concept_contrastive_terms",
     "contrastive_mean",

@@ -17,7 +17,7 @@ from cause_lightning.config import to_plain
 from cause_lightning.core.logs import get_logger, is_global_zero
 from cause_lightning.core.specs import HeadSpec
 from cause_lightning.models import build_head
-from cause_lightning.models.heads import head_arguments, head_class, head_traits
+from cause_lightning.models.contract import head_arguments, head_class, head_traits
 from cause_lightning.reports.tracking import step_loggers
 from cause_lightning.stages.callbacks import DestroyProcessGroup, StageCheckpoint
 from cause_lightning.stages.context import RunContext

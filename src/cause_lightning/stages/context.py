@@ -19,7 +19,13 @@ from cause_lightning.artifacts.io import artifact_root
 from cause_lightning.artifacts.store import KINDS, ArtifactStore, Entry, normalised
 from cause_lightning.config import derive, to_plain
 from cause_lightning.config.derive import Derived
-from cause_lightning.config.identity import LOOP_LIMITS, STAGE_INPUT, is_smoke_run, stage_settings
+from cause_lightning.config.identity import (
+    LOOP_LIMITS,
+    STAGE_INPUT,
+    is_smoke_run,
+    run_shape,
+    stage_settings,
+)
 from cause_lightning.core.logs import get_logger, is_global_zero
 
 __all__ = ["RunContext", "SMOKE_FOLDER", "artifact_kind"]
@@ -125,16 +131,30 @@ class RunContext:
 
         A smoke run looks for one made with its own loop limits first, then for one made with
         the same settings otherwise: the real one (it reads real artifacts, and never writes
-        among them), else another smoke run's.
+        among them), else another smoke run's. Last comes the one artifact made with these
+        settings on other hardware (:func:`~cause_lightning.config.identity.run_shape`: another
+        precision, process count or split of the same batch), so that a model trained on GPUs
+        is evaluated on a CPU; among several such, none is picked and the error names them.
         """
         if stage not in self._found:
             parent_stage = STAGE_INPUT[stage]
             parent = None if parent_stage is None else self.require(parent_stage)
             kind = artifact_kind(stage)
-            found = self.store.find(kind, parent, self.settings(stage), self.tag)
-            if found is None and self.smoke:
-                limits = [f"trainer.{key}" for key in LOOP_LIMITS]
-                found = self.store.find(kind, parent, self.settings(stage), self.tag, limits)
+            settings = self.settings(stage)
+            found = self.store.find(kind, parent, settings, self.tag)
+            limits = [f"trainer.{key}" for key in LOOP_LIMITS] if self.smoke else []
+            if found is None and limits:
+                found = self.store.find(kind, parent, settings, self.tag, limits)
+            if found is None:
+                # Made on other hardware (precision, process count): the one such artifact.
+                shape = [*run_shape(stage), *limits]
+                found = self.store.find(kind, parent, settings, self.tag, shape, unique=True)
+                if found is not None:
+                    log.info(
+                        "using %s, made with the same settings on other hardware: %s",
+                        found.path,
+                        _shape_differences(found.settings, normalised(settings), shape),
+                    )
             self._found[stage] = found
         return self._found[stage]
 
@@ -183,3 +203,9 @@ def _world_size(trainer: DictConfig) -> int:
     else:
         count = int(devices)
     return count * int(trainer.get("num_nodes", 1) or 1)
+
+
+def _shape_differences(stored: dict[str, Any], wanted: dict[str, Any], keys: list[str]) -> str:
+    """``key: stored there, wanted now`` for the hardware settings that differ."""
+    changed = [k for k in keys if stored.get(k) != wanted.get(k)]
+    return ", ".join(f"{k}: {stored.get(k)} there, {wanted.get(k)} now" for k in changed)
