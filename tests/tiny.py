@@ -62,11 +62,13 @@ TINY = [
 ]
 
 
-def artifact_file(root: Path, name: str) -> Path:
+def artifact_file(root: Path, name: str, smoke: bool = False) -> Path:
     """The one file ``name`` (``clusterbook.pt``, ``head.pt``, ``probe.pt``, ``metrics.json``)
-    among the real artifacts of a run whose paths are under ``root`` (smoke runs' ``debug/``
-    excluded)."""
+    among the artifacts of a run whose paths are under ``root``: the real ones, or with ``smoke``
+    those a smoke run (limited loops) wrote under ``debug/``."""
     artifacts = root / "artifacts"
-    found = [p for p in artifacts.rglob(name) if p.relative_to(artifacts).parts[0] != "debug"]
+    found = [
+        p for p in artifacts.rglob(name) if (p.relative_to(artifacts).parts[0] == "debug") == smoke
+    ]
     assert len(found) == 1, f"{name} under {artifacts}: {found}"
     return found[0]

@@ -28,8 +28,7 @@ __all__ = [
     "contrastive_mean",
 ]
 
-#: Working memory of one block of anchor rows in the contrastive loss, when the caller sets none
-#: (``method.head.contrastive_memory_mb: null``).
+#: Working memory of one block of anchor rows (``method.head.contrastive_memory_mb: null``).
 DEFAULT_CONTRASTIVE_MEMORY_BYTES = 1 << 30
 
 
@@ -572,8 +571,7 @@ def concept_contrastive_loss(
         bank_valid: Used slots of a static-shape bank (see :func:`concept_contrastive_terms`).
         memory_bytes: Working memory of one block of anchors.
         validate: Check index values (see :func:`concept_contrastive_terms`).
-        concepts: Nearest concepts of the tokens when known (see
-            :func:`concept_contrastive_terms`).
+        concepts: Nearest concepts of the tokens when known.
 
     Returns:
         Scalar loss.
