@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,47 @@ def test_inputs_made_on_other_hardware_are_found_when_there_is_one(tiny, caplog)
     run(tiny("stage=mediator", "trainer.precision=bf16-mixed", "method.mediator.batch_size=2"))
     with pytest.raises(MissingArtifactError, match="stage=mediator"):
         run(tiny("stage=head", "method.head.temperature=0.2"))
+
+
+def test_a_run_waits_for_another_making_the_same_artifact_then_keeps_it(
+    tiny, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two jobs of a sweep side by side that share the clusterbook: the second waits, then keeps it.
+    from cause_lightning.stages import context
+
+    real = context.exclusive
+    held, blocked, done = threading.Event(), threading.Event(), threading.Event()
+
+    @contextmanager
+    def noted(lock: Path, waiting=None) -> Iterator[None]:  # type: ignore[no-untyped-def]
+        def told() -> None:
+            blocked.set()
+            waiting()
+
+        with real(lock, told):
+            if not held.is_set():  # the other job: it makes the artifact once the run waits
+                held.set()
+                assert blocked.wait(60)
+            yield
+
+    monkeypatch.setattr(context, "exclusive", noted)
+    first, second = tiny("stage=mediator"), tiny("stage=all", "stage.steps=[mediator,head]")
+    made: dict[str, str] = {}
+
+    def other_job() -> None:
+        made.update(run(first))
+        done.set()
+
+    job = threading.Thread(target=other_job)
+    with caplog.at_level("INFO", logger="cause_lightning"):
+        job.start()
+        assert held.wait(60)
+        results = run(second)
+    job.join(60)
+    assert done.is_set() and "waiting for another run that makes" in caplog.text
+    assert "=== stage mediator: kept" in caplog.text  # made once, by the other job
+    book = Path(made["artifacts/clusterbook"]).parent
+    assert Path(results["artifacts/head"]).parent.parent == book
 
 
 def test_the_segmenter_predicts_with_the_head_the_evaluation_scored_under_the_leak(tiny) -> None:

@@ -124,12 +124,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     exit_code = 1
     try:
         for step in steps:
-            if len(steps) > 1 and _finished(context, step):
-                continue
-            # Every step starts from the run seed, so its initial weights do not depend on what
-            # ran before it in this process (stage=all vs one stage).
-            pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-            results.update(STAGES[step](context))
+            with context.making(step):
+                if len(steps) > 1 and _finished(context, step):
+                    continue
+                # Every step starts from the run seed, so its initial weights do not depend on
+                # what ran before it in this process (stage=all vs one stage).
+                pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+                results.update(STAGES[step](context))
         exit_code = 0
     finally:
         finish_wandb(exit_code)

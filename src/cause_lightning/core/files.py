@@ -1,4 +1,5 @@
-"""Writing files so that no reader ever sees half of one, and folders proven writable before work.
+"""Writing files so that no reader ever sees half of one, folders proven writable before work, and
+one process at a time making the same artifact.
 
 Every file of the project (artifacts, checkpoints, JSON reports, images, the evaluation's hand-off)
 is written by :func:`atomic_write`: a temporary file of a unique name beside the destination,
@@ -14,7 +15,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "atomic_write",
     "current_umask",
     "ensure_writable",
+    "exclusive",
     "free_bytes",
     "no_space_message",
     "write_json_atomic",
@@ -185,3 +188,36 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@contextmanager
+def exclusive(
+    lock_file: str | os.PathLike, waiting: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive lock (``flock``) on ``lock_file`` for the body: a second process asking
+    for the same file waits until the first is done, or killed (the kernel drops the lock of a
+    dead process, so a crash never leaves it held).
+
+    Args:
+        lock_file: The lock's file (created empty; never removed, as a process may be waiting on
+            it).
+        waiting: Called once when the lock is held by another process, before waiting for it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system: one process at a time is not enforced
+        yield
+        return
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -8,6 +8,8 @@ first (it does nothing the second time).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from cause_lightning.config.identity import (
     run_shape,
     stage_settings,
 )
+from cause_lightning.core.errors import ExpectedError
+from cause_lightning.core.files import exclusive
 from cause_lightning.core.logs import get_logger, is_global_zero
 
 __all__ = ["RunContext", "SMOKE_FOLDER", "artifact_kind"]
@@ -34,6 +38,8 @@ log = get_logger(__name__)
 
 #: Folder of ``paths.artifact_dir`` that smoke runs write to (never among real artifacts).
 SMOKE_FOLDER = "debug"
+#: Folder of a store's root with the locks of the artifacts being made (:meth:`RunContext.making`).
+LOCKS = ".locks"
 
 
 def artifact_kind(stage: str) -> str:
@@ -185,6 +191,33 @@ class RunContext:
         return self.store.directory(
             artifact_kind(stage), parent, self.settings(stage), self.label(stage), self.tag
         )
+
+    @contextmanager
+    def making(self, stage: str) -> Iterator[None]:
+        """One process at a time makes a stage's artifact: a run that is about to make the
+        artifact another running process is making waits for it (and a ``stage=all`` run then
+        keeps it). Side-by-side jobs of a sweep that share a step so train it once.
+
+        Single-process runs only: the processes of one DDP run must take the same decisions in
+        step, so they never wait on one another's lock.
+        """
+        if self.world_size > 1 or stage not in STAGE_INPUT:
+            yield
+            return
+        try:
+            target = self.target(stage)
+        except ExpectedError:  # a missing input: the step itself says so
+            yield
+            return
+        name = str(self.store.relative(target)).replace("/", "__")
+        lock = self.store.root / LOCKS / f"{name}.lock"
+
+        def waiting() -> None:
+            log.info("waiting for another run that makes %s", target)
+
+        with exclusive(lock, waiting):
+            self._found.clear()  # what the other run wrote is looked up afresh
+            yield
 
     def wrote(self, stage: str, entry: Entry) -> None:
         """Record what a step wrote; what was found from it before is looked up again."""
