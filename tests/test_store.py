@@ -98,7 +98,7 @@ def test_inputs_made_on_other_hardware_are_found_when_there_is_one(tiny, caplog)
     with caplog.at_level("INFO", logger="cause_lightning"):
         head = Path(run(tiny("stage=head"))["artifacts/head"])
     assert head.parent.parent == book.parent
-    assert "trainer.precision: 64-true there, 32-true now" in caplog.text
+    assert "trainer.precision: '64-true' there, '32-true' now" in caplog.text
     # Two such candidates: neither is taken, and the error says what to run.
     run(tiny("stage=mediator", "trainer.precision=bf16-mixed", "method.mediator.batch_size=2"))
     with pytest.raises(MissingArtifactError, match="stage=mediator"):

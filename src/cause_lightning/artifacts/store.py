@@ -49,7 +49,16 @@ from cause_lightning.core.specs import ModelSpec, SpecError
 from cause_lightning.models.contract import build_head
 from cause_lightning.models.heads import LinearProbe
 
-__all__ = ["KINDS", "SIDECAR", "ArtifactStore", "Entry", "Kind", "content_id", "normalised"]
+__all__ = [
+    "KINDS",
+    "SIDECAR",
+    "ArtifactStore",
+    "Entry",
+    "Kind",
+    "content_id",
+    "difference_text",
+    "normalised",
+]
 
 #: The file in every artifact directory that says what it holds and how it was made.
 SIDECAR = "artifact.json"
@@ -117,17 +126,23 @@ def normalised(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
 
 
-def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], limit: int = 6) -> str:
-    unset = "<unset>"
+def _differing(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ, a stage module's argument left out where it only repeats a
+    setting that differs alike (``method.head.module.temperature`` beside
+    ``method.head.temperature``, ``...module.seed`` beside ``seed``)."""
     keys = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
 
-    # A stage module's argument that only repeats a setting differing alike is not shown twice
-    # (method.head.module.temperature beside method.head.temperature, ...module.seed beside seed).
     def alike(key: str) -> tuple[str, str, str]:
         return key.rsplit(".", 1)[-1], repr(stored.get(key)), repr(wanted.get(key))
 
     settings = {alike(k) for k in keys if ".module." not in k}
-    keys = [k for k in keys if ".module." not in k or alike(k) not in settings]
+    return [k for k in keys if ".module." not in k or alike(k) not in settings]
+
+
+def difference_text(stored: Mapping[str, Any], wanted: Mapping[str, Any], limit: int = 6) -> str:
+    """``key: <stored> there, <wanted> now`` for each setting that differs (at most ``limit``)."""
+    unset = "<unset>"
+    keys = _differing(stored, wanted)
     shown = "; ".join(
         f"{k}: {stored.get(k, unset)!r} there, {wanted.get(k, unset)!r} now" for k in keys[:limit]
     )
@@ -227,13 +242,14 @@ class ArtifactStore:
         def kept(values: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in values.items() if k not in ignore}
 
-        wanted = kept(normalised(settings))
+        stored_form = normalised(settings)
+        wanted = kept(stored_form)
         matches = [e for e in children if not e.imported and kept(e.settings) == wanted]
         imported = [e for e in children if e.imported and tag and e.tag == tag]
         if imported and not any(e.tag == tag for e in matches):
             # The release stands in, unless this run's settings made one with its label (a probe
             # refitted on the imported head).
-            return _fitting(imported[0], normalised(settings))
+            return _fitting(imported[0], stored_form)
         if not matches or (unique and len(matches) > 1):
             return None
         return max(
@@ -268,9 +284,9 @@ class ArtifactStore:
         wanted = normalised(settings)
         trained = [e for e in siblings if not e.imported]
         if trained:
-            closest = min(trained, key=lambda e: len(_differences(e.settings, wanted, 10**6)))
+            closest = min(trained, key=lambda e: len(_differing(e.settings, wanted)))
             text += f". The closest one, {closest.path}, differs: "
-            text += _differences(closest.settings, wanted)
+            text += difference_text(closest.settings, wanted)
         labels = sorted({e.tag for e in siblings if e.imported})
         if labels:
             text += f". Imported releases there: artifact_tag={' or '.join(labels)}"
@@ -311,7 +327,7 @@ class ArtifactStore:
         if existing is not None and existing.settings != wanted:
             raise ArtifactError(
                 f"{directory} holds a {existing.kind} made with other settings "
-                f"({_differences(existing.settings, wanted)}); it is never replaced: remove it "
+                f"({difference_text(existing.settings, wanted)}); it is never replaced: remove it "
                 "or change artifact_tag"
             )
         return wanted
@@ -536,7 +552,7 @@ def _fitting(entry: Entry, wanted: Mapping[str, Any]) -> Entry:
     fixes = " ".join(f"{'' if k in wanted else '+'}{k}={v}" for k, v in sorted(differ.items()))
     raise ArtifactError(
         f"{entry.path} was imported for other settings (differing: "
-        f"{_differences(differ, {k: wanted[k] for k in differ if k in wanted})}): pass the same "
+        f"{difference_text(differ, {k: wanted[k] for k in differ if k in wanted})}): pass the same "
         f"options ({fixes}) or import the release again for this run's"
     )
 

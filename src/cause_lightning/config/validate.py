@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import re
 import types
 import typing
@@ -373,8 +374,9 @@ def _memory_rule(cfg: DictConfig) -> list[str]:
     values = [OmegaConf.select(cfg, key, default=None) for key in keys]
     if not all(COUNT.accepts(v) for v in values):
         return []  # a missing or out-of-range count has its own message
-    concepts, capacity, width = (int(v) for v in values)
-    needed = concepts * capacity * width * 4  # float32 projections, K x capacity x P
+    from cause_lightning.models.bank import ConceptBank  # torch: not for a command-line check
+
+    needed = math.prod(ConceptBank.storage_shape(*values)) * 4  # float32 projections
     available = memory_bytes()
     if available is None or needed <= available:
         return []

@@ -93,6 +93,12 @@ class ConceptBank(nn.Module):
             f"keep_fraction={self.keep_fraction}"
         )
 
+    @staticmethod
+    def storage_shape(num_concepts: int, capacity: int, dim: int) -> tuple[int, int]:
+        """Shape of the ring buffer of a bank: ``K * capacity`` slots of width ``P`` and one last
+        row that takes the discarded writes (what the settings alone say it will hold)."""
+        return int(num_concepts) * int(capacity) + 1, int(dim)
+
     @property
     def slot_count(self) -> int:
         """Number of slots ``K * capacity`` (the static size of :meth:`slots`)."""
@@ -174,9 +180,10 @@ class ConceptBank(nn.Module):
 
     def _allocate(self, projections: Tensor) -> Tensor:
         if self._data is None:
+            shape = self.storage_shape(self.num_concepts, self.capacity, self.dim)
             self._data = torch.zeros(
-                self.slot_count + 1, self.dim, device=projections.device, dtype=projections.dtype
-            )  # K*cap+1 P; the last row takes the discarded writes
+                shape, device=projections.device, dtype=projections.dtype
+            )  # K*cap+1 P
             log.debug(
                 "concept bank allocated: [%d, %d, %d] %s on %s",
                 self.num_concepts,

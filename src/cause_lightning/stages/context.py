@@ -18,7 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cause_lightning.artifacts.io import artifact_root
-from cause_lightning.artifacts.store import KINDS, ArtifactStore, Entry, normalised
+from cause_lightning.artifacts.store import (
+    KINDS,
+    ArtifactStore,
+    Entry,
+    difference_text,
+    normalised,
+)
 from cause_lightning.config import derive, to_plain
 from cause_lightning.config.derive import Derived
 from cause_lightning.config.identity import (
@@ -159,7 +165,7 @@ class RunContext:
                     log.info(
                         "using %s, made with the same settings on other hardware: %s",
                         found.path,
-                        _shape_differences(found.settings, normalised(settings), shape),
+                        difference_text(found.settings, normalised(settings)),
                     )
             self._found[stage] = found
         return self._found[stage]
@@ -214,9 +220,9 @@ class RunContext:
 
         def waiting() -> None:
             log.info("waiting for another run that makes %s", target)
+            self._found.clear()  # what the other run writes is looked up afresh
 
         with exclusive(lock, waiting):
-            self._found.clear()  # what the other run wrote is looked up afresh
             yield
 
     def wrote(self, stage: str, entry: Entry) -> None:
@@ -236,9 +242,3 @@ def _world_size(trainer: DictConfig) -> int:
     else:
         count = int(devices)
     return count * int(trainer.get("num_nodes", 1) or 1)
-
-
-def _shape_differences(stored: dict[str, Any], wanted: dict[str, Any], keys: list[str]) -> str:
-    """``key: stored there, wanted now`` for the hardware settings that differ."""
-    changed = [k for k in keys if stored.get(k) != wanted.get(k)]
-    return ", ".join(f"{k}: {stored.get(k)} there, {wanted.get(k)} now" for k in changed)
