@@ -381,6 +381,25 @@ def test_checkpoint_files_follow_the_umask(tiny, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ killed subprocesses
 
 
+@pytest.fixture
+def faults_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command-line runs of a test import the fault callbacks from this folder."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+
+
+def cli_settings(shared_data_dir: Path) -> list[str]:
+    """The command-line runs of the fault tests: tiny data, 2 epochs of 4 steps per stage."""
+    return [
+        *TINY_DATA,
+        "method.num_concepts=32",
+        "trainer.enable_progress_bar=false",
+        f"data.module.root={shared_data_dir / 'mosaic'}",
+        *SMALL,
+    ]
+
+
 # Checkpoints at steps 3 and 6 (every 3) and 4 and 8 (epoch ends): the mediator and head resume
 # mid-epoch from step 6 and redo step 7, the probe resumes from the end of epoch 1.
 KILLED_AT = {"mediator": 7, "head": 7, "probe": 5}
@@ -388,27 +407,16 @@ KILLED_AT = {"mediator": 7, "head": 7, "probe": 5}
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
+@pytest.mark.usefixtures("faults_on_path")
 def test_sigkilled_stages_resume_to_the_uninterrupted_result(
-    shared_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_data_dir: Path, tmp_path: Path
 ) -> None:
     from test_cli import cli as run_cli
-
-    # The subprocesses import the fault callbacks from this folder.
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
 
     def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, cwd=cwd, check=False)
 
-    common = [
-        *TINY_DATA,
-        "method.num_concepts=32",
-        "trainer.enable_progress_bar=false",
-        f"data.module.root={shared_data_dir / 'mosaic'}",
-        *SMALL,
-        EVERY_3,
-    ]
+    common = [*cli_settings(shared_data_dir), EVERY_3]
     differences: dict[str, float] = {}
     for step, kill in KILLED_AT.items():
         done = cli(f"stage={step}", "artifact_tag=a", *common, cwd=tmp_path)
@@ -427,27 +435,17 @@ def test_sigkilled_stages_resume_to_the_uninterrupted_result(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("module", "kill"), [("HeadModule", 7), ("ProbeModule", 5)])
+@pytest.mark.usefixtures("faults_on_path")
 def test_killed_stage_all_resumes_to_the_uninterrupted_pipeline_keeping_finished_steps(
-    shared_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, kill: int
+    shared_data_dir: Path, tmp_path: Path, module: str, kill: int
 ) -> None:
     from test_cli import cli as run_cli
-
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return run_cli("stage=all", "stage.steps=[mediator,head,probe]", *args, cwd=tmp_path,
                        check=False)  # fmt: skip
 
-    common = [
-        *TINY_DATA,
-        "method.num_concepts=32",
-        "trainer.enable_progress_bar=false",
-        f"data.module.root={shared_data_dir / 'mosaic'}",
-        *SMALL,
-        EVERY_3,
-    ]
+    common = [*cli_settings(shared_data_dir), EVERY_3]
     done = cli("artifact_tag=a", *common)
     assert done.returncode == 0, done.stderr[-3000:]
     killed = cli("artifact_tag=b", *common, *fail_at(kill, True, module))
@@ -518,26 +516,18 @@ def test_stage_all_stops_at_the_signalled_stage(tiny, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
+@pytest.mark.usefixtures("faults_on_path")
 def test_sigterm_through_the_cli_exits_non_zero_and_resumes_exactly(
     shared_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from test_cli import cli as run_cli
 
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    )
     monkeypatch.delenv("HYDRA_FULL_ERROR")  # the user's view: one message, no traceback
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, cwd=tmp_path, check=False)
 
-    common = [
-        *TINY_DATA,
-        "method.num_concepts=32",
-        "trainer.enable_progress_bar=false",
-        f"data.module.root={shared_data_dir / 'mosaic'}",
-        *SMALL,
-    ]
+    common = cli_settings(shared_data_dir)
     # One clusterbook, unlabelled: both head runs below find it by its settings.
     assert cli("stage=mediator", *common).returncode == 0
     done = cli("stage=head", "artifact_tag=a", *common)
